@@ -1,0 +1,90 @@
+"""Per-row outcomes: every input row of a window ends with exactly one.
+
+Each stage writes its own partial files under `outcomes/` (quarantine, mapping, delivery-<chunk>);
+`merge_outcomes` joins them into `outcomes.parquet` and refuses to produce a file in which a row has
+no outcome or two.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from include.datafly_fullstory.state import RunStore
+
+OUTCOMES = ("delivered", "rejected", "quarantined", "filtered", "skipped", "dry_run")
+KINDS = ("event", "user")
+
+SCHEMA = pa.schema(
+    [
+        ("row", pa.int64()),
+        ("event_id", pa.string()),
+        ("outcome", pa.string()),
+        ("reason", pa.string()),
+        ("kind", pa.string()),
+        ("chunk", pa.string()),
+    ]
+)
+
+
+class OutcomeError(RuntimeError):
+    """The outcomes of a run do not account for every input row exactly once."""
+
+
+def to_table(df: pd.DataFrame) -> pa.Table:
+    """An outcome frame (columns of SCHEMA; missing optional ones become null) as a typed table."""
+    unknown = set(df["outcome"].dropna().unique()) - set(OUTCOMES)
+    if unknown:
+        raise ValueError(f"unknown outcome(s) {sorted(unknown)}; expected one of {OUTCOMES}")
+    if df["outcome"].isna().any():
+        raise ValueError("an outcome row has no outcome")
+    frame = df.reindex(columns=SCHEMA.names)
+    return pa.Table.from_pandas(frame, schema=SCHEMA, preserve_index=False)
+
+
+def write_outcomes(store: RunStore, name: str, df: pd.DataFrame) -> None:
+    """Write one stage's partial outcomes as `outcomes/<name>.parquet` (atomic, replaces a previous try)."""
+    store.write_table(to_table(df), "outcomes", f"{name}.parquet")
+
+
+def read_partials(store: RunStore) -> pa.Table:
+    names = store.list("outcomes", suffix=".parquet")
+    if not names:
+        return SCHEMA.empty_table()
+    return pa.concat_tables([store.read_table("outcomes", n).cast(SCHEMA) for n in names])
+
+
+def merge_outcomes(store: RunStore, rows_read: int) -> pa.Table:
+    """Join the partial outcome files into `outcomes.parquet`, checking that rows 0..rows_read-1 each
+    have exactly one outcome. Returns the merged table."""
+    table = read_partials(store)
+    rows = table.column("row")
+    if table.num_rows:
+        counts = pc.value_counts(rows)
+        values = counts.field("values")
+        dup_mask = pc.greater(counts.field("counts"), 1)
+        dups = pc.filter(values, dup_mask).to_pylist()[:10]
+        if dups:
+            raise OutcomeError(f"rows with more than one outcome (first 10): {dups}")
+    present = table.num_rows
+    if present != rows_read:
+        seen = set(rows.to_pylist()) if present < 5_000_000 else None
+        missing = [r for r in range(rows_read) if seen is not None and r not in seen][:10]
+        raise OutcomeError(
+            f"{rows_read} rows were read but {present} have an outcome; rows without one (first 10): {missing}"
+        )
+    if table.num_rows:
+        if pc.min(rows).as_py() < 0 or pc.max(rows).as_py() >= rows_read:
+            raise OutcomeError(f"outcome rows outside 0..{rows_read - 1}")
+        table = table.sort_by("row")
+    store.write_table(table, "outcomes.parquet")
+    return table
+
+
+def count_by_outcome(table: pa.Table) -> dict[str, int]:
+    counts = {name: 0 for name in OUTCOMES}
+    if table.num_rows:
+        for item in pc.value_counts(table.column("outcome")).to_pylist():
+            counts[item["values"]] = item["counts"]
+    return counts

@@ -1,0 +1,49 @@
+"""Test-session set-up shared by every test folder.
+
+Airflow reads AIRFLOW_HOME when it is first imported, so the throwaway home is set here, before any
+test module imports airflow; nothing is ever written to ~/airflow.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_HOME = Path(tempfile.mkdtemp(prefix="dffs-airflow-home-"))
+os.environ["AIRFLOW_HOME"] = str(_HOME)
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(ROOT / "dags")
+os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(ROOT / "plugins")
+os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = f"sqlite:///{_HOME / 'airflow.db'}"
+os.environ["AIRFLOW__CORE__UNIT_TEST_MODE"] = "False"
+os.environ.setdefault("PYTHONPATH", os.pathsep.join([str(ROOT), str(ROOT / "plugins")]))
+
+import importlib.util  # noqa: E402
+
+# TEMPORARY guard while the emulator is being built; becomes an unconditional registration.
+if importlib.util.find_spec("include.fullstory_emulator.pytest_plugin") is not None:
+    pytest_plugins = ["include.fullstory_emulator.pytest_plugin"]
+
+
+@pytest.fixture(scope="session")
+def airflow_db():
+    """An initialised metadata DB (SQLite in the throwaway home), once per test session."""
+    from airflow.utils import db
+
+    db.initdb()
+    return _HOME
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """../shared beside the repo: FullStory's Swagger specs and the seed. Tests that need it fail, not skip,
+    when it is missing."""
+    path = Path(os.environ.get("DATAFLY_SHARED_DIR", ROOT.parent / "shared"))
+    if not (path / "reference" / "fullstory-api").is_dir():
+        raise RuntimeError(f"{path}/reference/fullstory-api not found: set DATAFLY_SHARED_DIR to the shared folder")
+    return path
