@@ -1,0 +1,149 @@
+"""
+# Datafly Signal -> FullStory sync
+
+Every hour, the events Datafly Signal landed in the warehouse for the hour that just ended are read
+from the Parquet landing, validated, mapped with FullStory's retail blueprint and delivered to
+FullStory's Server API as batch import jobs, user updates first.
+
+**Tasks**: `plan` (the window and settings) -> `extract_and_validate` (bad rows to the quarantine)
+-> `map_payloads` (request chunks) -> `deliver_users` -> `deliver_events` (mapped over chunk groups,
+capped by the `fullstory_api` pool) -> `summarise` (outcomes, `stats.json`, the asset's metadata).
+
+**Every input row gets exactly one outcome** in `runs/<run_id>/outcomes.parquet` under the state URI:
+delivered, rejected (see `dead_letters.parquet`), quarantined (see `quarantine.parquet`), filtered
+(consent), skipped (with the reason) or dry_run.
+
+**Manual runs** (Trigger DAG w/ config): `window_start` / `window_end` reprocess any window;
+`dry_run` maps and writes payloads without sending; `event_types` limits the run; `force` re-sends a
+window that was delivered already (with the same idempotency keys, so FullStory replays instead of
+duplicating); `replay_dead_letters` re-sends earlier runs' fixable rejections.
+
+**Configuration**: connection `fullstory_default` (password = Server API key, extra `org_id` and
+`data_region`), Variables `datafly_landing_uri` and `datafly_fullstory_state_uri`, pool `fullstory_api`.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from airflow.sdk import Asset, Param, dag, task
+from airflow.timetables.interval import CronDataIntervalTimetable
+
+from fullstory_provider.operators import FullStoryDeliveryOperator
+
+FULLSTORY_SYNC = Asset(name="datafly_fullstory_sync", uri="fullstory://server-api/datafly-signal")
+CHUNKS_PER_DELIVERY_TASK = 4
+
+PARAMS = {
+    "window_start": Param(None, type=["null", "string"], format="date-time", title="Window start",
+                          description="Reprocess this window instead of the run's hour (ISO-8601, UTC). "
+                                      "Give window_end too."),
+    "window_end": Param(None, type=["null", "string"], format="date-time", title="Window end",
+                        description="End of the reprocessed window, exclusive (ISO-8601, UTC)."),
+    "dry_run": Param(False, type="boolean", title="Dry run",
+                     description="Read, validate, map and write payloads and outcomes; send nothing."),
+    "event_types": Param([], type="array", items={"type": "string"}, title="Event types",
+                         description="Only these Datafly types (page, track, identify) or FullStory event "
+                                     "names (purchase, page_view, ...); empty means all."),
+    "force": Param(False, type="boolean", title="Force re-send",
+                   description="Re-send chunks that were delivered already, with their original "
+                               "idempotency keys."),
+    "replay_dead_letters": Param(False, type="boolean", title="Replay dead letters",
+                                 description="Also re-send the fixable items FullStory rejected in earlier "
+                                             "runs of this window."),
+    "fullstory_conn_id": Param("fullstory_default", type="string", title="FullStory connection",
+                               description="The Airflow connection holding the Server API key and org."),
+    "max_rejected_ratio": Param(0.05, type="number", minimum=0, maximum=1, title="Max rejected share",
+                                description="Fail the run when FullStory rejects more than this share of "
+                                            "the window's items (they wait in the dead letters)."),
+    "require_explicit_consent": Param(False, type="boolean", title="Require explicit consent",
+                                      description="Send only events with explicit analytics consent "
+                                                  "(absent consent counts as granted otherwise)."),
+}
+
+
+@dag(
+    dag_id="datafly_fullstory_sync",
+    schedule=CronDataIntervalTimetable("@hourly", timezone="UTC"),
+    catchup=False,
+    max_active_runs=3,
+    default_args={"owner": "data-eng", "retries": 2, "retry_delay": timedelta(minutes=2),
+                  "retry_exponential_backoff": True},
+    params=PARAMS,
+    tags=["datafly", "fullstory", "sync"],
+    doc_md=__doc__,
+)
+def datafly_fullstory_sync():
+    @task(multiple_outputs=True)
+    def plan(**context) -> dict:
+        from airflow.configuration import conf
+        from airflow.sdk import Variable
+
+        from include.datafly_fullstory.pipeline import plan_run
+
+        return plan_run(
+            params=context["params"],
+            run_id=context["run_id"],
+            landing_uri=Variable.get("datafly_landing_uri", default=None),
+            state_uri=Variable.get("datafly_fullstory_state_uri", default=None),
+            airflow_home=conf.get("core", "airflow_home", fallback=None) or _airflow_home(),
+            data_interval_start=context.get("data_interval_start"),
+            data_interval_end=context.get("data_interval_end"),
+            run_after=context["dag_run"].run_after,
+        )
+
+    @task
+    def extract_and_validate(run_plan: dict) -> dict:
+        from include.datafly_fullstory.pipeline import extract_stage
+
+        return extract_stage(run_plan)
+
+    @task(multiple_outputs=True)
+    def map_payloads(run_plan: dict, extracted: dict) -> dict:
+        from include.datafly_fullstory.pipeline import map_stage
+
+        return map_stage(run_plan, extracted, group_size=CHUNKS_PER_DELIVERY_TASK)
+
+    @task(trigger_rule="all_done", outlets=[FULLSTORY_SYNC])
+    def summarise(run_plan: dict, extracted: dict, mapped: dict, users, events, **context) -> dict:
+        from airflow.exceptions import AirflowFailException
+
+        from include.datafly_fullstory.pipeline import summarise_run
+        from include.datafly_fullstory.stats import summary_line
+
+        run_stats, problems = summarise_run(run_plan, extracted, mapped, [*(users or []), *(events or [])])
+        context["outlet_events"][FULLSTORY_SYNC].extra = {
+            "window_start": run_stats["window_start"], "window_end": run_stats["window_end"],
+            "rows": run_stats["rows"], "dry_run": run_stats["dry_run"], "artifacts": run_stats["artifacts"],
+        }
+        print(summary_line(run_stats))
+        if problems:
+            raise AirflowFailException("; ".join(problems))
+        return run_stats
+
+    run_plan = plan()
+    extracted = extract_and_validate(run_plan)
+    mapped = map_payloads(run_plan, extracted)
+    delivery = {
+        "state_uri": run_plan["state_uri"],
+        "run_id": run_plan["run_id"],
+        "fullstory_conn_id": run_plan["fullstory_conn_id"],
+        "dry_run": run_plan["dry_run"],
+        "force": run_plan["force"],
+        "pool": "fullstory_api",
+    }
+    users = FullStoryDeliveryOperator.partial(task_id="deliver_users", **delivery).expand(
+        chunks=mapped["users_groups"])
+    events = FullStoryDeliveryOperator.partial(
+        task_id="deliver_events", trigger_rule="none_failed", **delivery).expand(chunks=mapped["events_groups"])
+    users >> events
+    summarise(run_plan, extracted, mapped, users.output, events.output)
+
+
+def _airflow_home() -> str:
+    import os
+
+    return os.environ.get("AIRFLOW_HOME", os.path.expanduser("~/airflow"))
+
+
+datafly_fullstory_sync()
