@@ -114,6 +114,12 @@ def summarise_run(
         validation=extracted.get("validation", {}),
         artifacts=store.uri(),
     )
+    run_stats["previously"] = extracted.get("registry", {})
+    if not plan["dry_run"]:
+        from include.datafly_fullstory import registry
+        from include.datafly_fullstory.window import Window
+
+        registry.record(store, Window.from_dict(plan["window"]), merged)
     store.write_json(run_stats, "stats.json")
     return run_stats, attention_needed(run_stats, plan)
 
@@ -133,12 +139,18 @@ def attention_needed(run_stats: Mapping[str, Any], plan: Mapping[str, Any]) -> l
 
 
 def extract_stage(plan: Mapping[str, Any]) -> dict[str, Any]:
-    """Read and validate the window's landing into the run folder (see extract.run_extract)."""
+    """Read and validate the window's landing into the run folder (see extract.run_extract), then take
+    out the rows an earlier run of the window delivered already (see registry.py)."""
+    from include.datafly_fullstory import registry
     from include.datafly_fullstory.extract import run_extract
     from include.datafly_fullstory.window import Window
 
     store = RunStore(plan["state_uri"], plan["run_id"])
-    return run_extract(plan["landing_uri"], Window.from_dict(plan["window"]), store)
+    window = Window.from_dict(plan["window"])
+    extracted = run_extract(plan["landing_uri"], window, store)
+    extracted["registry"] = registry.apply(store, window, force=plan["force"],
+                                           replay_dead_letters=plan["replay_dead_letters"])
+    return extracted
 
 
 def map_stage(plan: Mapping[str, Any], extracted: Mapping[str, Any], *, group_size: int) -> dict[str, Any]:

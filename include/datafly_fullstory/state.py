@@ -27,10 +27,12 @@ def safe_run_id(run_id: str) -> str:
 
 @dataclass(frozen=True)
 class RunStore:
-    """The folder `runs/<run_id>/` under a state URI."""
+    """The folder `<area>/<run_id>/` under a state URI: `runs/<dag_run_id>/` for a run's artifacts;
+    other areas (the delivery registry) use the same atomic reads and writes."""
 
     state_uri: str
     run_id: str
+    area: str = "runs"
 
     @property
     def fs(self) -> fsspec.AbstractFileSystem:
@@ -40,7 +42,7 @@ class RunStore:
     @property
     def root(self) -> str:
         _, base = fsspec.core.url_to_fs(self.state_uri)
-        return str(PurePosixPath(base) / "runs" / safe_run_id(self.run_id))
+        return str(PurePosixPath(base, self.area, safe_run_id(self.run_id)))
 
     @property
     def is_local(self) -> bool:
