@@ -115,6 +115,7 @@ def summarise_run(
         artifacts=store.uri(),
     )
     run_stats["previously"] = extracted.get("registry", {})
+    run_stats["dead_letters"] = merge_dead_letters(store)
     if not plan["dry_run"]:
         from include.datafly_fullstory import registry
         from include.datafly_fullstory.window import Window
@@ -122,6 +123,19 @@ def summarise_run(
         registry.record(store, Window.from_dict(plan["window"]), merged)
     store.write_json(run_stats, "stats.json")
     return run_stats, attention_needed(run_stats, plan)
+
+
+def merge_dead_letters(store: RunStore) -> int:
+    """Join the per-chunk dead letters into `dead_letters.parquet`; returns how many there are."""
+    import pyarrow as pa
+
+    names = store.list("dead_letters", suffix=".parquet")
+    if not names:
+        store.remove("dead_letters.parquet")
+        return 0
+    table = pa.concat_tables([store.read_table("dead_letters", n) for n in names], promote_options="default")
+    store.write_table(table, "dead_letters.parquet")
+    return table.num_rows
 
 
 def attention_needed(run_stats: Mapping[str, Any], plan: Mapping[str, Any]) -> list[str]:
