@@ -23,11 +23,8 @@ os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = f"sqlite:///{_HOME / 'airflo
 os.environ["AIRFLOW__CORE__UNIT_TEST_MODE"] = "False"
 os.environ.setdefault("PYTHONPATH", os.pathsep.join([str(ROOT), str(ROOT / "plugins")]))
 
-import importlib.util  # noqa: E402
-
-# TEMPORARY guard while the emulator is being built; becomes an unconditional registration.
-if importlib.util.find_spec("include.fullstory_emulator.pytest_plugin") is not None:
-    pytest_plugins = ["include.fullstory_emulator.pytest_plugin"]
+# The FullStory emulator as fixtures: `fullstory_emulator`, `fullstory_emulator_factory`.
+pytest_plugins = ["include.fullstory_emulator.pytest_plugin"]
 
 
 @pytest.fixture(scope="session")
