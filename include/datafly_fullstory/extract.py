@@ -1,0 +1,137 @@
+"""The extract stage: a window's landing -> validated parts, quarantine, validation summary, outcomes.
+
+Writes into the run folder (contracts.md): `validated/part-NNNNN.parquet` (passing rows: landing
+columns + `_row` + `_file`), `quarantine.parquet` (failing rows + `failed_expectations` + `reason`),
+`validation.json` (the GX summary) and `outcomes/quarantine.parquet` (one `quarantined` outcome per
+failing row). A re-run replaces all of them. Memory is bounded by the batch size, not the window.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import uuid
+from collections.abc import Iterable, Iterator
+from datetime import timedelta
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from include.datafly_fullstory import outcomes
+from include.datafly_fullstory.landing import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_PARTITION_SLACK,
+    FRAME_SCHEMA,
+    iter_window_batches,
+)
+from include.datafly_fullstory.state import RunStore
+from include.datafly_fullstory.validation import SeenEventIds, empty_summary, merge_summaries, validate_batch
+from include.datafly_fullstory.window import Window
+
+log = logging.getLogger(__name__)
+
+QUARANTINE_SCHEMA = FRAME_SCHEMA.append(pa.field("failed_expectations", pa.list_(pa.string()))).append(
+    pa.field("reason", pa.string()))
+_OUTPUTS = (("validated",), ("quarantine.parquet",), ("validation.json",), ("outcomes", "quarantine.parquet"))
+
+
+class _ParquetSink:
+    """A Parquet file in the run folder written batch by batch (the quarantine can be as large as the
+    window), published whole at the end: renamed into place locally, uploaded once on object stores."""
+
+    def __init__(self, store: RunStore, name: str, schema: pa.Schema) -> None:
+        self.store, self.name, self.schema = store, name, schema
+        if store.is_local:
+            store.makedirs()
+            self.tmp = store.path(f"{name}.tmp-{uuid.uuid4().hex}")
+        else:
+            handle, self.tmp = tempfile.mkstemp(suffix=".parquet")
+            os.close(handle)
+        self.writer = pq.ParquetWriter(self.tmp, schema, compression="zstd")
+
+    def write(self, table: pa.Table) -> None:
+        self.writer.write_table(table)
+
+    def __enter__(self) -> _ParquetSink:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        self.writer.close()
+        try:
+            if exc_type is None and self.store.is_local:
+                os.replace(self.tmp, self.store.path(self.name))
+            elif exc_type is None:
+                self.store.fs.put_file(self.tmp, self.store.path(self.name))
+        finally:
+            if os.path.exists(self.tmp):
+                os.remove(self.tmp)
+
+
+def _coalesce(frames: Iterable[pd.DataFrame], batch_size: int) -> Iterator[pd.DataFrame]:
+    """Re-cut the reader's frames (Parquet row groups, filtered batches of neighbouring partitions) into
+    validation batches of exactly `batch_size` rows (the last may be shorter): GX has a per-run cost,
+    and each batch becomes one part file."""
+    buffer, buffered = [], 0
+    for frame in frames:
+        buffer.append(frame)
+        buffered += len(frame)
+        while buffered >= batch_size:
+            joined = pd.concat(buffer) if len(buffer) > 1 else buffer[0]
+            yield joined.iloc[:batch_size]
+            rest = joined.iloc[batch_size:]
+            buffer, buffered = ([rest] if len(rest) else []), len(rest)
+    if buffer:
+        yield pd.concat(buffer) if len(buffer) > 1 else buffer[0]
+
+
+def _table(df: pd.DataFrame, schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_pandas(df, schema=schema, preserve_index=False)
+
+
+def quarantine_outcomes(quarantined: pd.DataFrame) -> pd.DataFrame:
+    """One `quarantined` outcome per failing row; an identify row's outcome is a user outcome."""
+    return pd.DataFrame({
+        "row": quarantined["_row"].to_numpy(),
+        "event_id": quarantined["event_id"].to_numpy(),
+        "outcome": "quarantined",
+        "reason": quarantined["reason"].to_numpy(),
+        "kind": np.where(quarantined["type"].to_numpy() == "identify", "user", "event"),
+    })
+
+
+def run_extract(landing_uri: str, window: Window, store: RunStore, *, batch_size: int = DEFAULT_BATCH_SIZE,
+                storage_options: dict | None = None, partition_slack: timedelta = DEFAULT_PARTITION_SLACK,
+                filesystem=None) -> dict:
+    """Read and validate the window; returns `{"rows_read", "rows_valid", "rows_quarantined", "parts",
+    "validation"}` (small and JSON-serialisable, for XCom). Raises `LandingError` on a corrupt file or
+    a bad schema, before any part of the run is sent."""
+    for output in _OUTPUTS:
+        store.remove(*output)
+    seen, summary, parts, outcome_frames = SeenEventIds(), None, [], []
+    counts = {"rows_read": 0, "rows_valid": 0, "rows_quarantined": 0}
+    frames = iter_window_batches(landing_uri, window, batch_size=batch_size, partition_slack=partition_slack,
+                                 storage_options=storage_options, filesystem=filesystem)
+    with _ParquetSink(store, "quarantine.parquet", QUARANTINE_SCHEMA) as quarantine:
+        for frame in _coalesce(frames, batch_size):
+            valid, failed, batch_summary = validate_batch(frame, window, seen)
+            summary = merge_summaries(summary, batch_summary)
+            counts["rows_read"] += len(frame)
+            counts["rows_valid"] += len(valid)
+            counts["rows_quarantined"] += len(failed)
+            if len(valid):
+                parts.append(f"validated/part-{len(parts):05d}.parquet")
+                store.write_table(_table(valid, FRAME_SCHEMA), parts[-1])
+            if len(failed):
+                quarantine.write(_table(failed, QUARANTINE_SCHEMA))
+                outcome_frames.append(quarantine_outcomes(failed))
+    empty = pd.DataFrame(columns=["row", "event_id", "outcome", "reason", "kind"])
+    outcomes.write_outcomes(store, "quarantine", pd.concat(outcome_frames) if outcome_frames else empty)
+    summary = {**(summary or empty_summary()), "window": window.as_dict()}
+    store.write_json(summary, "validation.json")
+    log.info("extract %s..%s: %d read, %d valid, %d quarantined in %d part(s)", window.start.isoformat(),
+             window.end.isoformat(), counts["rows_read"], counts["rows_valid"], counts["rows_quarantined"],
+             len(parts))
+    return {**counts, "parts": parts, "validation": summary}
