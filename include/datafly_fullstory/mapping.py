@@ -38,8 +38,9 @@ from include.datafly_fullstory.blueprint import (
     load_blueprint,
     normalise_event_name,
 )
-from include.datafly_fullstory.payloads import PAYLOADS, ChunkWriter
+from include.datafly_fullstory.payloads import PAYLOADS, ChunkWriter, idempotency_key
 from include.datafly_fullstory.state import RunStore
+from include.datafly_fullstory.window import Window
 
 LANDING_COLUMNS = ("event_id", "type", "event", "name", "anonymous_id", "user_id", "timestamp", "received_at",
                    "sent_at", "context", "properties", "traits", "source_id", "_row", "_file")
@@ -102,9 +103,10 @@ class MappedBatch:
 
 
 def run_mapping(store: RunStore, blueprint: Blueprint | str | Path | None, settings: MappingSettings | dict | None,
-                *, now: datetime | str) -> dict:
+                *, now: datetime | str, window: Window | dict | None = None) -> dict:
     """Map `validated/part-*.parquet` into `payloads/` chunks, `outcomes/mapping.parquet` and, last,
-    `payloads/manifest.json`. Re-running replaces `payloads/`. Returns the manifest's summary."""
+    `payloads/manifest.json`. Re-running replaces `payloads/`. Returns the manifest's summary. With the
+    run's `window`, each chunk entry carries its `idempotency_key` (see payloads.idempotency_key)."""
     bp = blueprint if isinstance(blueprint, Blueprint) else load_blueprint(blueprint or "retail")
     settings = MappingSettings.from_dict(settings)
     now = _as_utc(now)
@@ -126,8 +128,12 @@ def run_mapping(store: RunStore, blueprint: Blueprint | str | Path | None, setti
     outcome_tables.append(outcomes.to_table(user_outcomes))
     mapping_outcomes = pa.concat_tables(outcome_tables) if outcome_tables else outcomes.SCHEMA.empty_table()
     store.write_table(mapping_outcomes, "outcomes", "mapping.parquet")
+    chunks = users.chunks + events.chunks
+    if window is not None:
+        chunks = [{**c, "idempotency_key": idempotency_key(window, c["kind"], c["name"], c["sha256"])}
+                  for c in chunks]
     summary = {
-        "chunks": users.chunks + events.chunks,
+        "chunks": chunks,
         "events_mapped": sum(c["items"] for c in events.chunks),
         "users_mapped": len(user_lines),
         "rows": {"read": rows_read, **_count_outcomes(mapping_outcomes)},

@@ -174,7 +174,7 @@ def map_stage(plan: Mapping[str, Any], extracted: Mapping[str, Any], *, group_si
 
     store = RunStore(plan["state_uri"], plan["run_id"])
     settings = MappingSettings.from_dict(dict(plan.get("mapping", {})))
-    result = run_mapping(store, load_blueprint(), settings, now=datetime.now(UTC))
+    result = run_mapping(store, load_blueprint(), settings, now=datetime.now(UTC), window=plan["window"])
     chunks = result["chunks"]
     return {
         **result,

@@ -159,6 +159,10 @@ def test_rerun_replaces_payloads_and_gives_the_same_chunks(tmp_path):
     assert again == first
     keys = {idempotency_key(WINDOW, c["kind"], c["name"], c["sha256"]) for c in first["chunks"]}
     assert len(keys) == len(first["chunks"])
+    keyed = run_mapping(store, None, {"max_items": 200}, now=NOW, window=WINDOW)
+    assert [c["idempotency_key"] for c in keyed["chunks"]] == [
+        idempotency_key(WINDOW, c["kind"], c["name"], c["sha256"]) for c in first["chunks"]]
+    assert store.read_json("payloads", "manifest.json")["chunks"] == keyed["chunks"]
     fewer = run_mapping(store, None, {"max_items": 50_000}, now=NOW)
     names = {f"{c['name']}{suffix}" for c in fewer["chunks"] for suffix in (".jsonl", ".index.parquet")}
     assert set(store.list("payloads")) == names | {"manifest.json"}
