@@ -98,11 +98,18 @@ def datafly_fullstory_sync():
 
         return extract_stage(run_plan)
 
-    @task(multiple_outputs=True)
+    @task
     def map_payloads(run_plan: dict, extracted: dict) -> dict:
         from include.datafly_fullstory.pipeline import map_stage
 
-        return map_stage(run_plan, extracted, group_size=CHUNKS_PER_DELIVERY_TASK)
+        return map_stage(run_plan, extracted)
+
+    @task
+    def chunk_groups(mapped: dict, kind: str) -> list[list[str]]:
+        """The chunk names of one kind, in groups: one mapped delivery task per group."""
+        from include.datafly_fullstory.pipeline import group_chunks
+
+        return group_chunks(mapped["chunks"], kind, CHUNKS_PER_DELIVERY_TASK)
 
     @task(trigger_rule="all_done", outlets=[FULLSTORY_SYNC])
     def summarise(run_plan: dict, extracted: dict, mapped: dict, users, events, **context) -> dict:
@@ -133,9 +140,10 @@ def datafly_fullstory_sync():
         "pool": "fullstory_api",
     }
     users = FullStoryDeliveryOperator.partial(task_id="deliver_users", **delivery).expand(
-        chunks=mapped["users_groups"])
+        chunks=chunk_groups.override(task_id="users_chunk_groups")(mapped, "users"))
     events = FullStoryDeliveryOperator.partial(
-        task_id="deliver_events", trigger_rule="none_failed", **delivery).expand(chunks=mapped["events_groups"])
+        task_id="deliver_events", trigger_rule="none_failed", **delivery).expand(
+        chunks=chunk_groups.override(task_id="events_chunk_groups")(mapped, "events"))
     users >> events
     summarise(run_plan, extracted, mapped, users.output, events.output)
 

@@ -69,6 +69,7 @@ class Blueprint:
     identity: dict[str, tuple[tuple[str, ...], ...]]
     anonymous_id_property: str
     locale_property: str
+    event_id_property: str
     user_fields: dict[str, tuple[str, ...]]
     consent_category: str
     consent_paths: tuple[tuple[str, ...], ...]
@@ -125,6 +126,7 @@ def blueprint_from_dict(data: Any, source: str = "<dict>") -> Blueprint:
                   for key in ("fullstory_session_id", "user_agent", "ip", "locale", "page_url")},
         anonymous_id_property=identity.property_name("anonymous_id_property"),
         locale_property=identity.property_name("locale_property"),
+        event_id_property=identity.property_name("event_id_property"),
         user_fields={key: tuple(doc.child("user_fields").names(key)) for key in ("display_name", "email")},
         consent_category=consent.text("category"),
         consent_paths=tuple(_path(p) for p in consent.names("paths")),

@@ -302,7 +302,8 @@ class BatchMapper:
         keep = np.flatnonzero(is_event & verdict.open())
         columns = [mapping_idx[keep], fs_names[keep], _column(df, "properties")[keep], np.array(ctx, dtype=object)[keep],
                    ident["ts"][keep], ident["uid"][keep], ident["sid"][keep], ident["recent"][keep],
-                   _column(df, "anonymous_id")[keep], self._row_fills(df, mapping_idx)[keep]]
+                   _column(df, "anonymous_id")[keep], _column(df, "event_id")[keep],
+                   self._row_fills(df, mapping_idx)[keep]]
         build = self.events.build
         built = [build(*args) for args in zip(*(c.tolist() for c in columns), strict=True)]
         is_line = np.fromiter((type(b) is bytes for b in built), dtype=bool, count=len(built))
@@ -381,11 +382,12 @@ class EventBuilder:
         self.mappings: tuple[EventMapping, ...] = blueprint.events
         self.max_name = blueprint.limits["event_name"]
         self.anon_prop, self.locale_prop = blueprint.anonymous_id_property, blueprint.locale_property
+        self.event_id_prop = blueprint.event_id_property
         self.locale, self.page_url, self.user_agent, self.ip = (
             _getter(blueprint.identity[key], "text") for key in ("locale", "page_url", "user_agent", "ip"))
 
     def build(self, m: int, name: str, props_text: str | None, ctx: dict | None, ts: str | None,
-              uid: str | None, sid: str | None, recent: bool, anon: str | None,
+              uid: str | None, sid: str | None, recent: bool, anon: str | None, event_id: str | None,
               row_fills: tuple | None) -> bytes | Reject:
         if len(name) > self.max_name:
             return Reject(f"event name is {len(name)} characters; FullStory allows {self.max_name}")
@@ -397,7 +399,8 @@ class EventBuilder:
             return Reject("properties is not a JSON object")
         mapping = self.mappings[m] if m >= 0 else None
         try:
-            properties, schema = self._properties(mapping, props, ctx, row_fills, anon, self.locale(ctx))
+            properties, schema = self._properties(mapping, props, ctx, row_fills, anon, self.locale(ctx),
+                                                event_id)
         except Reject as reject:
             return reject
         body: dict[str, Any] = {"name": name}
@@ -421,7 +424,7 @@ class EventBuilder:
         return line
 
     def _properties(self, mapping: EventMapping | None, props: dict, ctx: dict | None, row_fills: tuple | None,
-                    anon: str | None, locale: str | None) -> tuple[dict, dict]:
+                    anon: str | None, locale: str | None, event_id: str | None) -> tuple[dict, dict]:
         items = self.cleaner.take_items(props)
         if mapping is not None:
             _apply_renames(props, mapping.renames)
@@ -435,7 +438,7 @@ class EventBuilder:
         if items is not None:
             count += self.cleaner.add_items(properties, schema, items,
                                             lift=mapping is not None and mapping.lift_first_item)
-        for prop, value in ((self.anon_prop, anon), (self.locale_prop, locale)):
+        for prop, value in ((self.anon_prop, anon), (self.locale_prop, locale), (self.event_id_prop, event_id)):
             if value is not None:
                 count += prop not in properties
                 properties[prop] = self.cleaner.checked_value(value, prop)

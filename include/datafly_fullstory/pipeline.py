@@ -167,17 +167,11 @@ def extract_stage(plan: Mapping[str, Any]) -> dict[str, Any]:
     return extracted
 
 
-def map_stage(plan: Mapping[str, Any], extracted: Mapping[str, Any], *, group_size: int) -> dict[str, Any]:
-    """Map the validated rows into payload chunks and group the chunks for the delivery tasks."""
+def map_stage(plan: Mapping[str, Any], extracted: Mapping[str, Any]) -> dict[str, Any]:
+    """Map the validated rows into payload chunks (see mapping.run_mapping)."""
     from include.datafly_fullstory.blueprint import load_blueprint
     from include.datafly_fullstory.mapping import MappingSettings, run_mapping
 
     store = RunStore(plan["state_uri"], plan["run_id"])
     settings = MappingSettings.from_dict(dict(plan.get("mapping", {})))
-    result = run_mapping(store, load_blueprint(), settings, now=datetime.now(UTC), window=plan["window"])
-    chunks = result["chunks"]
-    return {
-        **result,
-        "users_groups": group_chunks(chunks, "users", group_size),
-        "events_groups": group_chunks(chunks, "events", group_size),
-    }
+    return run_mapping(store, load_blueprint(), settings, now=datetime.now(UTC), window=plan["window"])

@@ -179,8 +179,10 @@ def test_products_in_custom_events_are_flattened_the_same_way():
 
 def test_identity_fields_land_where_fullstory_takes_them():
     ctx = {"ip": "203.0.113.7", "userAgent": "Mozilla/5.0 A", "locale": "de-DE"}
-    body = one(row(event="Search Performed", context=ctx, user_id="user-42", anonymous_id="dfid-9"))
+    body = one(row(event="Search Performed", context=ctx, user_id="user-42", anonymous_id="dfid-9",
+                   event_id="msg-1"))
     assert body["user"] == {"uid": "user-42"} and "session" not in body
+    assert body["properties"]["datafly_event_id"] == "msg-1"  # traces the FullStory event to its row
     assert body["context"] == {"browser": {"user_agent": "Mozilla/5.0 A"}, "location": {"ip_address": "203.0.113.7"}}
     assert body["properties"]["anonymous_id"] == "dfid-9" and body["properties"]["locale"] == "de-DE"
     assert body["timestamp"] == "2026-11-26T08:00:00.000Z"
@@ -294,13 +296,14 @@ def test_event_name_over_250_characters_is_rejected():
 
 
 def test_more_than_500_properties_is_rejected():
-    assert len(one(row(event="x", properties={f"p{i}": i for i in range(499)}))["properties"]) == 500
-    outcome, reason = fate(row(event="x", properties={f"p{i}": i for i in range(500)}))
-    assert outcome == "rejected" and "501 properties" in reason  # 500 + anonymous_id
+    # 498 custom properties + anonymous_id + datafly_event_id
+    assert len(one(row(event="x", properties={f"p{i}": i for i in range(498)}))["properties"]) == 500
+    outcome, reason = fate(row(event="x", properties={f"p{i}": i for i in range(499)}))
+    assert outcome == "rejected" and "501 properties" in reason
 
 
 def test_property_count_includes_nested_leaves():
-    outcome, reason = fate(row(event="x", properties={f"p{i}": i for i in range(499)} | {"n": {"a": 1, "b": 2}}))
+    outcome, reason = fate(row(event="x", properties={f"p{i}": i for i in range(498)} | {"n": {"a": 1, "b": 2}}))
     assert outcome == "rejected" and "500" in reason
 
 
