@@ -66,6 +66,9 @@ class AirflowServices:
     def start(self) -> AirflowServices:
         self.home.mkdir(parents=True, exist_ok=True)
         self.cli("db", "migrate", timeout=180)
+        # The pool, connection and variables as a plain-Airflow user applies them (env vars still win).
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "airflow_settings.py")], env=self.env, check=True,
+                       capture_output=True, timeout=120)
         for name in ("api-server", "dag-processor", "scheduler"):
             log = self.home / f"{name}.log"
             self.logs[name] = log
