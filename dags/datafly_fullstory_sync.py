@@ -113,12 +113,12 @@ def datafly_fullstory_sync():
 
     @task(trigger_rule="all_done", outlets=[FULLSTORY_SYNC])
     def summarise(run_plan: dict, extracted: dict, mapped: dict, users, events, **context) -> dict:
-        from airflow.exceptions import AirflowFailException
+        from airflow.sdk.exceptions import AirflowFailException
 
         from include.datafly_fullstory.pipeline import summarise_run
         from include.datafly_fullstory.stats import summary_line
 
-        run_stats, problems = summarise_run(run_plan, extracted, mapped, [*(users or []), *(events or [])])
+        run_stats, problems = summarise_run(run_plan, extracted, mapped, [*_values(users), *_values(events)])
         context["outlet_events"][FULLSTORY_SYNC].extra = {
             "window_start": run_stats["window_start"], "window_end": run_stats["window_end"],
             "rows": run_stats["rows"], "dry_run": run_stats["dry_run"], "artifacts": run_stats["artifacts"],
@@ -146,6 +146,20 @@ def datafly_fullstory_sync():
         chunks=chunk_groups.override(task_id="events_chunk_groups")(mapped, "events"))
     users >> events
     summarise(run_plan, extracted, mapped, users.output, events.output)
+
+
+def _values(mapped_output) -> list:
+    """A mapped task's return values, by index (iterating probes past the end and logs an error); a failed
+    map index has none."""
+    if mapped_output is None:
+        return []
+    values = []
+    for i in range(len(mapped_output)):
+        try:
+            values.append(mapped_output[i])
+        except (IndexError, KeyError):
+            values.append(None)
+    return values
 
 
 def _airflow_home() -> str:
