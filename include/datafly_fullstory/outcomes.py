@@ -13,7 +13,9 @@ import pyarrow.compute as pc
 
 from include.datafly_fullstory.state import RunStore
 
-OUTCOMES = ("delivered", "rejected", "quarantined", "filtered", "skipped", "dry_run")
+OUTCOMES = ("delivered", "rejected", "quarantined", "filtered", "skipped", "dry_run", "pending")
+# `pending`: only in a run whose delivery stopped part-way (auth error, retries exhausted): the row was
+# mapped but has not reached FullStory yet; clearing the failed delivery task resumes it.
 KINDS = ("event", "user")
 
 SCHEMA = pa.schema(
@@ -55,9 +57,10 @@ def read_partials(store: RunStore) -> pa.Table:
     return pa.concat_tables([store.read_table("outcomes", n).cast(SCHEMA) for n in names])
 
 
-def merge_outcomes(store: RunStore, rows_read: int) -> pa.Table:
+def merge_outcomes(store: RunStore, rows_read: int, *, pending_reason: str | None = None) -> pa.Table:
     """Join the partial outcome files into `outcomes.parquet`, checking that rows 0..rows_read-1 each
-    have exactly one outcome. Returns the merged table."""
+    have exactly one outcome. With `pending_reason` (delivery stopped part-way), rows still without one
+    get outcome `pending` with that reason instead of failing. Returns the merged table."""
     table = read_partials(store)
     rows = table.column("row")
     if table.num_rows:
@@ -67,6 +70,8 @@ def merge_outcomes(store: RunStore, rows_read: int) -> pa.Table:
         dups = pc.filter(values, dup_mask).to_pylist()[:10]
         if dups:
             raise OutcomeError(f"rows with more than one outcome (first 10): {dups}")
+    if pending_reason is not None and table.num_rows < rows_read:
+        table = pa.concat_tables([table, _pending(table, rows_read, pending_reason)])
     present = table.num_rows
     if present != rows_read:
         seen = set(rows.to_pylist()) if present < 5_000_000 else None
@@ -80,6 +85,21 @@ def merge_outcomes(store: RunStore, rows_read: int) -> pa.Table:
         table = table.sort_by("row")
     store.write_table(table, "outcomes.parquet")
     return table
+
+
+def _pending(table: pa.Table, rows_read: int, reason: str) -> pa.Table:
+    import numpy as np
+
+    have = np.zeros(rows_read, dtype=bool)
+    rows = table.column("row").to_numpy()
+    have[rows[(rows >= 0) & (rows < rows_read)]] = True
+    missing = np.flatnonzero(~have)
+    return pa.table({"row": pa.array(missing, pa.int64()),
+                     "event_id": pa.nulls(len(missing), pa.string()),
+                     "outcome": pa.array(["pending"] * len(missing), pa.string()),
+                     "reason": pa.array([reason] * len(missing), pa.string()),
+                     "kind": pa.nulls(len(missing), pa.string()),
+                     "chunk": pa.nulls(len(missing), pa.string())}, schema=SCHEMA)
 
 
 def count_by_outcome(table: pa.Table) -> dict[str, int]:

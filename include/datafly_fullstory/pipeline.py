@@ -95,7 +95,15 @@ def summarise_run(
 ) -> tuple[dict[str, Any], list[str]]:
     """Merge the outcomes, write stats.json, and list what needs a person's attention."""
     store = RunStore(plan["state_uri"], plan["run_id"])
-    merged = outcomes.merge_outcomes(store, int(extracted["rows_read"]))
+    unfinished = undelivered_chunks(store, mapped.get("chunks", []))
+    stops = delivery_stops(store)
+    pending_reason = None
+    if unfinished:
+        pending_reason = (f"delivery stopped before {len(unfinished)} chunk(s) finished "
+                          f"({', '.join(unfinished[:5])}{' ...' if len(unfinished) > 5 else ''})"
+                          + (f": {'; '.join(stops)}" if stops else "")
+                          + ". Fix the cause and clear the failed delivery task(s) to resume.")
+    merged = outcomes.merge_outcomes(store, int(extracted["rows_read"]), pending_reason=pending_reason)
     counts = outcomes.count_by_outcome(merged)
 
     run_stats = stats.empty()
@@ -121,8 +129,22 @@ def summarise_run(
         from include.datafly_fullstory.window import Window
 
         registry.record(store, Window.from_dict(plan["window"]), merged)
+    problems = ([pending_reason] if pending_reason else []) + attention_needed(run_stats, plan)
+    run_stats["problems"] = problems
     store.write_json(run_stats, "stats.json")
-    return run_stats, attention_needed(run_stats, plan)
+    return run_stats, problems
+
+
+def undelivered_chunks(store: RunStore, chunks: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Chunks of the manifest that have no delivery outcomes yet (delivery writes them when a chunk ends)."""
+    done = set(store.list("outcomes", suffix=".parquet"))
+    return [c["name"] for c in chunks if f"delivery-{c['name']}.parquet" not in done]
+
+
+def delivery_stops(store: RunStore) -> list[str]:
+    """Why delivery tasks stopped, as they recorded it (`delivery_stops/<task>.json`)."""
+    return [str(store.read_json("delivery_stops", name).get("error")) for name in
+            store.list("delivery_stops", suffix=".json")]
 
 
 def merge_dead_letters(store: RunStore) -> int:

@@ -99,15 +99,22 @@ class FullStoryDeliveryOperator(BaseOperator):
             return report.stats({"requests": 0, "retries": 0, "status_counts": {}})
         self._check_users_first(store, chunks)
         hook = FullStoryHook(self.fullstory_conn_id)
-        hook.settings  # noqa: B018 - read and check the connection (regions, key) before anything is sent
         ti = context.get("ti")
-        if ti is not None:  # before waiting, so the extra link works even if this try fails
-            ti.xcom_push(key=XCOM_APP_URL, value=hook.app_url)
-        self._delivery = Delivery(store, hook, self._settings(), logger=self.log)
+        stop_record = f"{getattr(ti, 'task_id', self.task_id)}-{getattr(ti, 'map_index', -1)}.json"
+        store.remove("delivery_stops", stop_record)
         try:
+            hook.settings  # noqa: B018 - read and check the connection (regions, key) before anything is sent
+            if ti is not None:  # before waiting, so the extra link works even if this try fails
+                ti.xcom_push(key=XCOM_APP_URL, value=hook.app_url)
+            self._delivery = Delivery(store, hook, self._settings(), logger=self.log)
             report = self._delivery.run(chunks)
-        except DeliveryError as exc:
-            raise AirflowException(str(exc)) from exc
+        except Exception as exc:
+            # The summarise step reads this to say why rows are still pending (messages carry no secret).
+            store.write_json({"error": f"{type(exc).__name__}: {exc}", "chunks": _names(self.chunks)},
+                             "delivery_stops", stop_record)
+            if isinstance(exc, DeliveryError):
+                raise AirflowException(str(exc)) from exc
+            raise
         finally:
             hook.close()
         stats = report.stats(hook.http_stats())

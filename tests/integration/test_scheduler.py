@@ -12,11 +12,10 @@ from datetime import UTC, datetime, timedelta
 import orjson
 import pyarrow.parquet as pq
 import pytest
+from airflow_services import AirflowServices
 
 from include.datafly_fullstory.sample import generate_landing
 from include.datafly_fullstory.state import RunStore
-
-from airflow_services import AirflowServices
 
 DAG_ID = "datafly_fullstory_sync"
 START = datetime(2026, 11, 20, 10, tzinfo=UTC)

@@ -72,3 +72,14 @@ def test_stats_add_together_and_read_as_one_line():
     assert b["batches"] == 2 and b["bytes_sent"] == 10
     line = stats.summary_line({**b, "window_start": "s", "window_end": "e", "duration_s": 1.25})
     assert "5 requests (1 retries)" in line and "2 batches" in line
+
+
+def test_rows_a_stopped_delivery_never_reached_are_pending_with_the_reason(tmp_path):
+    store = RunStore(str(tmp_path), "r")
+    outcomes.write_outcomes(store, "mapping", _frame([1], "skipped"))
+    merged = outcomes.merge_outcomes(store, rows_read=3, pending_reason="delivery stopped: 401")
+    assert merged.column("outcome").to_pylist() == ["pending", "skipped", "pending"]
+    assert merged.column("reason").to_pylist()[0] == "delivery stopped: 401"
+    outcomes.write_outcomes(store, "again", _frame([1], "delivered"))
+    with pytest.raises(outcomes.OutcomeError, match="more than one outcome"):
+        outcomes.merge_outcomes(store, rows_read=3, pending_reason="x")  # pending never hides doubles
