@@ -7,6 +7,7 @@ test module imports airflow; nothing is ever written to ~/airflow.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -25,6 +26,10 @@ os.environ.setdefault("PYTHONPATH", os.pathsep.join([str(ROOT), str(ROOT / "plug
 
 # The FullStory emulator as fixtures: `fullstory_emulator`, `fullstory_emulator_factory`.
 pytest_plugins = ["include.fullstory_emulator.pytest_plugin"]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_HOME, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
