@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
 import orjson
 import pandas as pd
 import pyarrow as pa
@@ -243,8 +244,8 @@ def write_results(
         {
             "row": index["row"].astype("int64"),
             "event_id": index["event_id"],
-            "outcome": rejected.map({True: "rejected", False: "delivered"}),
-            "reason": [reason_of.get(i) for i in index["item_index"]],
+            "outcome": np.where(rejected.to_numpy(), "rejected", "delivered"),
+            "reason": index["item_index"].map(reason_of) if reason_of else None,
             "kind": OUTCOME_KIND[chunk.kind],
             "chunk": chunk.name,
         }
@@ -266,8 +267,10 @@ def write_results(
 def _dead_letters(
     chunk: Chunk, record: ChunkRecord, lines: list[bytes], errors: list[ItemError], index: pd.DataFrame
 ) -> pa.Table:
-    rows_of = index.groupby("item_index")["row"].apply(list).to_dict() if len(index) else {}
-    ids_of = index.groupby("item_index")["event_id"].apply(list).to_dict() if len(index) else {}
+    # Only the failed items' rows: grouping the whole index costs a Python call per item.
+    failed = index[index["item_index"].isin([e.item_index for e in errors if e.item_index >= 0])]
+    rows_of = failed.groupby("item_index")["row"].agg(list).to_dict() if len(failed) else {}
+    ids_of = failed.groupby("item_index")["event_id"].agg(list).to_dict() if len(failed) else {}
     records = [
         {
             "chunk": chunk.name,
