@@ -8,6 +8,7 @@ emulator. Nothing is written outside the checkout.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -63,11 +64,18 @@ def main() -> int:
     start = now - timedelta(hours=HOURS)
     landing = HOME / "demo" / "landing"
     shutil.rmtree(landing, ignore_errors=True)
+    # A fresh emulator each time, so a fresh state store too: the delivery registry would otherwise (rightly)
+    # refuse to send rows an earlier demo delivered.
+    shutil.rmtree(HOME / "state", ignore_errors=True)
     files = generate_landing(landing, ROWS, start, hours=HOURS, seed=7)
     print(f"Sample landing: {ROWS} rows in {len(files)} files under {landing}")
 
     with EmulatorProcess(port=PORT) as emulator:
         print(f"FullStory emulator: {emulator.base_url} (region na1)")
+        if PORT != 8089:  # airflow_settings.yaml points at 8089; an env connection wins over the DB's
+            env["AIRFLOW_CONN_FULLSTORY_DEFAULT"] = json.dumps({
+                "conn_type": "http", "host": emulator.base_url, "password": emulator.api_key,
+                "extra": {"org_id": emulator.org_id, "data_region": "na1"}})
         for hour in range(HOURS):
             window_end = start + timedelta(hours=hour + 1)
             began = time.monotonic()
@@ -103,7 +111,20 @@ def print_stats_table(start: datetime, hours: int) -> None:
         print(" | ".join(str(c).rjust(len(h)) for c, h in zip(cells, header, strict=True)))
     if len(rows) < hours:
         raise SystemExit(f"demo: expected {hours} runs' stats under {runs}, found {len(rows)}")
+    print_reasons(Path(rows[-1]["artifacts"]))
     print(f"\nRun artifacts (outcomes, quarantine, dead letters, payloads, ledger): {runs}")
+
+
+def print_reasons(run_dir: Path) -> None:
+    """Why rows of the last run were not delivered: every row has an outcome and a reason."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(run_dir / "outcomes.parquet", columns=["outcome", "reason"]).to_pandas()
+    other = table[table["outcome"] != "delivered"]
+    counts = other.assign(reason=other["reason"].fillna("").str.slice(0, 110)).value_counts().head(8)
+    print(f"\nWhy the last window's other {len(other)} rows were not delivered (top reasons):")
+    for (outcome, reason), n in counts.items():
+        print(f"  {n:>5}  {outcome:<12} {reason}")
 
 
 if __name__ == "__main__":
