@@ -202,3 +202,12 @@ def test_a_wrong_key_fails_the_run_once_and_says_why(dag, env, landing, fullstor
     for path in Path(store.path()).rglob("*"):
         if path.is_file():
             assert b"revoked-key" not in path.read_bytes(), path
+
+
+def test_an_empty_window_is_a_successful_run_with_zero_rows(dag, env, fullstory_emulator):
+    state_dir, _ = env
+    dr = run_window(dag, HOURS + 5)  # the landing has no data then: both delivery expansions are empty
+    assert dr.state == "success"
+    stats, outcomes, _ = artifacts(state_dir, dr.run_id)
+    assert stats["rows"]["read"] == outcomes.num_rows == 0 and stats["batches"] == 0
+    assert stats["problems"] == [] and fullstory_emulator.requests()["total"] == 0
