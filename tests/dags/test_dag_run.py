@@ -211,3 +211,35 @@ def test_an_empty_window_is_a_successful_run_with_zero_rows(dag, env, fullstory_
     stats, outcomes, _ = artifacts(state_dir, dr.run_id)
     assert stats["rows"]["read"] == outcomes.num_rows == 0 and stats["batches"] == 0
     assert stats["problems"] == [] and fullstory_emulator.requests()["total"] == 0
+
+
+def test_landing_and_state_on_an_object_store(dag, env, landing, fullstory_emulator, monkeypatch):
+    """The Kubernetes/Celery set-up: landing and run artifacts on S3 (a local moto server), reached only
+    through the standard AWS environment, as a deployed worker would."""
+    import fsspec
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        for key, value in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+                           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(key, value)
+        fs = fsspec.filesystem("s3", skip_instance_cache=True)
+        fs.mkdir("datafly")
+        fs.put(str(landing[0]) + "/", "datafly/landing/", recursive=True)
+        monkeypatch.setenv("AIRFLOW_VAR_DATAFLY_LANDING_URI", "s3://datafly/landing")
+        monkeypatch.setenv("AIRFLOW_VAR_DATAFLY_FULLSTORY_STATE_URI", "s3://datafly/state")
+
+        dr = run_window(dag, 0)
+        assert dr.state == "success"
+        store = RunStore("s3://datafly/state", dr.run_id)
+        stats = orjson.loads(store.read_bytes("stats.json"))
+        outcomes = store.read_table("outcomes.parquet")
+        assert_reconciled(stats, outcomes, landing[1], 0)
+        assert stats["artifacts"].startswith("s3://datafly/state/runs/")
+        assert fullstory_emulator.state()["events"] == stats["events"]["delivered"] > 0
+        assert store.list("ledger") and fs.ls("datafly/state/registry")
+    finally:
+        server.stop()
