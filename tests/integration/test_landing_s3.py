@@ -76,3 +76,15 @@ def test_a_missing_prefix_is_an_error(s3):
     _, options, _ = s3
     with pytest.raises(LandingError, match=f"s3://{BUCKET}/nothing-here does not exist"):
         list_window_files(f"s3://{BUCKET}/nothing-here", WINDOW, storage_options=options)
+
+
+def test_gcs_landings_resolve_through_gcsfs_without_a_code_change():
+    """No GCS is reachable here: this checks that gs:// URIs take the same fsspec path as s3:// (the
+    dependency is installed and the URI resolves), with anonymous credentials and no request sent."""
+    import gcsfs
+
+    from include.datafly_fullstory.landing import _open_landing
+
+    landing = _open_landing("gs://datafly-landing/events", {"token": "anon"}, None)
+    assert landing.root == "datafly-landing/events" and landing.prefix == "gs://"
+    assert isinstance(landing.fs.handler.fs, gcsfs.GCSFileSystem)
