@@ -81,7 +81,8 @@ def datafly_fullstory_sync():
 
         from include.datafly_fullstory.pipeline import plan_run
 
-        return plan_run(
+        return _fail_fast(
+            plan_run,
             params=context["params"],
             run_id=context["run_id"],
             landing_uri=Variable.get("datafly_landing_uri", default=None),
@@ -96,13 +97,13 @@ def datafly_fullstory_sync():
     def extract_and_validate(run_plan: dict) -> dict:
         from include.datafly_fullstory.pipeline import extract_stage
 
-        return extract_stage(run_plan)
+        return _fail_fast(extract_stage, run_plan)
 
     @task
     def map_payloads(run_plan: dict, extracted: dict) -> dict:
         from include.datafly_fullstory.pipeline import map_stage
 
-        return map_stage(run_plan, extracted)
+        return _fail_fast(map_stage, run_plan, extracted)
 
     @task
     def chunk_groups(mapped: dict, kind: str) -> list[list[str]]:
@@ -112,12 +113,21 @@ def datafly_fullstory_sync():
         return group_chunks(mapped["chunks"], kind, CHUNKS_PER_DELIVERY_TASK)
 
     @task(trigger_rule="all_done", outlets=[FULLSTORY_SYNC])
-    def summarise(run_plan: dict, extracted: dict, mapped: dict, users, events, **context) -> dict:
+    def summarise(users, events, **context) -> dict:
+        """Runs whatever happened upstream, so a failed delivery still gets its outcomes and stats."""
         from airflow.sdk.exceptions import AirflowFailException
 
         from include.datafly_fullstory.pipeline import summarise_run
         from include.datafly_fullstory.stats import summary_line
 
+        # Pulled here, not passed as arguments: a stage that failed has no XCom, and the run should end
+        # at once saying so instead of retrying this task.
+        ti = context["ti"]
+        stages = {name: ti.xcom_pull(task_ids=name) for name in ("plan", "extract_and_validate", "map_payloads")}
+        stopped = [name for name, value in stages.items() if value is None]
+        if stopped:
+            raise AirflowFailException(f"the run stopped at {stopped[0]} before delivery: see that task's log")
+        run_plan, extracted, mapped = stages.values()
         run_stats, problems = summarise_run(run_plan, extracted, mapped, [*_values(users), *_values(events)])
         context["outlet_events"][FULLSTORY_SYNC].extra = {
             "window_start": run_stats["window_start"], "window_end": run_stats["window_end"],
@@ -145,7 +155,19 @@ def datafly_fullstory_sync():
         task_id="deliver_events", trigger_rule="none_failed", **delivery).expand(
         chunks=chunk_groups.override(task_id="events_chunk_groups")(mapped, "events"))
     users >> events
-    summarise(run_plan, extracted, mapped, users.output, events.output)
+    summarise(users.output, events.output)
+
+
+def _fail_fast(stage, *args, **kwargs):
+    """Run a pipeline stage; errors a person must fix fail the task without Airflow retries."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from include.datafly_fullstory.pipeline import input_errors
+
+    try:
+        return stage(*args, **kwargs)
+    except input_errors() as exc:
+        raise AirflowFailException(str(exc)) from exc
 
 
 def _values(mapped_output) -> list:

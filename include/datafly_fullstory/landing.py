@@ -69,6 +69,18 @@ class LandingError(RuntimeError):
     """The landing cannot be read as the window needs: names the file and says how to fix it."""
 
 
+class LandingInputError(LandingError):
+    """A problem with the landing's content (missing, corrupt, unusable columns) that a retry cannot fix;
+    a plain LandingError (an object store's I/O failing) may pass on a retry."""
+
+
+def _read_error(message: str, exc: BaseException, uri: str) -> LandingError:
+    """Corrupt data (ArrowInvalid) or an I/O error on a local file is the file's problem; an I/O error on
+    an object store may be the network's."""
+    local = "://" not in uri
+    return LandingInputError(message) if isinstance(exc, pa.ArrowInvalid) or local else LandingError(message)
+
+
 @dataclass(frozen=True)
 class LandingFile:
     path: str  # on the pyarrow filesystem
@@ -140,7 +152,7 @@ def list_landing_files(landing_uri: str, *, storage_options: dict | None = None,
     landing = _open_landing(landing_uri, storage_options, filesystem)
     info = landing.fs.get_file_info(landing.root)
     if info.type == pafs.FileType.NotFound:
-        raise LandingError(f"landing {landing_uri} does not exist: check the Airflow Variable "
+        raise LandingInputError(f"landing {landing_uri} does not exist: check the Airflow Variable "
                            "datafly_landing_uri (and the credentials in storage_options)")
     if info.type == pafs.FileType.File:
         return [LandingFile(landing.root, landing.uri(landing.root), None)]
@@ -201,8 +213,8 @@ def _plan_file(file: LandingFile, fs: pafs.FileSystem) -> _FilePlan:
         dataset = ds.dataset(file.path, filesystem=fs, format="parquet")
         schema = dataset.schema
     except (pa.ArrowException, OSError) as exc:
-        raise LandingError(f"cannot open {file.uri} as Parquet ({exc}). Re-export the file, or move it out "
-                           "of the landing; the run stops before anything is sent.") from exc
+        raise _read_error(f"cannot open {file.uri} as Parquet ({exc}). Re-export the file, or move it out "
+                          "of the landing; the run stops before anything is sent.", exc, file.uri) from exc
     types = {name: schema.field(name).type for name in schema.names if name in CANONICAL_COLUMNS}
     missing = [c for c in REQUIRED_COLUMNS if c not in types]
     kinds = {c: _column_kind(c, t) for c, t in types.items()}
@@ -213,7 +225,7 @@ def _plan_file(file: LandingFile, fs: pafs.FileSystem) -> _FilePlan:
             problems.append(f"required column(s) missing: {', '.join(missing)}")
         if unusable:
             problems.append(f"column(s) of a type the landing cannot use: {', '.join(unusable)}")
-        raise LandingError(f"{file.uri}: {'; '.join(problems)}. Found columns: {', '.join(schema.names)}. "
+        raise LandingInputError(f"{file.uri}: {'; '.join(problems)}. Found columns: {', '.join(schema.names)}. "
                            "Fix the export (see docs/landing.md for the columns and types) and re-run.")
     return _FilePlan(file, dataset, kinds, types)
 
@@ -299,7 +311,7 @@ def _to_text(arr: pa.Array, column: str, file: LandingFile) -> pa.Array:
     try:
         return arr.cast(pa.string())
     except pa.ArrowInvalid as exc:
-        raise LandingError(f"{file.uri}: column {column} is not valid UTF-8 text ({exc}); re-export it as "
+        raise LandingInputError(f"{file.uri}: column {column} is not valid UTF-8 text ({exc}); re-export it as "
                            "a string column") from exc
 
 
@@ -351,8 +363,9 @@ def _scan(plan: _FilePlan, window: Window, batch_size: int) -> Iterator[pa.Recor
     try:
         yield from scanner.to_batches()
     except (pa.ArrowException, OSError) as exc:
-        raise LandingError(f"cannot read {plan.file.uri} ({exc}): the file is corrupt or truncated. "
-                           "Re-export it, or move it out of the landing; nothing was sent.") from exc
+        raise _read_error(f"cannot read {plan.file.uri} ({exc}): the file is corrupt or truncated. "
+                          "Re-export it, or move it out of the landing; nothing was sent.", exc,
+                          plan.file.uri) from exc
 
 
 def _orphans_here(file: LandingFile, window: Window) -> bool:

@@ -20,8 +20,18 @@ from include.datafly_fullstory.window import resolve_window
 DEFAULT_MAX_REJECTED_RATIO = 0.05
 
 
-class RunNeedsAttention(RuntimeError):
-    """The run finished but a person has to look at it (the message says what and where)."""
+class ParamError(ValueError):
+    """A run parameter or Variable the pipeline cannot use."""
+
+
+def input_errors() -> tuple[type[Exception], ...]:
+    """Errors a person must fix (params, the landing's content, the blueprint): an Airflow retry cannot
+    help, so the tasks fail at once with the message instead of retrying."""
+    from include.datafly_fullstory.blueprint import BlueprintError
+    from include.datafly_fullstory.landing import LandingInputError
+    from include.datafly_fullstory.window import WindowError
+
+    return (ParamError, WindowError, LandingInputError, BlueprintError)
 
 
 def resolve_uri(value: str | None, airflow_home: str, *, default: str | None = None) -> str:
@@ -29,7 +39,7 @@ def resolve_uri(value: str | None, airflow_home: str, *, default: str | None = N
     under AIRFLOW_HOME (so one airflow_settings.yaml serves a laptop and an Astro image)."""
     value = (value or default or "").strip()
     if not value:
-        raise ValueError("no landing URI: set the Airflow Variable datafly_landing_uri "
+        raise ParamError("no landing URI: set the Airflow Variable datafly_landing_uri "
                          "(a folder, s3:// or gs:// URI)")
     if "://" in value:
         return value
@@ -61,7 +71,7 @@ def plan_run(
     event_types = [str(t) for t in (params.get("event_types") or []) if str(t).strip()]
     ratio = params.get("max_rejected_ratio", DEFAULT_MAX_REJECTED_RATIO)
     if ratio is None or not 0 <= float(ratio) <= 1:
-        raise ValueError(f"param max_rejected_ratio={ratio!r} must be between 0 and 1")
+        raise ParamError(f"param max_rejected_ratio={ratio!r} must be between 0 and 1")
     return {
         "run_id": run_id,
         "window": window.as_dict(),

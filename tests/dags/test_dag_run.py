@@ -243,3 +243,22 @@ def test_landing_and_state_on_an_object_store(dag, env, landing, fullstory_emula
         assert store.list("ledger") and fs.ls("datafly/state/registry")
     finally:
         server.stop()
+
+
+def test_a_corrupt_landing_file_fails_at_once_naming_the_file(dag, env, landing, fullstory_emulator, tmp_path,
+                                                              monkeypatch):
+    import shutil
+
+    broken = tmp_path / "broken-landing"
+    shutil.copytree(landing[0], broken)
+    bad = next(broken.glob("dt=*/hour=11/*.parquet"))
+    data = bytearray(bad.read_bytes())
+    data[200:600] = b"x" * 400  # corrupt pages inside an otherwise valid file
+    bad.write_bytes(bytes(data))
+    monkeypatch.setenv("AIRFLOW_VAR_DATAFLY_LANDING_URI", str(broken))
+    dr = run_window(dag, 1)
+    assert dr.state == "failed" and fullstory_emulator.requests()["total"] == 0
+    extract = next(ti for ti in dr.get_task_instances() if ti.task_id == "extract_and_validate")
+    assert extract.state == "failed" and extract.try_number == 1  # a retry cannot fix a corrupt file
+    summarise = next(ti for ti in dr.get_task_instances() if ti.task_id == "summarise")
+    assert summarise.state == "failed" and summarise.try_number == 1

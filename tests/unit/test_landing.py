@@ -330,3 +330,14 @@ def test_memory_is_bounded_by_batch_size_not_window(tmp_path):
     sample.generate_landing(tmp_path, 20_000, WINDOW.start, hours=1)
     sizes = [len(f) for f in iter_window_batches(str(tmp_path), WINDOW, batch_size=1000)]
     assert sum(sizes) == 20_000 and max(sizes) == 1000 and len(sizes) == 20
+
+
+def test_content_errors_are_final_and_object_store_io_errors_may_pass_on_a_retry():
+    import pyarrow as pa
+
+    from include.datafly_fullstory.landing import LandingError, LandingInputError, _read_error
+
+    assert type(_read_error("m", pa.ArrowInvalid("bad magic"), "s3://b/x.parquet")) is LandingInputError
+    assert type(_read_error("m", OSError("corrupt snappy"), "/data/x.parquet")) is LandingInputError
+    remote = _read_error("m", OSError("connection reset"), "s3://b/x.parquet")
+    assert type(remote) is LandingError and not isinstance(remote, LandingInputError)
