@@ -40,15 +40,6 @@ class Window:
     def from_dict(cls, data: dict[str, str]) -> Window:
         return cls(parse_instant(data["start"], "start"), parse_instant(data["end"], "end"))
 
-    def hours(self) -> list[datetime]:
-        """The start of every UTC hour the window touches (for partition pruning)."""
-        hour = self.start.replace(minute=0, second=0, microsecond=0)
-        out = []
-        while hour < self.end:
-            out.append(hour)
-            hour += timedelta(hours=1)
-        return out
-
 
 def parse_instant(value: str | datetime, field: str) -> datetime:
     """An ISO-8601 instant; naive values are UTC (as in the landing)."""
