@@ -34,6 +34,7 @@ from include.datafly_fullstory.ledger import (
     Ledger,
     utc_now,
 )
+from include.datafly_fullstory.payloads import batch_body
 from include.datafly_fullstory.state import RunStore
 
 log = logging.getLogger(__name__)
@@ -116,12 +117,6 @@ def chunk_kind(name: str) -> str:
     return kind
 
 
-def idempotency_key(kind: str, data: bytes) -> str:
-    """The chunk's Idempotency-Key when the manifest has none: a pure function of the chunk content,
-    so every retry and re-run of the same chunk sends the same key and FullStory replays the first job."""
-    return f"dffs-{kind}-{hashlib.sha256(data).hexdigest()[:40]}"
-
-
 def load_chunks(store: RunStore, names: Iterable[str]) -> list[Chunk]:
     """The named chunks, with what payloads/manifest.json says about them (if it exists)."""
     entries: dict[str, Mapping[str, Any]] = {}
@@ -157,12 +152,9 @@ def read_lines(store: RunStore, chunk: Chunk) -> tuple[list[bytes], str]:
 
 
 def key_for(chunk: Chunk, digest: str) -> str:
+    """The chunk's Idempotency-Key: the manifest's (payloads.idempotency_key), else a pure function of the
+    chunk's content (sha256 hex), so every retry and re-run of the same chunk sends the same key."""
     return chunk.idempotency_key or f"dffs-{chunk.kind}-{digest[:40]}"
-
-
-def batch_body(lines: list[bytes]) -> bytes:
-    """{"requests": [line, ...]}: the lines are already compact JSON, so join instead of re-encoding."""
-    return b'{"requests":[' + b",".join(lines) + b"]}"
 
 
 def read_index(store: RunStore, chunk: Chunk) -> pd.DataFrame:
@@ -463,9 +455,7 @@ class Delivery:
         data): then FullStory holds the old content, and sending the new one may import events twice, so
         that takes `force`."""
         record = self.ledger.get(chunk.name)
-        expected = chunk.idempotency_key or (
-            f"dffs-{chunk.kind}-{chunk.sha256[:40]}" if chunk.sha256 else None
-        )
+        expected = key_for(chunk, chunk.sha256) if chunk.idempotency_key or chunk.sha256 else None
         if record is None or expected is None or record.idempotency_key == expected:
             return record
         if not self.settings.force:

@@ -16,6 +16,7 @@ import pytest
 
 from include.datafly_fullstory import delivery as dl
 from include.datafly_fullstory.ledger import ChunkRecord, Ledger, LedgerError
+from include.datafly_fullstory.payloads import batch_body
 from include.datafly_fullstory.state import RunStore
 
 # ---- fixtures: chunk files per docs/contracts.md --------------------------------------------------------
@@ -147,11 +148,13 @@ def test_ledger_reads_records_with_unknown_fields(store):
 # ---- chunks, keys, bodies ------------------------------------------------------------------------------
 
 
-def test_idempotency_key_is_a_pure_function_of_content():
-    a = dl.idempotency_key("events", b'{"name":"x"}\n')
-    assert a == dl.idempotency_key("events", b'{"name":"x"}\n')
-    assert a != dl.idempotency_key("events", b'{"name":"y"}\n')
+def test_idempotency_key_without_a_manifest_key_is_a_pure_function_of_content():
+    chunk = dl.Chunk("events-00000", "events")
+    x, y = (hashlib.sha256(body).hexdigest() for body in (b'{"name":"x"}\n', b'{"name":"y"}\n'))
+    a = dl.key_for(chunk, x)
+    assert a == dl.key_for(chunk, x) and a != dl.key_for(chunk, y)
     assert a.startswith("dffs-events-") and len(a) == len("dffs-events-") + 40
+    assert dl.key_for(dl.Chunk("events-00000", "events", idempotency_key="k"), x) == "k"
 
 
 def test_manifest_key_wins_and_sha_is_checked(store):
@@ -177,7 +180,7 @@ def test_manifest_key_wins_and_sha_is_checked(store):
 
 def test_batch_body_joins_lines():
     lines = [orjson.dumps(e) for e in events(3)]
-    assert orjson.loads(dl.batch_body(lines)) == {"requests": events(3)}
+    assert orjson.loads(batch_body(lines)) == {"requests": events(3)}
 
 
 def test_match_errors_on_content_with_duplicates_and_normalisation():
