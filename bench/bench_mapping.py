@@ -159,7 +159,7 @@ def main() -> None:
         store = RunStore(tmp, "bench")
         gen_s, _ = timed(write_validated, store, args.rows)
         print(f"landing: {args.rows:,} rows generated and written as validated parts in {gen_s:.1f}s")
-        map_s, summary = timed(run_mapping, store, "retail", {"batch_rows": args.batch_rows}, now=NOW)
+        map_s, summary = timed(run_mapping, store, "retail", {"batch_rows": args.batch_rows}, reference_time=NOW)
         floor_s, _ = timed(run_floor, store, Path(tmp) / "floor.jsonl", args.batch_rows)
         naive_rows = min(args.naive_rows, args.rows)
         naive_s, naive_n = timed(run_naive, store, Path(tmp) / "naive.jsonl", naive_rows)

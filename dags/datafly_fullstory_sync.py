@@ -14,9 +14,15 @@ delivered, rejected (see `dead_letters.parquet`), quarantined (see `quarantine.p
 (consent), skipped (with the reason) or dry_run.
 
 **Manual runs** (Trigger DAG w/ config): `window_start` / `window_end` reprocess any window;
-`dry_run` maps and writes payloads without sending; `event_types` limits the run; `force` re-sends a
-window that was delivered already (with the same idempotency keys, so FullStory replays instead of
-duplicating); `replay_dead_letters` re-sends earlier runs' fixable rejections.
+`dry_run` maps and writes payloads without sending; `event_types` limits the run; `force` replays a
+window's delivered chunks (recorded bytes and keys, within 23 h: FullStory replays, nothing is imported
+twice); `replay_dead_letters` re-sends earlier runs' fixable rejections; `allow_duplicates` re-sends
+everything and may import duplicates.
+
+**Exactly once**: the delivery ledger (SQLite beside the state, or Postgres through the Variable
+`datafly_fullstory_ledger_conn_id`) claims every row per FullStory org before anything is sent, so
+retries, clears, new and overlapping runs never import an event twice. Scheduled runs also deliver rows
+that landed late, over a 24 h look-back.
 
 **Configuration**: connection `fullstory_default` (password = Server API key, extra `org_id` and
 `data_region`), Variables `datafly_landing_uri` and `datafly_fullstory_state_uri`, pool `fullstory_api`.
@@ -45,17 +51,36 @@ PARAMS = {
     "event_types": Param([], type="array", items={"type": "string"}, title="Event types",
                          description="Only these Datafly types (page, track, identify) or FullStory event "
                                      "names (purchase, page_view, ...); empty means all."),
-    "force": Param(False, type="boolean", title="Force re-send",
-                   description="Re-send chunks that were delivered already, with their original "
-                               "idempotency keys."),
+    "force": Param(False, type="boolean", title="Force replay",
+                   description="Replay the window's delivered chunks: their recorded bytes under their recorded "
+                               "idempotency keys, so FullStory answers from its record and imports nothing twice. "
+                               "Refused when a chunk was first sent more than 23 h ago."),
+    "allow_duplicates": Param(False, type="boolean", title="Allow duplicates (re-import)",
+                              description="Send every row of the window again in new chunks, whatever the ledger "
+                                          "says: FullStory then holds rows delivered before twice. Only for a "
+                                          "person who checked FullStory."),
+    "lookback_hours": Param(None, type=["null", "number"], minimum=0, maximum=336, title="Look-back hours",
+                            description="Also deliver rows that landed late for this many hours before the "
+                                        "window (default 24 for scheduled runs, 0 with window_start/window_end)."),
     "replay_dead_letters": Param(False, type="boolean", title="Replay dead letters",
                                  description="Also re-send the fixable items FullStory rejected in earlier "
                                              "runs of this window."),
     "fullstory_conn_id": Param("fullstory_default", type="string", title="FullStory connection",
                                description="The Airflow connection holding the Server API key and org."),
     "max_rejected_ratio": Param(0.05, type="number", minimum=0, maximum=1, title="Max rejected share",
-                                description="Fail the run when FullStory rejects more than this share of "
-                                            "the window's items (they wait in the dead letters)."),
+                                description="Fail the run when more than this share of its rows is rejected, by "
+                                            "FullStory or before sending (see the dead letters)."),
+    "max_quarantined_ratio": Param(0.10, type="number", minimum=0, maximum=1, title="Max quarantined share",
+                                   description="Fail the run when validation quarantines more than this share."),
+    "max_skipped_ratio": Param(0.60, type="number", minimum=0, maximum=1, title="Max skipped share",
+                               description="Fail the run when more than this share is skipped (no FullStory "
+                                           "identification, unknown type, ...)."),
+    "max_filtered_ratio": Param(1.0, type="number", minimum=0, maximum=1, title="Max filtered share",
+                                description="Fail the run when more than this share is filtered (consent, "
+                                            "event_types); 1 never fails."),
+    "max_unknown_rows": Param(0, type="integer", minimum=0, title="Max rows of unknown fate",
+                              description="Fail the run when more rows than this were sent but their fate is "
+                                          "unknown (a lost answer whose key expired): a person checks FullStory."),
     "require_explicit_consent": Param(False, type="boolean", title="Require explicit consent",
                                       description="Send only events with explicit analytics consent "
                                                   "(absent consent counts as granted otherwise)."),
@@ -79,11 +104,13 @@ def datafly_fullstory_sync():
         from airflow.configuration import conf
         from airflow.sdk import Variable
 
+        from fullstory_provider.ledger_db import connection_destination
         from include.datafly_fullstory.pipeline import plan_run
 
+        params = context["params"]
         return _fail_fast(
             plan_run,
-            params=context["params"],
+            params=params,
             run_id=context["run_id"],
             landing_uri=Variable.get("datafly_landing_uri", default=None),
             state_uri=Variable.get("datafly_fullstory_state_uri", default=None),
@@ -91,19 +118,24 @@ def datafly_fullstory_sync():
             data_interval_start=context.get("data_interval_start"),
             data_interval_end=context.get("data_interval_end"),
             run_after=context["dag_run"].run_after,
+            destination=connection_destination(params.get("fullstory_conn_id"), dry_run=params.get("dry_run")),
+            ledger_conn_id=Variable.get("datafly_fullstory_ledger_conn_id", default=None),
+            executor=conf.get("core", "executor", fallback=None),
         )
 
     @task
     def extract_and_validate(run_plan: dict) -> dict:
+        from fullstory_provider.ledger_db import ledger_url
         from include.datafly_fullstory.pipeline import extract_stage
 
-        return _fail_fast(extract_stage, run_plan)
+        return _fail_fast(extract_stage, run_plan, ledger_url(run_plan["ledger"]))
 
     @task
     def map_payloads(run_plan: dict, extracted: dict) -> dict:
+        from fullstory_provider.ledger_db import ledger_url
         from include.datafly_fullstory.pipeline import map_stage
 
-        return _fail_fast(map_stage, run_plan, extracted)
+        return _fail_fast(map_stage, run_plan, extracted, ledger_url(run_plan["ledger"]))
 
     @task
     def chunk_groups(mapped: dict, kind: str) -> list[list[str]]:
@@ -117,6 +149,7 @@ def datafly_fullstory_sync():
         """Runs whatever happened upstream, so a failed delivery still gets its outcomes and stats."""
         from airflow.sdk.exceptions import AirflowFailException
 
+        from fullstory_provider.ledger_db import ledger_url
         from include.datafly_fullstory.pipeline import summarise_run
         from include.datafly_fullstory.stats import summary_line
 
@@ -128,7 +161,8 @@ def datafly_fullstory_sync():
         if stopped:
             raise AirflowFailException(f"the run stopped at {stopped[0]} before delivery: see that task's log")
         run_plan, extracted, mapped = stages.values()
-        run_stats, problems = summarise_run(run_plan, extracted, mapped, [*_values(users), *_values(events)])
+        run_stats, problems = summarise_run(run_plan, extracted, mapped, [*_values(users), *_values(events)],
+                                            ledger_url(run_plan["ledger"]))
         context["outlet_events"][FULLSTORY_SYNC].extra = {
             "window_start": run_stats["window_start"], "window_end": run_stats["window_end"],
             "rows": run_stats["rows"], "dry_run": run_stats["dry_run"], "artifacts": run_stats["artifacts"],
@@ -146,7 +180,8 @@ def datafly_fullstory_sync():
         "run_id": run_plan["run_id"],
         "fullstory_conn_id": run_plan["fullstory_conn_id"],
         "dry_run": run_plan["dry_run"],
-        "force": run_plan["force"],
+        "ledger": run_plan["ledger"],
+        "destination": run_plan["destination"],
         "pool": "fullstory_api",
     }
     users = FullStoryDeliveryOperator.partial(task_id="deliver_users", **delivery).expand(

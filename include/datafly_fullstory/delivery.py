@@ -1,11 +1,23 @@
-"""Delivery of payload chunks as FullStory batch import jobs: submit, poll, read per-item errors, write
-outcomes and dead letters. Pure logic: no Airflow imports; talks to FullStory through any object that
-satisfies `BatchClient` (the Airflow hook does, a test double could).
+"""Delivery of payload chunks as FullStory batch import jobs, kept exactly once by the delivery ledger.
 
-One chunk = one batch job = one atomic request with a deterministic Idempotency-Key. The loop is
-single-threaded on purpose: FullStory does the work asynchronously, so overlapping jobs (up to
-`max_in_flight`) gives the parallelism; our side only sends a POST and a few cheap GETs per chunk, and one
-thread keeps the ledger writes and HTTP counters simple and ordered.
+Pure logic: no Airflow imports; talks to FullStory through any object that satisfies `BatchClient` (the
+Airflow hook does). One chunk = one batch job = one request with the Idempotency-Key the ledger recorded
+for it. What happens to a chunk depends on its ledger status, never on what this task remembers:
+
+    claimed     -> compare-and-set to `posting` (first_post_at) -> POST -> job id recorded (`submitted`)
+    posting     -> the answer to a POST was lost: POST the same bytes with the same key again while the key
+                   is younger than 23 h (FullStory replays its first answer); older: `unknown`, the run fails
+    submitted / processing -> poll the recorded job
+    completed / failed / unknown -> nothing to send; outcomes are (re)written from the ledger
+    abandoned   -> another run took the items over (their claim lease ran out); nothing to send
+
+When a job ends, its per-item errors are matched to rows by `datafly_event_id` (events) or `uid` (users),
+never by bytes. If FullStory counts more errors than could be matched, the job's imports decide: items in
+neither list are `unknown`, never `delivered`. Item states and the chunk's terminal status are written in
+one transaction; the run folder's outcome files and dead letters follow from the ledger.
+
+The loop is single-threaded on purpose: FullStory does the work asynchronously, so overlapping jobs (up to
+`max_in_flight`) gives the parallelism; our side sends a POST and a few cheap GETs per chunk.
 """
 
 from __future__ import annotations
@@ -15,35 +27,33 @@ import logging
 import random
 import threading
 import time
-from collections import defaultdict, deque
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
-import numpy as np
 import orjson
 import pandas as pd
 import pyarrow as pa
 
+from include.datafly_fullstory import ledger as lg
 from include.datafly_fullstory import outcomes
-from include.datafly_fullstory.ledger import (
-    COMPLETED,
-    FAILED,
-    PROCESSING,
-    ChunkRecord,
-    Ledger,
-    utc_now,
+from include.datafly_fullstory.payloads import (
+    INDEX_SCHEMA,
+    batch_body,
+    index_uri_of,
+    read_index_uri,
+    read_uri,
 )
-from include.datafly_fullstory.payloads import batch_body
 from include.datafly_fullstory.state import RunStore
 
 log = logging.getLogger(__name__)
 
 KINDS = ("users", "events")  # chunk kinds, in delivery order: users before the events that refer to them
-OUTCOME_KIND = {"users": "user", "events": "event"}
-ERROR_ITEM_FIELD = {"users": "user", "events": "event"}  # where FullStory echoes the original item
+ITEM_KIND = {"users": "user", "events": "event"}  # outcome kind, and where FullStory echoes an item
 JOB_ENDED = ("COMPLETED", "FAILED")  # FAILED includes partial failure: per-item errors tell which
-MAX_ERROR_PAGES = 10_000  # a chunk has <= 50,000 items; this only bounds a misbehaving server
+EVENT_ID_PROPERTY = "datafly_event_id"
 
 DEAD_LETTER_SCHEMA = pa.schema(
     [
@@ -69,10 +79,6 @@ class DeliveryTimeout(DeliveryError):
     """The delivery ran out of time with jobs still processing; a re-run polls them (no resubmission)."""
 
 
-class DeliveryOrderError(DeliveryError):
-    """Events were asked for while users chunks of the same run are not delivered yet."""
-
-
 class BatchRefused(Exception):  # noqa: N818 - a refusal is an answer, not a bug
     """FullStory refused a batch request as a whole with a final 4xx (bad body, too large).
 
@@ -94,8 +100,16 @@ class BatchClient(Protocol):
     def iter_batch_errors(self, kind: str, job_id: str) -> Iterator[dict[str, Any]]:
         """Every per-item error of an ended job, all pages."""
 
+    def iter_batch_imports(self, kind: str, job_id: str) -> Iterator[dict[str, Any]]:
+        """Every imported item of an ended job, all pages."""
+
     def http_stats(self) -> dict[str, Any]:
         """{"requests", "retries", "status_counts", ...} for the stats."""
+
+
+def fault_point(name: str) -> None:
+    """A named step of delivery. Does nothing; the fault-injection tests replace it to stop a task exactly
+    there (before the POST, after the POST, while polling, after the job ended)."""
 
 
 # ---- chunks --------------------------------------------------------------------------------------------
@@ -103,83 +117,80 @@ class BatchClient(Protocol):
 
 @dataclass(frozen=True)
 class Chunk:
+    """A manifest entry: a chunk this run delivers (`deliver`), or an earlier run's chunk it resumes
+    (`resume`) or replays for `force` (`replay`)."""
+
     name: str
     kind: str  # users | events
-    idempotency_key: str | None = None  # from the manifest, when the mapping stage put one there
+    ledger_chunk_id: int | None
+    payload_uri: str | None
+    index: str  # this run's index of the chunk (row, event_id per item), relative to the run folder
     sha256: str | None = None
-    items: int | None = None
+    idempotency_key: str | None = None
+    mode: str = "deliver"
+    origin_run: str | None = None
+
+    @classmethod
+    def from_entry(cls, entry: Mapping[str, Any]) -> Chunk:
+        name = str(entry["name"])
+        return cls(name=name, kind=str(entry["kind"]), ledger_chunk_id=entry.get("ledger_chunk_id"),
+                   payload_uri=entry.get("payload_uri"), index=entry.get("index") or f"payloads/{name}.index.parquet",
+                   sha256=entry.get("sha256"), idempotency_key=entry.get("idempotency_key"),
+                   mode=entry.get("mode", "deliver"), origin_run=entry.get("origin_run"))
 
 
-def chunk_kind(name: str) -> str:
-    kind = name.split("-", 1)[0]
-    if kind not in KINDS:
-        raise DeliveryError(f"chunk {name!r}: the name must start with users- or events-")
-    return kind
+def manifest_entries(store: RunStore) -> list[dict[str, Any]]:
+    if not store.exists("payloads", "manifest.json"):
+        raise DeliveryError(f"{store.path('payloads', 'manifest.json')} is missing: run the mapping task first")
+    return list(store.read_json("payloads", "manifest.json").get("chunks", []))
 
 
 def load_chunks(store: RunStore, names: Iterable[str]) -> list[Chunk]:
-    """The named chunks, with what payloads/manifest.json says about them (if it exists)."""
-    entries: dict[str, Mapping[str, Any]] = {}
-    if store.exists("payloads", "manifest.json"):
-        entries = {c["name"]: c for c in store.read_json("payloads", "manifest.json").get("chunks", [])}
-    chunks = []
-    for name in names:
-        entry = entries.get(name, {})
-        if entries and not entry:
-            raise DeliveryError(f"chunk {name!r} is not in {store.path('payloads', 'manifest.json')}")
-        kind = entry.get("kind") or chunk_kind(name)
-        key = entry.get("idempotency_key")
-        chunks.append(Chunk(name, kind, key, entry.get("sha256"), entry.get("items")))
-    return chunks
+    """The named chunks, as `payloads/manifest.json` describes them."""
+    entries = {c["name"]: c for c in manifest_entries(store)}
+    missing = [n for n in names if n not in entries]
+    if missing:
+        raise DeliveryError(f"chunk(s) {missing[:5]} are not in {store.path('payloads', 'manifest.json')}")
+    return [Chunk.from_entry(entries[n]) for n in names]
 
 
-def manifest_chunk_names(store: RunStore) -> list[str]:
-    if not store.exists("payloads", "manifest.json"):
-        return []
-    return [c["name"] for c in store.read_json("payloads", "manifest.json").get("chunks", [])]
-
-
-def read_lines(store: RunStore, chunk: Chunk) -> tuple[list[bytes], str]:
-    """The chunk's lines and the sha256 of its bytes (checked against the manifest)."""
-    data = store.read_bytes("payloads", f"{chunk.name}.jsonl")
+def read_lines(chunk: Chunk, expected_sha: str | None) -> list[bytes]:
+    """The chunk's lines, checked against the sha256 the ledger recorded when it was made."""
+    data = read_uri(chunk.payload_uri)
     digest = hashlib.sha256(data).hexdigest()
-    if chunk.sha256 and chunk.sha256 != digest:
+    if expected_sha and digest != expected_sha:
         raise DeliveryError(
-            f"payloads/{chunk.name}.jsonl changed after mapping (sha256 {digest[:12]}, manifest "
-            f"{chunk.sha256[:12]}); re-run the mapping task for this run before delivering"
+            f"{chunk.payload_uri} changed after it was recorded (sha256 {digest[:12]}, ledger {expected_sha[:12]}); "
+            "its bytes are what FullStory holds under its key, so it cannot be sent. Restore the file"
         )
-    return [line for line in data.split(b"\n") if line.strip()], digest
+    return [line for line in data.split(b"\n") if line.strip()]
 
 
-def key_for(chunk: Chunk, digest: str) -> str:
-    """The chunk's Idempotency-Key: the manifest's (payloads.idempotency_key), else a pure function of the
-    chunk's content (sha256 hex), so every retry and re-run of the same chunk sends the same key."""
-    return chunk.idempotency_key or f"dffs-{chunk.kind}-{digest[:40]}"
+def read_run_index(store: RunStore, chunk: Chunk) -> pd.DataFrame:
+    if not store.exists(chunk.index):
+        return INDEX_SCHEMA.empty_table().to_pandas()
+    return store.read_table(chunk.index, columns=INDEX_SCHEMA.names).to_pandas()
 
 
-def read_index(store: RunStore, chunk: Chunk) -> pd.DataFrame:
-    table = store.read_table(
-        "payloads", f"{chunk.name}.index.parquet", columns=["item_index", "row", "event_id"]
-    )
-    return table.to_pandas()
+# ---- FullStory's answers -> item states ---------------------------------------------------------------
 
 
-# ---- matching FullStory's per-item errors to chunk lines ----------------------------------------------
+def item_key(item: Any, kind: str) -> str | None:
+    """What identifies an echoed item: its `datafly_event_id` property (events), its `uid` (users)."""
+    if not isinstance(item, Mapping):
+        return None
+    if kind == "events":
+        props = item.get("properties")
+        value = props.get(EVENT_ID_PROPERTY) if isinstance(props, Mapping) else None
+    else:
+        user = item.get("user") if isinstance(item.get("user"), Mapping) else item
+        value = user.get("uid")
+    return str(value) if value is not None else None
 
 
-def _canonical(value: Any) -> Any:
-    """JSON value normalised for comparison: key order and 1 vs 1.0 do not matter."""
-    if isinstance(value, dict):
-        return {k: _canonical(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_canonical(v) for v in value]
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
-
-
-def _fingerprint(value: Any) -> bytes:
-    return orjson.dumps(_canonical(value), option=orjson.OPT_SORT_KEYS)
+def line_keys(lines: list[bytes], kind: str) -> dict[str, int]:
+    """Item key -> line number in the chunk."""
+    return {key: i for i, line in enumerate(lines) if (key := item_key(orjson.loads(line), kind)) is not None}
 
 
 @dataclass
@@ -194,120 +205,54 @@ class ItemError:
         return f"{self.code}: {self.message}"
 
 
-def match_errors(lines: list[bytes], errors: Iterable[Mapping[str, Any]], kind: str) -> list[ItemError]:
-    """Attach each error to the chunk line it is about. FullStory identifies a failed item only by
-    echoing it back, so lines are matched on content; identical lines are taken in chunk order, so two
-    errors for two identical items mark both, never one twice."""
-    by_content: dict[bytes, deque[int]] = defaultdict(deque)
-    for index, line in enumerate(lines):
-        by_content[_fingerprint(orjson.loads(line))].append(index)
+def match_errors(keys: Mapping[str, int], errors: Iterable[Mapping[str, Any]], kind: str) -> list[ItemError]:
+    """Attach each error to its line by the item's id (see `item_key`); -1 when it names no line."""
     matched = []
     for error in errors:
-        item = error.get(ERROR_ITEM_FIELD[kind], error.get("request"))
-        slots = by_content.get(_fingerprint(item)) if item is not None else None
-        index = slots.popleft() if slots else -1
-        code = str(error.get("code") or "unknown")
-        matched.append(ItemError(index, code, str(error.get("message") or ""), item))
+        item = error.get(ITEM_KIND[kind], error.get("request"))
+        index = keys.get(item_key(item, kind), -1)
+        matched.append(ItemError(index, str(error.get("code") or "unknown"), str(error.get("message") or ""), item))
     return matched
 
 
-# ---- per-chunk results: outcomes and dead letters ------------------------------------------------------
-
-
 @dataclass
-class ChunkResult:
-    delivered_items: int
-    rejected_items: int
-    delivered_rows: int
-    rejected_rows: int
+class JobReading:
+    states: dict[int, tuple[str, str | None, str | None]]  # line -> (state, code, message) when not delivered
+    errors: list[ItemError]
     unmatched_errors: int
 
 
-def write_results(
-    store: RunStore, chunk: Chunk, record: ChunkRecord, lines: list[bytes], errors: list[ItemError]
-) -> ChunkResult:
-    """Write `outcomes/delivery-<chunk>.parquet` (one row per input row) and `dead_letters/<chunk>.parquet`
-    (one row per rejected item; written even when empty, so a forced re-run replaces an older file)."""
-    index = read_index(store, chunk)
-    first_error = {e.item_index: e for e in reversed(errors) if e.item_index >= 0}
-    reason_of = {i: e.reason for i, e in first_error.items()}
-    rejected = index["item_index"].isin(list(reason_of))
-    frame = pd.DataFrame(
-        {
-            "row": index["row"].astype("int64"),
-            "event_id": index["event_id"],
-            "outcome": np.where(rejected.to_numpy(), "rejected", "delivered"),
-            "reason": index["item_index"].map(reason_of) if reason_of else None,
-            "kind": OUTCOME_KIND[chunk.kind],
-            "chunk": chunk.name,
-        }
-    )
-    outcomes.write_outcomes(store, f"delivery-{chunk.name}", frame)
-    store.write_table(
-        _dead_letters(chunk, record, lines, errors, index), "dead_letters", f"{chunk.name}.parquet"
-    )
-    rejected_rows = int((frame["outcome"] == "rejected").sum())
-    return ChunkResult(
-        delivered_items=len(lines) - len(first_error),
-        rejected_items=len(first_error),
-        delivered_rows=len(frame) - rejected_rows,
-        rejected_rows=rejected_rows,
-        unmatched_errors=sum(1 for e in errors if e.item_index < 0),
-    )
+def read_job(client: BatchClient, chunk: Chunk, job_id: str, lines: list[bytes], reported_errors: int,
+             job_status: str | None) -> JobReading:
+    """Which lines FullStory rejected, and which it may not have imported."""
+    if job_status != "FAILED" and reported_errors <= 0:
+        return JobReading({}, [], 0)
+    keys = line_keys(lines, chunk.kind)
+    errors = match_errors(keys, client.iter_batch_errors(chunk.kind, job_id), chunk.kind)
+    states: dict[int, tuple[str, str | None, str | None]] = {}
+    for e in errors:
+        if e.item_index >= 0 and e.item_index not in states:
+            states[e.item_index] = (lg.REJECTED, e.code, e.message)
+    unmatched = sum(1 for e in errors if e.item_index < 0)
+    if max(reported_errors, len(errors)) > len(states):
+        imported = {keys[k] for item in client.iter_batch_imports(chunk.kind, job_id)
+                    if (k := item_key(item, chunk.kind)) in keys}
+        message = (f"FullStory's job {job_id} counted {max(reported_errors, len(errors))} failed item(s) but only "
+                   f"{len(states)} could be matched to a line by {EVENT_ID_PROPERTY if chunk.kind == 'events' else 'uid'}, "
+                   "and this item is in neither its errors nor its imports. Check FullStory for it before sending it "
+                   "again (allow_duplicates)")
+        for index in range(len(lines)):
+            if index not in states and index not in imported:
+                states[index] = (lg.UNKNOWN, "unmatched_error", message)
+    return JobReading(states, errors, unmatched)
 
 
-def _dead_letters(
-    chunk: Chunk, record: ChunkRecord, lines: list[bytes], errors: list[ItemError], index: pd.DataFrame
-) -> pa.Table:
-    # Only the failed items' rows: grouping the whole index costs a Python call per item.
-    failed = index[index["item_index"].isin([e.item_index for e in errors if e.item_index >= 0])]
-    rows_of = failed.groupby("item_index")["row"].agg(list).to_dict() if len(failed) else {}
-    ids_of = failed.groupby("item_index")["event_id"].agg(list).to_dict() if len(failed) else {}
-    records = [
-        {
-            "chunk": chunk.name,
-            "item_index": e.item_index,
-            "kind": OUTCOME_KIND[chunk.kind],
-            "code": e.code,
-            "message": e.message,
-            "item": lines[e.item_index].decode() if e.item_index >= 0 else orjson.dumps(e.item).decode(),
-            "rows": [int(r) for r in rows_of.get(e.item_index, [])],
-            "event_ids": [None if pd.isna(i) else str(i) for i in ids_of.get(e.item_index, [])],
-            "job_id": record.job_id,
-            "idempotency_key": record.idempotency_key,
-        }
-        for e in errors
-    ]
-    return pa.Table.from_pylist(records, schema=DEAD_LETTER_SCHEMA)
-
-
-def write_dry_run(store: RunStore, chunk: Chunk) -> int:
-    """Outcome `dry_run` for every row of the chunk; nothing is sent and the ledger is not touched (a later
-    real run must still deliver the chunk)."""
-    index = read_index(store, chunk)
-    frame = pd.DataFrame(
-        {
-            "row": index["row"].astype("int64"),
-            "event_id": index["event_id"],
-            "outcome": "dry_run",
-            "reason": "dry run: nothing was sent",
-            "kind": OUTCOME_KIND[chunk.kind],
-            "chunk": chunk.name,
-        }
-    )
-    outcomes.write_outcomes(store, f"delivery-{chunk.name}", frame)
-    return len(frame)
-
-
-def undelivered_users(store: RunStore, chunks: list[Chunk]) -> list[str]:
-    """Users chunks of this run (per the manifest) that are not delivered yet and not part of `chunks`.
-    Events refer to users by uid, so user properties should land first."""
-    if not any(c.kind == "events" for c in chunks):
-        return []
-    given = {c.name for c in chunks}
-    ledger = Ledger(store)
-    names = [n for n in manifest_chunk_names(store) if chunk_kind(n) == "users" and n not in given]
-    return [n for n in names if not ((record := ledger.get(n)) and record.is_terminal)]
+def expired_message(chunk: lg.ChunkRow) -> str:
+    when = datetime.fromtimestamp(chunk.first_post_at or 0, UTC).isoformat(timespec="seconds")
+    return (f"chunk {chunk.name} of run {chunk.run_id} was POSTed at {when} with Idempotency-Key "
+            f"{chunk.idempotency_key}, but its answer was lost and FullStory forgets a key after 24 h: sending it "
+            f"again could import it twice. Check FullStory for events whose {EVENT_ID_PROPERTY} is this row's "
+            "event_id (users: the uid); if they are missing, run the window again with allow_duplicates")
 
 
 # ---- the delivery loop ---------------------------------------------------------------------------------
@@ -319,7 +264,6 @@ class DeliverySettings:
     poll_interval: float = 2.0  # first wait before polling a job; grows by 1.5x per poll
     max_poll_interval: float = 30.0
     timeout: float = 3600.0  # for the whole delivery; jobs left processing are resumed by a re-run
-    force: bool = False  # re-submit completed chunks (same keys: FullStory replays, no duplicates)
     progress_every: float = 10.0  # seconds between progress log lines
 
 
@@ -330,7 +274,11 @@ class DeliveryReport:
     already_complete: int = 0
     resumed: int = 0
     submitted: int = 0
+    reposted: int = 0
+    replayed: int = 0
     refused: int = 0
+    abandoned: int = 0
+    unknown_items: int = 0
     unmatched_errors: int = 0
     dry_run_rows: int = 0
     batches: int = 0
@@ -342,8 +290,7 @@ class DeliveryReport:
 
     def stats(self, http: Mapping[str, Any]) -> dict[str, Any]:
         """Partial stats (stats.py keys). Item counts cover every chunk asked for, including chunks an
-        earlier try completed, so they agree with the outcome files; http, batches and bytes_sent count
-        this try's traffic only."""
+        earlier try completed; http, batches and bytes_sent count this try's traffic only."""
         return {
             "events": dict(self.items["events"]),
             "users": dict(self.items["users"]),
@@ -351,13 +298,10 @@ class DeliveryReport:
             "batches": self.batches,
             "bytes_sent": self.bytes_sent,
             "delivery": {
-                "chunks": self.chunks,
-                "already_complete": self.already_complete,
-                "resumed": self.resumed,
-                "submitted": self.submitted,
-                "refused": self.refused,
-                "unmatched_errors": self.unmatched_errors,
-                "dry_run_rows": self.dry_run_rows,
+                "chunks": self.chunks, "already_complete": self.already_complete, "resumed": self.resumed,
+                "submitted": self.submitted, "reposted": self.reposted, "replayed": self.replayed,
+                "refused": self.refused, "abandoned": self.abandoned, "unknown_items": self.unknown_items,
+                "unmatched_errors": self.unmatched_errors, "dry_run_rows": self.dry_run_rows,
             },
         }
 
@@ -365,7 +309,7 @@ class DeliveryReport:
 @dataclass
 class _Flight:
     chunk: Chunk
-    record: ChunkRecord
+    job_id: str
     next_poll: float
     interval: float
 
@@ -373,21 +317,13 @@ class _Flight:
 class Delivery:
     """Delivers chunks through a `BatchClient`, keeping the ledger, outcomes and dead letters."""
 
-    def __init__(
-        self,
-        store: RunStore,
-        client: BatchClient,
-        settings: DeliverySettings | None = None,
-        *,
-        logger: logging.Logger | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ):
-        self.store = store
-        self.client = client
+    def __init__(self, store: RunStore, client: BatchClient | None, ledger: lg.Ledger | None, destination: str | None,
+                 settings: DeliverySettings | None = None, *, logger: logging.Logger | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.store, self.client, self.ledger, self.destination = store, client, ledger, destination
         self.settings = settings or DeliverySettings()
         self.log = logger or log
         self.clock = clock
-        self.ledger = Ledger(store)
         self.report = DeliveryReport()
         self._stop = threading.Event()
         self._started = clock()
@@ -410,16 +346,19 @@ class Delivery:
     def dry_run(self, chunks: list[Chunk]) -> DeliveryReport:
         self.report.chunks = len(chunks)
         for chunk in chunks:
-            self.report.dry_run_rows += write_dry_run(self.store, chunk)
+            index = read_run_index(self.store, chunk)
+            self._write_outcomes(chunk, index, "dry_run", ["dry run: nothing was sent"] * len(index))
+            self.report.dry_run_rows += len(index)
             self.report.done += 1
         return self.report
 
     def _run_phase(self, chunks: list[Chunk], deadline: float) -> None:
-        pending, flights = self._triage(chunks)
+        pending: deque[Chunk] = deque(chunks)
+        flights: list[_Flight] = []
         while pending or flights:
             self._check(deadline, flights)
             while pending and len(flights) < self.settings.max_in_flight:
-                flight = self._submit(pending.popleft())
+                flight = self._start(pending.popleft())
                 if flight is not None:
                     flights.append(flight)
             now = self.clock()
@@ -430,49 +369,8 @@ class Delivery:
                 wake = min(f.next_poll for f in flights)
                 self._stop.wait(max(0.0, min(wake, deadline) - self.clock()))
 
-    def _triage(self, chunks: list[Chunk]) -> tuple[deque[Chunk], list[_Flight]]:
-        pending: deque[Chunk] = deque()
-        flights: list[_Flight] = []
-        for chunk in chunks:
-            record = self._current_record(chunk)
-            if record is not None and record.is_terminal and not self.settings.force:
-                self.report.already_complete += 1
-                self._account(record)
-                self.log.info(
-                    "chunk %s: already %s (job %s), not sent again", chunk.name, record.status, record.job_id
-                )
-            elif record is not None and record.is_in_flight:
-                # Resume: the job was accepted by an earlier try; poll it, never submit the chunk again.
-                self.report.resumed += 1
-                flights.append(_Flight(chunk, record, self.clock(), self.settings.poll_interval))
-                self.log.info("chunk %s: resuming job %s (%s)", chunk.name, record.job_id, record.status)
-            else:
-                pending.append(chunk)
-        return pending, flights
-
-    def _current_record(self, chunk: Chunk) -> ChunkRecord | None:
-        """The chunk's ledger record, unless it was made for different content (mapping re-ran with other
-        data): then FullStory holds the old content, and sending the new one may import events twice, so
-        that takes `force`."""
-        record = self.ledger.get(chunk.name)
-        expected = key_for(chunk, chunk.sha256) if chunk.idempotency_key or chunk.sha256 else None
-        if record is None or expected is None or record.idempotency_key == expected:
-            return record
-        if not self.settings.force:
-            raise DeliveryError(
-                f"payloads/{chunk.name}.jsonl changed since it was sent as job {record.job_id} "
-                f"({record.status}); FullStory holds the earlier content and re-sending may duplicate "
-                "events. Restore the earlier payloads, or re-run with force=True to send the new content"
-            )
-        self.log.warning(
-            "chunk %s: content changed since job %s; force: sending the new content",
-            chunk.name,
-            record.job_id,
-        )
-        return None
-
     def _check(self, deadline: float, flights: list[_Flight]) -> None:
-        left = ", ".join(f"{f.chunk.name} (job {f.record.job_id})" for f in flights) or "none"
+        left = ", ".join(f"{f.chunk.name} (job {f.job_id})" for f in flights) or "none"
         if self._stop.is_set():
             raise DeliveryError(f"delivery stopped; jobs in flight, kept in the ledger for a re-run: {left}")
         if self.clock() > deadline:
@@ -481,141 +379,171 @@ class Delivery:
                 "Their job ids are in the ledger: a re-run polls them instead of submitting again"
             )
 
-    def _submit(self, chunk: Chunk) -> _Flight | None:
-        lines, digest = read_lines(self.store, chunk)
-        key = key_for(chunk, digest)
-        previous = self.ledger.get(chunk.name)
-        if previous is not None and previous.idempotency_key != key:
-            self.log.warning(
-                "chunk %s: content changed since job %s (new Idempotency-Key); FullStory sees a new request",
-                chunk.name,
-                previous.job_id,
-            )
+    # ---- one chunk -------------------------------------------------------------------------------------
+
+    def _start(self, chunk: Chunk) -> _Flight | None:
+        """Decide from the ledger what the chunk needs; returns a flight to poll, or None when done."""
+        row = self.ledger.chunk(chunk.ledger_chunk_id)
+        now = lg.wall_clock()
+        if chunk.mode == "replay":
+            if (row.key_age(now) or float("inf")) > lg.KEY_SAFE_AGE_S:
+                raise DeliveryError(f"force: {expired_message(row)}")
+            return self._post(chunk, row, first=False, replay=True)
+        if row.status == lg.C_CLAIMED:
+            if self.ledger.begin_post(row.id):
+                return self._post(chunk, self.ledger.chunk(row.id), first=True)
+            row = self.ledger.chunk(row.id)  # someone changed it between our read and the compare-and-set
+        if row.status == lg.C_ABANDONED:
+            self.report.abandoned += 1
+            self._account(chunk, row, new=False)
+            return None
+        if row.status == lg.C_POSTING and row.job_id is None:
+            if (row.key_age(now) or float("inf")) > lg.KEY_SAFE_AGE_S:
+                self._expired(chunk, row)
+                return None
+            return self._post(chunk, row, first=False)
+        if row.is_posted:
+            self.report.resumed += 1
+            self.log.info("chunk %s: resuming job %s (%s)", chunk.name, row.job_id, row.status)
+            return _Flight(chunk, row.job_id, self.clock(), self.settings.poll_interval)
+        self.report.already_complete += 1
+        self.log.info("chunk %s: already %s (job %s), not sent again", chunk.name, row.status, row.job_id)
+        self._account(chunk, row, new=False)
+        return None
+
+    def _post(self, chunk: Chunk, row: lg.ChunkRow, *, first: bool, replay: bool = False) -> _Flight | None:
+        lines = read_lines(chunk, row.sha256)
         body = batch_body(lines)
-        record = ChunkRecord(
-            chunk=chunk.name,
-            kind=chunk.kind,
-            idempotency_key=key,
-            items=len(lines),
-            bytes=len(body),
-            submissions=(previous.submissions if previous else 0) + 1,
-        )
-        if not lines:
-            self._complete(chunk, record, lines, [], {"imports": 0, "errors": 0, "job": {}})
-            return None
+        if not first:
+            self.ledger.note_post(row.id)
+        fault_point("before_post")
         try:
-            job = self.client.create_batch(chunk.kind, body, key)
+            job = self.client.create_batch(chunk.kind, body, row.idempotency_key)
         except BatchRefused as refusal:
-            self._refused(chunk, record, lines, refusal)
+            if replay:
+                raise DeliveryError(f"force: FullStory refused the replay of {chunk.name}: {refusal}") from refusal
+            self._refused(chunk, row, lines, refusal)
             return None
-        record.job_id, record.job_status = str(job["id"]), job.get("status")
-        record.submitted_at = utc_now()
-        self.ledger.put(record)  # the job id is durable before the first poll: a re-run resumes it
-        self.report.submitted += 1
+        fault_point("after_post")
+        job_id = str(job["id"])
+        if not replay:
+            self.ledger.update_chunk(row.id, job_id=job_id, job_status=job.get("status"), status=lg.C_SUBMITTED)
         self.report.batches += 1
         self.report.bytes_sent += len(body)
-        self.log.info(
-            "chunk %s: submitted %d %s (%d bytes) as job %s",
-            chunk.name,
-            len(lines),
-            chunk.kind,
-            len(body),
-            job["id"],
-        )
+        if replay:
+            self.report.replayed += 1
+        elif first:
+            self.report.submitted += 1
+        else:
+            self.report.reposted += 1
+        self.log.info("chunk %s: %s %d %s (%d bytes) as job %s", chunk.name,
+                      "replayed" if replay else "submitted" if first else "re-sent under its recorded key",
+                      len(lines), chunk.kind, len(body), job_id)
         interval = self.settings.poll_interval
-        return _Flight(chunk, record, self.clock() + interval, interval)
+        return _Flight(chunk, job_id, self.clock() + interval, interval)
 
     def _poll(self, flight: _Flight) -> bool:
-        """Poll one job; True when it ended and its results are written."""
-        record = flight.record
-        status = self.client.get_batch_status(flight.chunk.kind, record.job_id)
+        """Poll one job; True when it ended and its results are recorded."""
+        chunk = flight.chunk
+        status = self.client.get_batch_status(chunk.kind, flight.job_id)
+        fault_point("while_polling")
         job_status = (status.get("job") or {}).get("status")
-        if job_status in JOB_ENDED:
-            lines, _ = read_lines(self.store, flight.chunk)
-            errors: list[ItemError] = []
-            if job_status == "FAILED" or int(status.get("errors") or 0) > 0:
-                found = self.client.iter_batch_errors(flight.chunk.kind, record.job_id)
-                errors = match_errors(lines, found, flight.chunk.kind)
-            self._complete(flight.chunk, record, lines, errors, status)
+        row = self.ledger.chunk(chunk.ledger_chunk_id)
+        if job_status not in JOB_ENDED:
+            if chunk.mode != "replay" and (row.status != lg.C_PROCESSING or row.job_status != job_status):
+                self.ledger.update_chunk(row.id, status=lg.C_PROCESSING, job_status=job_status)
+            flight.interval = min(flight.interval * 1.5, self.settings.max_poll_interval)
+            # Jitter keeps many mapped tasks from polling in lockstep.
+            flight.next_poll = self.clock() + flight.interval * random.uniform(0.8, 1.2)
+            return False
+        if chunk.mode == "replay" or row.is_terminal:  # a replay, or another run recorded it meanwhile
+            self._account(chunk, self.ledger.chunk(row.id), new=False)
             return True
-        if record.status != PROCESSING or record.job_status != job_status:
-            record.status, record.job_status = PROCESSING, job_status
-            self.ledger.put(record)
-        flight.interval = min(flight.interval * 1.5, self.settings.max_poll_interval)
-        # Jitter keeps many mapped tasks from polling in lockstep.
-        flight.next_poll = self.clock() + flight.interval * random.uniform(0.8, 1.2)
-        return False
+        lines = read_lines(chunk, row.sha256)
+        reading = read_job(self.client, chunk, flight.job_id, lines, int(status.get("errors") or 0), job_status)
+        fault_point("after_job")
+        self._record(chunk, row, lines, reading, job_status=job_status, imports=int(status.get("imports") or 0),
+                     errors=int(status.get("errors") or 0))
+        return True
 
-    def _complete(
-        self, chunk: Chunk, record: ChunkRecord, lines: list[bytes], errors: list[ItemError], status: Mapping
-    ) -> None:
-        result = write_results(self.store, chunk, record, lines, errors)
-        # Terminal status last: if we die before this write, a re-run polls the ended job and rewrites the
-        # same outcomes, which is harmless.
-        record.status = COMPLETED
-        record.job_status = (status.get("job") or {}).get("status") or record.job_status
-        record.imports = int(status.get("imports") or 0)
-        record.errors = int(status.get("errors") or 0)
-        self._finish(record, result)
-        if result.unmatched_errors:
-            self.log.warning(
-                "chunk %s: %d error(s) from job %s matched no line of the chunk; their rows count as delivered, "
-                "see dead_letters/%s.parquet (item_index -1)",
-                chunk.name,
-                result.unmatched_errors,
-                record.job_id,
-                chunk.name,
-            )
-        if len(errors) != record.errors:
-            self.log.warning(
-                "chunk %s: job %s reports %d error(s) but %d were listed",
-                chunk.name,
-                record.job_id,
-                record.errors,
-                len(errors),
-            )
-        self.log.info(
-            "chunk %s: job %s %s: %d delivered, %d rejected",
-            chunk.name,
-            record.job_id,
-            record.job_status,
-            result.delivered_items,
-            result.rejected_items,
-        )
+    def _record(self, chunk: Chunk, row: lg.ChunkRow, lines: list[bytes], reading: JobReading, *, status: str = lg.C_COMPLETED,
+                **values: Any) -> None:
+        """The chunk's items get their final states and the chunk its terminal status, in one transaction;
+        then this run's outcome files and dead letters."""
+        original = read_index_uri(index_uri_of(chunk.payload_uri)).to_pandas()
+        results = []
+        counts = {lg.DELIVERED: 0, lg.REJECTED: 0, lg.UNKNOWN: 0}
+        for index, event_id in zip(original["item_index"], original["event_id"], strict=True):
+            state, code, message = reading.states.get(int(index), (lg.DELIVERED, None, None))
+            results.append((event_id, state, code, message))
+        for index in range(len(lines)):
+            counts[reading.states.get(index, (lg.DELIVERED,))[0]] += 1
+        self.ledger.finish_chunk(row.id, status, results, delivered_items=counts[lg.DELIVERED],
+                                 rejected_items=counts[lg.REJECTED], unknown_items=counts[lg.UNKNOWN], **values)
+        self.report.unmatched_errors += reading.unmatched_errors
+        self.report.items_this_try += len(lines)
+        if reading.unmatched_errors:
+            self.log.warning("chunk %s: %d error(s) of job %s name no line of the chunk; see dead_letters/%s.parquet "
+                             "(item_index -1)", chunk.name, reading.unmatched_errors, row.job_id, chunk.name)
+        finished = self.ledger.chunk(row.id)
+        self.log.info("chunk %s: job %s %s: %d delivered, %d rejected, %d unknown", chunk.name, finished.job_id,
+                      finished.job_status, counts[lg.DELIVERED], counts[lg.REJECTED], counts[lg.UNKNOWN])
+        self._account(chunk, finished, new=True, lines=lines, errors=reading.errors)
 
-    def _refused(self, chunk: Chunk, record: ChunkRecord, lines: list[bytes], refusal: BatchRefused) -> None:
+    def _refused(self, chunk: Chunk, row: lg.ChunkRow, lines: list[bytes], refusal: BatchRefused) -> None:
         """The whole batch was refused (a final 4xx): every item is rejected with FullStory's reason."""
-        errors = [
-            ItemError(i, refusal.code or str(refusal.status), refusal.message, None)
-            for i in range(len(lines))
-        ]
-        result = write_results(self.store, chunk, record, lines, errors)
-        record.status = FAILED
-        record.error = f"HTTP {refusal.status} {refusal.code}: {refusal.message}"
-        self._finish(record, result)
+        code = refusal.code or str(refusal.status)
+        errors = [ItemError(i, code, refusal.message, None) for i in range(len(lines))]
+        reading = JobReading({i: (lg.REJECTED, code, refusal.message) for i in range(len(lines))}, errors, 0)
+        self._record(chunk, row, lines, reading, status=lg.C_FAILED,
+                     error=f"HTTP {refusal.status} {refusal.code}: {refusal.message}")
         self.report.refused += 1
-        self.log.warning(
-            "chunk %s: FullStory refused the whole batch (%s); its %d items are dead letters",
-            chunk.name,
-            record.error,
-            len(lines),
-        )
+        self.log.warning("chunk %s: FullStory refused the whole batch (%s); its %d items are dead letters",
+                         chunk.name, refusal, len(lines))
 
-    def _finish(self, record: ChunkRecord, result: ChunkResult) -> None:
-        record.delivered_items, record.rejected_items = result.delivered_items, result.rejected_items
-        record.delivered_rows, record.rejected_rows = result.delivered_rows, result.rejected_rows
-        record.finished_at = utc_now()
-        self.ledger.put(record)
-        self.report.unmatched_errors += result.unmatched_errors
-        self.report.items_this_try += record.items
-        self._account(record)
+    def _expired(self, chunk: Chunk, row: lg.ChunkRow) -> None:
+        message = expired_message(row)
+        self.log.error("%s", message)
+        original = read_index_uri(index_uri_of(chunk.payload_uri)).to_pandas()
+        results = [(e, lg.UNKNOWN, "key_expired", message) for e in original["event_id"]]
+        self.ledger.finish_chunk(row.id, lg.C_UNKNOWN, results, unknown_items=row.items)
+        self._account(chunk, self.ledger.chunk(row.id), new=True)
+
+    # ---- outcomes from the ledger ------------------------------------------------------------------------
+
+    def _account(self, chunk: Chunk, row: lg.ChunkRow, *, new: bool, lines: list[bytes] | None = None,
+                 errors: list[ItemError] | None = None) -> None:
+        """This run's rows of the chunk get their outcome from the ledger; counts go to the report."""
+        self.report.done += 1
+        if chunk.mode != "replay":
+            counts = self.report.items[chunk.kind]
+            counts["delivered"] += row.delivered_items
+            counts["rejected"] += row.rejected_items
+            self.report.unknown_items += row.unknown_items
+        name = f"delivery-{chunk.name}"
+        if not new and self.store.exists("outcomes", f"{name}.parquet"):
+            self._progress()
+            return
+        index = read_run_index(self.store, chunk)
+        states = {i.event_id: i for i in self.ledger.items_of_chunk(row.id)} if len(index) else {}
+        outcome, reason = [], []
+        for event_id in index["event_id"]:
+            item = states.get(event_id)
+            out, why = _outcome_of(item, chunk, row, self.store.run_id)
+            outcome.append(out)
+            reason.append(why)
+        self._write_outcomes(chunk, index, outcome, reason)
+        if lines is None and any(o == "rejected" for o in outcome):
+            lines = read_lines(chunk, row.sha256)
+        self.store.write_table(_dead_letters(chunk, row, lines or [], index, outcome, reason, errors or []),
+                               "dead_letters", f"{chunk.name}.parquet")
         self._progress()
 
-    def _account(self, record: ChunkRecord) -> None:
-        counts = self.report.items[record.kind]
-        counts["delivered"] += record.delivered_items
-        counts["rejected"] += record.rejected_items
-        self.report.done += 1
+    def _write_outcomes(self, chunk: Chunk, index: pd.DataFrame, outcome, reason) -> None:
+        frame = pd.DataFrame({"row": index["row"].astype("int64"), "event_id": index["event_id"],
+                              "outcome": outcome, "reason": reason, "kind": ITEM_KIND[chunk.kind],
+                              "chunk": chunk.name})
+        outcomes.write_outcomes(self.store, f"delivery-{chunk.name}", frame)
 
     def _progress(self, final: bool = False) -> None:
         now = self.clock()
@@ -625,9 +553,58 @@ class Delivery:
         elapsed = max(now - self._started, 1e-9)
         self.log.info(
             "delivery progress: %d/%d chunks done (%d already complete), %d items sent this try, %.0f items/s",
-            self.report.done,
-            self.report.chunks,
-            self.report.already_complete,
-            self.report.items_this_try,
+            self.report.done, self.report.chunks, self.report.already_complete, self.report.items_this_try,
             self.report.items_this_try / elapsed,
         )
+
+
+def _outcome_of(item: lg.ItemRow | None, chunk: Chunk, row: lg.ChunkRow, run_id: str) -> tuple[str, str | None]:
+    if row.status == lg.C_ABANDONED:
+        return "pending", (f"chunk {chunk.name} was taken over by another run after its claim lease ran out; "
+                           "that run delivers these rows")
+    if item is None or item.state not in lg.SENT_STATES:
+        return "pending", f"chunk {chunk.name} has not finished"
+    if item.state == lg.REJECTED:
+        return "rejected", f"{item.code}: {item.message}"
+    if item.state == lg.UNKNOWN:
+        return "unknown", item.message
+    if chunk.mode == "replay":
+        return "delivered", (f"force: chunk {row.name} of run {row.run_id} replayed under its recorded key "
+                             "(FullStory answered from its idempotency record; nothing imported twice)")
+    if row.run_id != run_id:
+        return "delivered", f"delivered by resuming chunk {row.name} of run {row.run_id}"
+    return "delivered", None
+
+
+def _dead_letters(chunk: Chunk, row: lg.ChunkRow, lines: list[bytes], index: pd.DataFrame, outcome: list[str],
+                  reason: list[str | None], errors: list[ItemError]) -> pa.Table:
+    """One row per rejected item of this run's rows, plus errors that named no line (item_index -1)."""
+    rejected = index[[o == "rejected" for o in outcome]].assign(reason=[r for r, o in zip(reason, outcome, strict=True)
+                                                                         if o == "rejected"])
+    records = []
+    for item_index, group in rejected.groupby("item_index", sort=True):
+        code, _, message = str(group["reason"].iloc[0]).partition(": ")
+        records.append({"chunk": chunk.name, "item_index": int(item_index), "kind": ITEM_KIND[chunk.kind],
+                        "code": code, "message": message,
+                        "item": lines[int(item_index)].decode() if int(item_index) < len(lines) else None,
+                        "rows": [int(r) for r in group["row"]], "event_ids": [str(e) for e in group["event_id"]],
+                        "job_id": row.job_id, "idempotency_key": row.idempotency_key})
+    for e in errors:
+        if e.item_index < 0:
+            records.append({"chunk": chunk.name, "item_index": -1, "kind": ITEM_KIND[chunk.kind], "code": e.code,
+                            "message": e.message, "item": orjson.dumps(e.item).decode(), "rows": [],
+                            "event_ids": [], "job_id": row.job_id, "idempotency_key": row.idempotency_key})
+    return pa.Table.from_pylist(records, schema=DEAD_LETTER_SCHEMA)
+
+
+def undelivered_users(store: RunStore, ledger: lg.Ledger, chunks: list[Chunk]) -> list[str]:
+    """Users chunks of this run (per the manifest) that are not delivered yet and not part of `chunks`.
+    Events refer to users by uid, so user properties should land first."""
+    if not any(c.kind == "events" for c in chunks):
+        return []
+    given = {c.name for c in chunks}
+    users = [Chunk.from_entry(e) for e in manifest_entries(store) if e["kind"] == "users" and e["name"] not in given]
+    rows = ledger.chunks_by_id(c.ledger_chunk_id for c in users if c.ledger_chunk_id is not None)
+    return [c.name for c in users if c.mode != "replay"
+            and rows.get(c.ledger_chunk_id) is not None and not rows[c.ledger_chunk_id].is_terminal
+            and rows[c.ledger_chunk_id].status != lg.C_ABANDONED]

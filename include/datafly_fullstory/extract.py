@@ -11,8 +11,10 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from datetime import timedelta
 
 import numpy as np
@@ -25,6 +27,7 @@ from include.datafly_fullstory.landing import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_PARTITION_SLACK,
     FRAME_SCHEMA,
+    LandingFile,
     iter_window_batches,
 )
 from include.datafly_fullstory.state import RunStore
@@ -102,36 +105,92 @@ def quarantine_outcomes(quarantined: pd.DataFrame) -> pd.DataFrame:
     })
 
 
+@dataclass
+class LookBack:
+    """The look-back of a scheduled run: rows of `window` (the hours before the run's own) that landed
+    after their own run read them. `select_files` drops files read before and unchanged since;
+    `new_rows` keeps the rows of a frame the delivery ledger has no record of."""
+
+    window: Window
+    select_files: Callable[[list[LandingFile]], list[LandingFile]]
+    new_rows: Callable[[pd.DataFrame], pd.DataFrame]
+
+
 def run_extract(landing_uri: str, window: Window, store: RunStore, *, batch_size: int = DEFAULT_BATCH_SIZE,
                 storage_options: dict | None = None, partition_slack: timedelta = DEFAULT_PARTITION_SLACK,
-                filesystem=None) -> dict:
-    """Read and validate the window; returns `{"rows_read", "rows_valid", "rows_quarantined", "parts",
-    "validation"}` (small and JSON-serialisable, for XCom). Raises `LandingError` on a corrupt file or
-    a bad schema, before any part of the run is sent."""
+                filesystem=None, lookback: LookBack | None = None) -> dict:
+    """Read and validate the window (and, with `lookback`, the late rows before it); returns
+    `{"rows_read", "rows_valid", "rows_quarantined", "parts", "validation", "files", "late"}` (small and
+    JSON-serialisable, for XCom). Rows of the window come first (`_row` 0..), late rows after them.
+    Raises `LandingError` on a corrupt file or a bad schema, before any part of the run is sent."""
     for output in _OUTPUTS:
         store.remove(*output)
     seen, summary, parts, outcome_frames = SeenEventIds(), None, [], []
     counts = {"rows_read": 0, "rows_valid": 0, "rows_quarantined": 0}
-    frames = iter_window_batches(landing_uri, window, batch_size=batch_size, partition_slack=partition_slack,
-                                 storage_options=storage_options, filesystem=filesystem)
+    files: list[LandingFile] = []
+    late_files: list[LandingFile] = []
+    late = {"rows": 0, "rows_known": 0, "files_read": 0, "files_skipped": 0, "seconds": 0.0}
     with _ParquetSink(store, "quarantine.parquet", QUARANTINE_SCHEMA) as quarantine:
-        for frame in _coalesce(frames, batch_size):
-            valid, failed, batch_summary = validate_batch(frame, window, seen)
-            summary = merge_summaries(summary, batch_summary)
-            counts["rows_read"] += len(frame)
-            counts["rows_valid"] += len(valid)
-            counts["rows_quarantined"] += len(failed)
-            if len(valid):
-                parts.append(f"validated/part-{len(parts):05d}.parquet")
-                store.write_table(_table(valid, FRAME_SCHEMA), parts[-1])
-            if len(failed):
-                quarantine.write(_table(failed, QUARANTINE_SCHEMA))
-                outcome_frames.append(quarantine_outcomes(failed))
+
+        def take(frames: Iterable[pd.DataFrame], frames_window: Window) -> None:
+            nonlocal summary
+            for frame in _coalesce(frames, batch_size):
+                valid, failed, batch_summary = validate_batch(frame, frames_window, seen)
+                summary = merge_summaries(summary, batch_summary)
+                counts["rows_read"] += len(frame)
+                counts["rows_valid"] += len(valid)
+                counts["rows_quarantined"] += len(failed)
+                if len(valid):
+                    parts.append(f"validated/part-{len(parts):05d}.parquet")
+                    store.write_table(_table(valid, FRAME_SCHEMA), parts[-1])
+                if len(failed):
+                    quarantine.write(_table(failed, QUARANTINE_SCHEMA))
+                    outcome_frames.append(quarantine_outcomes(failed))
+
+        take(iter_window_batches(landing_uri, window, batch_size=batch_size, partition_slack=partition_slack,
+                                 storage_options=storage_options, filesystem=filesystem, files_read=files),
+             window)
+        if lookback is not None:
+            began = time.monotonic()
+
+            def select(candidates: list[LandingFile]) -> list[LandingFile]:
+                chosen = lookback.select_files(candidates)
+                late["files_skipped"] = len(candidates) - len(chosen)
+                return chosen
+
+            frames = iter_window_batches(landing_uri, lookback.window, batch_size=batch_size,
+                                         partition_slack=partition_slack, storage_options=storage_options,
+                                         filesystem=filesystem, select_files=select, files_read=late_files)
+            take(_renumbered(frames, lookback.new_rows, counts, late), lookback.window)
+            late["files_read"] = len(late_files)
+            late["seconds"] = round(time.monotonic() - began, 3)
     empty = pd.DataFrame(columns=["row", "event_id", "outcome", "reason", "kind"])
     outcomes.write_outcomes(store, "quarantine", pd.concat(outcome_frames) if outcome_frames else empty)
     summary = {**(summary or empty_summary()), "window": window.as_dict()}
     store.write_json(summary, "validation.json")
-    log.info("extract %s..%s: %d read, %d valid, %d quarantined in %d part(s)", window.start.isoformat(),
-             window.end.isoformat(), counts["rows_read"], counts["rows_valid"], counts["rows_quarantined"],
-             len(parts))
-    return {**counts, "parts": parts, "validation": summary}
+    log.info("extract %s..%s: %d read (%d late), %d valid, %d quarantined in %d part(s)",
+             window.start.isoformat(), window.end.isoformat(), counts["rows_read"], late["rows"],
+             counts["rows_valid"], counts["rows_quarantined"], len(parts))
+    return {**counts, "parts": parts, "validation": summary, "late": late,
+            "files": [[f.uri, f.size, f.mtime] for f in files],
+            "late_files": [[f.uri, f.size, f.mtime] for f in late_files]}
+
+
+def _renumbered(frames: Iterable[pd.DataFrame], new_rows: Callable[[pd.DataFrame], pd.DataFrame],
+                counts: dict, late: dict) -> Iterator[pd.DataFrame]:
+    """Late rows the ledger does not know, numbered on from the window's rows (`_row` stays 0..n-1)."""
+    next_row = None
+    for frame in frames:
+        kept = new_rows(frame)
+        late["rows_known"] += len(frame) - len(kept)
+        if not len(kept):
+            continue
+        if next_row is None:
+            next_row = counts["rows_read"]
+        rows = np.arange(next_row, next_row + len(kept), dtype=np.int64)
+        kept = kept.copy()
+        kept["_row"] = rows
+        kept.index = pd.Index(rows)
+        next_row += len(kept)
+        late["rows"] += len(kept)
+        yield kept

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import PurePosixPath
@@ -86,6 +86,8 @@ class LandingFile:
     path: str  # on the pyarrow filesystem
     uri: str  # what users see (`_file`, errors)
     partition: tuple[datetime, datetime] | None  # [start, end) from dt=/hour= keys; None when flat
+    size: int = -1  # bytes, and modification time (epoch seconds; 0 when the store gives none): together
+    mtime: float = 0.0  # they tell the look-back whether a file changed since it was last read
 
 
 @dataclass(frozen=True)
@@ -155,14 +157,20 @@ def list_landing_files(landing_uri: str, *, storage_options: dict | None = None,
         raise LandingInputError(f"landing {landing_uri} does not exist: check the Airflow Variable "
                            "datafly_landing_uri (and the credentials in storage_options)")
     if info.type == pafs.FileType.File:
-        return [LandingFile(landing.root, landing.uri(landing.root), None)]
+        return [LandingFile(landing.root, landing.uri(landing.root), None, *_size_mtime(info))]
     infos = landing.fs.get_file_info(pafs.FileSelector(landing.root, recursive=True))
     files = []
     for item in infos:
         relative = item.path[len(landing.root):].lstrip("/")
         if item.type == pafs.FileType.File and not _hidden(relative):
-            files.append(LandingFile(item.path, landing.uri(item.path), _partition_span(relative)))
+            files.append(LandingFile(item.path, landing.uri(item.path), _partition_span(relative),
+                                     *_size_mtime(item)))
     return sorted(files, key=lambda f: f.path)
+
+
+def _size_mtime(info: pafs.FileInfo) -> tuple[int, float]:
+    mtime = info.mtime.timestamp() if info.mtime is not None else 0.0
+    return (info.size if info.size is not None else -1), mtime
 
 
 def _window_files(landing_uri: str, window: Window, slack: timedelta, storage_options, filesystem):
@@ -374,11 +382,15 @@ def _orphans_here(file: LandingFile, window: Window) -> bool:
 
 
 def plan_window(landing_uri: str, window: Window, *, partition_slack: timedelta = DEFAULT_PARTITION_SLACK,
-                storage_options: dict | None = None, filesystem=None) -> list[_FilePlan]:
+                storage_options: dict | None = None, filesystem=None,
+                select_files: Callable[[list[LandingFile]], list[LandingFile]] | None = None) -> list[_FilePlan]:
     """Open every file of the window (footers only) before any row is read, so a corrupt file or a bad
-    schema stops the run before anything else happens."""
+    schema stops the run before anything else happens. `select_files` may drop files from the list
+    (the look-back skips files it has read before)."""
     landing = _open_landing(landing_uri, storage_options, filesystem)
     files = _window_files(landing_uri, window, partition_slack, storage_options, filesystem)
+    if select_files is not None:
+        files = select_files(files)
     log.info("window %s..%s reads %d file(s) under %s%s", window.start.isoformat(), window.end.isoformat(),
              len(files), landing_uri, "".join(f"\n  {f.uri}" for f in files[:20]))
     return [_plan_file(f, landing.fs) for f in files]
@@ -386,15 +398,21 @@ def plan_window(landing_uri: str, window: Window, *, partition_slack: timedelta 
 
 def iter_window_batches(landing_uri: str, window: Window, *, batch_size: int = DEFAULT_BATCH_SIZE,
                         partition_slack: timedelta = DEFAULT_PARTITION_SLACK,
-                        storage_options: dict | None = None, filesystem=None) -> Iterator[pd.DataFrame]:
+                        storage_options: dict | None = None, filesystem=None,
+                        select_files: Callable[[list[LandingFile]], list[LandingFile]] | None = None,
+                        first_row: int = 0, files_read: list[LandingFile] | None = None,
+                        ) -> Iterator[pd.DataFrame]:
     """The window's rows as landing frames (contracts.md "Landing frame") of at most `batch_size` rows.
 
     Memory is bounded by the batch size (plus one Parquet row group), not by the window. `_row` counts
-    the window's rows across files in path order; the frame index equals `_row`.
+    the window's rows across files in path order, from `first_row`; the frame index equals `_row`. The
+    files read are appended to `files_read` when given.
     """
     plans = plan_window(landing_uri, window, partition_slack=partition_slack,
-                        storage_options=storage_options, filesystem=filesystem)
-    next_row = 0
+                        storage_options=storage_options, filesystem=filesystem, select_files=select_files)
+    if files_read is not None:
+        files_read.extend(plan.file for plan in plans)
+    next_row = first_row
     for plan in plans:
         orphans_here = _orphans_here(plan.file, window)
         for batch in _scan(plan, window, batch_size):
@@ -402,4 +420,4 @@ def iter_window_batches(landing_uri: str, window: Window, *, batch_size: int = D
             if frame is not None:
                 next_row += len(frame)
                 yield frame
-    log.info("window %s..%s: %d row(s) read", window.start.isoformat(), window.end.isoformat(), next_row)
+    log.info("window %s..%s: %d row(s) read", window.start.isoformat(), window.end.isoformat(), next_row - first_row)

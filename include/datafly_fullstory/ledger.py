@@ -1,121 +1,627 @@
-"""The delivery ledger: one small JSON record per chunk, `ledger/<chunk>.json`, written atomically.
+"""The delivery ledger: one database that says, per FullStory destination, what happened to every item.
 
-The ledger is what makes a delivery re-runnable. FullStory batch jobs are asynchronous, so a task can be
-killed between "job accepted" and "job finished"; the job id is recorded before any polling, so the next
-try polls that job instead of submitting the chunk again. Airflow clears XCom on every try, so the ledger
-lives on the state store.
+FullStory has no content dedupe and forgets an Idempotency-Key after 24 hours, so exactly once is ours
+to keep. The ledger is a real database behind SQLAlchemy: a SQLite file by default (one machine), or
+Postgres through an Airflow connection (several workers). Its tables (docs/exactly-once.md has example
+SQL):
 
-Life of a record:
+- `dffs_items`: one row per (destination, Datafly `event_id`): its state, the run that owns it, the chunk
+  that carries it, FullStory's code and message when it was rejected. A destination is the FullStory org
+  and region (`o-1A2B3C-na1@na1`), so a second org is a second, independent set of rows.
+- `dffs_chunks`: one row per request chunk: its Idempotency-Key, where its bytes are, when it was first
+  POSTed, the batch job, and its status.
+- `dffs_runs`: one row per run and destination: the window, the look-back and the outcome counts.
+- `dffs_scans`: which landing files (by size and modification time) a run has read, so the look-back
+  re-reads only files that changed.
 
-    (absent) --submit--> submitted --poll--> processing --> completed   (job ended; outcomes written)
-                  \\-- batch refused as a whole (final 4xx) --------> failed (outcomes written)
+Item states: `claimed` (a run owns it and may send it), then `delivered`, `rejected` or `unknown` once its
+chunk was sent (these are final: the item reached FullStory, or may have), or one of the states of rows
+never sent: `filtered`, `skipped`, `quarantined`, `invalid` (refused by our mapping; outcome `rejected`).
 
-`completed` and `failed` are terminal: a re-run leaves them alone unless forced. The terminal status is
-written only after the chunk's outcomes and dead letters, so a crash in between means "poll again".
+Chunk states: `claimed` -> `posting` (the first POST is about to go out; `first_post_at` is set in the same
+atomic step) -> `submitted` (job id known) -> `processing` -> `completed`; `failed` (FullStory refused the
+batch as a whole); `unknown` (the answer to a POST was lost and its key expired); `abandoned` (a chunk never
+POSTed whose items another run took over).
+
+Every step that decides who sends what is one atomic statement: items are claimed with INSERT .. ON
+CONFLICT DO NOTHING, a chunk goes `claimed -> posting` or `claimed -> abandoned` with a compare-and-set
+UPDATE, so two runs can never both send the same event, and a chunk is first POSTed once.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
-from datetime import UTC, datetime
+import threading
+import time
+from collections.abc import Generator, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from include.datafly_fullstory.state import RunStore
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine
 
-SUBMITTED = "submitted"
-PROCESSING = "processing"
-COMPLETED = "completed"
-FAILED = "failed"
-STATUSES = (SUBMITTED, PROCESSING, COMPLETED, FAILED)
-TERMINAL = (COMPLETED, FAILED)
-IN_FLIGHT = (SUBMITTED, PROCESSING)
+# ---- states ---------------------------------------------------------------------------------------------
+
+CLAIMED = "claimed"
+DELIVERED, REJECTED, UNKNOWN = "delivered", "rejected", "unknown"
+FILTERED, SKIPPED, QUARANTINED, INVALID = "filtered", "skipped", "quarantined", "invalid"
+SENT_STATES = (DELIVERED, REJECTED, UNKNOWN)  # the item reached FullStory, or may have
+UNSENT_STATES = (FILTERED, SKIPPED, QUARANTINED, INVALID)  # final for a run, re-evaluated by a re-run
+ITEM_STATES = (CLAIMED, *SENT_STATES, *UNSENT_STATES)
+
+C_CLAIMED, C_POSTING, C_SUBMITTED, C_PROCESSING = "claimed", "posting", "submitted", "processing"
+C_COMPLETED, C_FAILED, C_UNKNOWN, C_ABANDONED = "completed", "failed", "unknown", "abandoned"
+CHUNK_POSTED = (C_POSTING, C_SUBMITTED, C_PROCESSING)  # sent (or about to be), not finished
+CHUNK_TERMINAL = (C_COMPLETED, C_FAILED, C_UNKNOWN)
+CHUNK_STATES = (C_CLAIMED, *CHUNK_POSTED, *CHUNK_TERMINAL, C_ABANDONED)
+
+KEY_TTL_S = 24 * 3600.0  # FullStory remembers an Idempotency-Key for 24 hours
+KEY_SAFE_AGE_S = 23 * 3600.0  # we re-send under a key only while it is younger than this (clock skew)
+DEFAULT_CLAIM_LEASE_S = 3 * 3600.0  # an unsent claim older than this may be taken over by another run
+_BATCH = 2000  # ids per IN (...) list: well under every backend's bound-parameter limit
+
+
+def wall_clock() -> float:
+    """Seconds since the epoch. The ledger's only clock: tests move it with FullStory's (the emulator's)."""
+    return time.time()
 
 
 class LedgerError(RuntimeError):
-    """A ledger record that cannot be read or does not belong to the chunk it is filed under."""
+    """The ledger cannot be used as configured, or holds something it should not."""
 
 
-def utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
+class ClaimLost(LedgerError):
+    """Items this run mapped were taken over by another run before their chunk was registered; a retry
+    re-claims and re-maps the rest."""
+
+
+# ---- schema ---------------------------------------------------------------------------------------------
+
+metadata = sa.MetaData()
+
+items = sa.Table(
+    "dffs_items", metadata,
+    sa.Column("destination", sa.String(300), primary_key=True),
+    sa.Column("event_id", sa.String(512), primary_key=True),
+    sa.Column("kind", sa.String(8), nullable=False),  # event | user (an identify call)
+    sa.Column("uid", sa.String(512)),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("run_id", sa.String(300), nullable=False),
+    sa.Column("chunk_id", sa.BigInteger),
+    sa.Column("window_start", sa.String(40)),  # the owning run's window
+    sa.Column("window_end", sa.String(40)),
+    sa.Column("event_time", sa.Float),  # the row's timestamp (epoch seconds)
+    sa.Column("claimed_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("code", sa.String(200)),
+    sa.Column("message", sa.Text),
+)
+sa.Index("dffs_items_chunk", items.c.chunk_id)
+sa.Index("dffs_items_state", items.c.destination, items.c.state, items.c.event_time)
+
+chunks = sa.Table(
+    "dffs_chunks", metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("destination", sa.String(300), nullable=False),
+    sa.Column("run_id", sa.String(300), nullable=False),
+    sa.Column("name", sa.String(100), nullable=False),
+    sa.Column("kind", sa.String(8), nullable=False),  # events | users
+    sa.Column("idempotency_key", sa.String(200), nullable=False),
+    sa.Column("payload_uri", sa.Text, nullable=False),
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("items", sa.Integer, nullable=False),
+    sa.Column("bytes", sa.BigInteger, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("job_id", sa.String(200)),
+    sa.Column("job_status", sa.String(20)),
+    sa.Column("first_post_at", sa.Float),
+    sa.Column("last_post_at", sa.Float),
+    sa.Column("submissions", sa.Integer, nullable=False, default=0),
+    sa.Column("imports", sa.Integer, nullable=False, default=0),
+    sa.Column("errors", sa.Integer, nullable=False, default=0),
+    sa.Column("delivered_items", sa.Integer, nullable=False, default=0),
+    sa.Column("rejected_items", sa.Integer, nullable=False, default=0),
+    sa.Column("unknown_items", sa.Integer, nullable=False, default=0),
+    sa.Column("error", sa.Text),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("finished_at", sa.Float),
+    sa.UniqueConstraint("destination", "run_id", "name", name="dffs_chunks_run_name"),
+)
+
+runs = sa.Table(
+    "dffs_runs", metadata,
+    sa.Column("destination", sa.String(300), primary_key=True),
+    sa.Column("run_id", sa.String(300), primary_key=True),
+    sa.Column("window_start", sa.String(40), nullable=False),
+    sa.Column("window_end", sa.String(40), nullable=False),
+    sa.Column("scan_start", sa.String(40), nullable=False),
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("finished_at", sa.Float),
+    sa.Column("rows_read", sa.Integer),
+    sa.Column("delivered", sa.Integer), sa.Column("rejected", sa.Integer),
+    sa.Column("unknown", sa.Integer), sa.Column("quarantined", sa.Integer),
+    sa.Column("filtered", sa.Integer), sa.Column("skipped", sa.Integer),
+    sa.Column("pending", sa.Integer), sa.Column("late_rows", sa.Integer),
+    sa.Column("problems", sa.Text),
+)
+
+scans = sa.Table(
+    "dffs_scans", metadata,
+    sa.Column("destination", sa.String(300), primary_key=True),
+    sa.Column("file_uri", sa.String(1000), primary_key=True),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("mtime", sa.Float, nullable=False),
+    sa.Column("covered_start", sa.Float, nullable=False),  # epoch seconds: the time range read from it
+    sa.Column("covered_end", sa.Float, nullable=False),
+    sa.Column("run_id", sa.String(300), nullable=False),
+    sa.Column("scanned_at", sa.Float, nullable=False),
+)
+
+
+# ---- engines --------------------------------------------------------------------------------------------
+
+_ENGINES: dict[str, Engine] = {}
+_ENGINES_LOCK = threading.Lock()
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    # Autocommit at the driver level; SQLAlchemy's "begin" event below opens BEGIN IMMEDIATE, so two
+    # writers queue on the file lock instead of failing to upgrade a read lock (SQLite's deadlock).
+    dbapi_conn.isolation_level = None
+    cursor = dbapi_conn.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=60000")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def engine_for(url: str) -> Engine:
+    """One engine per URL and process (connection pools are per process)."""
+    with _ENGINES_LOCK:
+        engine = _ENGINES.get(url)
+        if engine is None:
+            engine = _make_engine(url)
+            metadata.create_all(engine, checkfirst=True)
+            _ENGINES[url] = engine
+        return engine
+
+
+def _make_engine(url: str) -> Engine:
+    parsed = sa.engine.make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            from pathlib import Path
+
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(parsed, connect_args={"timeout": 60}, pool_pre_ping=False)
+        sa.event.listen(engine, "connect", _sqlite_pragmas)
+        sa.event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+        return engine
+    if parsed.get_backend_name() != "postgresql":
+        raise LedgerError(f"the ledger runs on SQLite or Postgres, not {parsed.get_backend_name()!r}")
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return sa.create_engine(parsed, pool_pre_ping=True, pool_size=2, max_overflow=4)
+
+
+def dispose_engines() -> None:
+    """Close every pooled connection (tests that stop a database server call this first)."""
+    with _ENGINES_LOCK:
+        for engine in _ENGINES.values():
+            engine.dispose()
+        _ENGINES.clear()
+
+
+def _batches(values: Sequence, size: int = _BATCH) -> Iterator[Sequence]:
+    for i in range(0, len(values), size):
+        yield values[i:i + size]
+
+
+# ---- records --------------------------------------------------------------------------------------------
 
 
 @dataclass
-class ChunkRecord:
-    """The delivery state of one payload chunk."""
+class ChunkRow:
+    """One `dffs_chunks` row."""
 
-    chunk: str
-    kind: str  # "events" | "users": the chunk kind, as in the manifest
+    id: int
+    destination: str
+    run_id: str
+    name: str
+    kind: str
     idempotency_key: str
-    status: str = SUBMITTED
+    payload_uri: str
+    sha256: str
+    items: int
+    bytes: int
+    status: str
     job_id: str | None = None
-    job_status: str | None = None  # FullStory's own: PROCESSING | COMPLETED | FAILED
-    items: int = 0
-    bytes: int = 0
-    imports: int = 0  # FullStory's count of imported items (the job's `imports`)
-    errors: int = 0  # FullStory's count of failed items (the job's `errors`)
-    delivered_items: int = 0  # our per-item reading of the job: these match the outcome files
+    job_status: str | None = None
+    first_post_at: float | None = None
+    last_post_at: float | None = None
+    submissions: int = 0
+    imports: int = 0
+    errors: int = 0
+    delivered_items: int = 0
     rejected_items: int = 0
-    delivered_rows: int = 0
-    rejected_rows: int = 0
-    submissions: int = 0  # POSTs of this chunk, replays under the same key included
-    error: str | None = None  # why a refused batch failed (code: message)
-    submitted_at: str | None = None
-    finished_at: str | None = None
-    updated_at: str = field(default_factory=utc_now)
+    unknown_items: int = 0
+    error: str | None = None
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    finished_at: float | None = None
 
     @property
     def is_terminal(self) -> bool:
-        return self.status in TERMINAL
+        return self.status in CHUNK_TERMINAL
 
     @property
-    def is_in_flight(self) -> bool:
-        return self.status in IN_FLIGHT and self.job_id is not None
+    def is_posted(self) -> bool:
+        return self.status in CHUNK_POSTED
+
+    def key_age(self, now: float) -> float | None:
+        return None if self.first_post_at is None else now - self.first_post_at
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ChunkRecord:
-        known = {f.name for f in fields(cls)}
-        # Unknown keys come from newer writers: keep reading, drop them rather than fail a re-run.
-        record = cls(**{k: v for k, v in data.items() if k in known})
-        if record.status not in STATUSES:
-            raise LedgerError(f"ledger record for {record.chunk} has unknown status {record.status!r}")
-        return record
+
+_CHUNK_FIELDS = tuple(f.name for f in fields(ChunkRow))
+
+
+def _chunk(row) -> ChunkRow:
+    return ChunkRow(**{name: row._mapping[name] for name in _CHUNK_FIELDS})
+
+
+@dataclass(frozen=True)
+class ItemRow:
+    event_id: str
+    kind: str
+    state: str
+    run_id: str
+    chunk_id: int | None
+    claimed_at: float
+    updated_at: float
+    code: str | None
+    message: str | None
+    chunk_status: str | None = None
+    chunk_first_post_at: float | None = None
+    chunk_updated_at: float | None = None
+
+
+@dataclass(frozen=True)
+class NewItem:
+    event_id: str
+    kind: str  # event | user
+    uid: str | None = None
+    event_time: float | None = None
+
+
+# ---- the ledger -----------------------------------------------------------------------------------------
 
 
 class Ledger:
-    """Reads and writes `ledger/<chunk>.json` in one run folder."""
+    """The delivery ledger of one database (see the module docstring)."""
 
-    folder = "ledger"
+    def __init__(self, url: str):
+        self.url = url
+        self.engine = engine_for(url)
 
-    def __init__(self, store: RunStore):
-        self.store = store
+    def __repr__(self) -> str:  # the URL may carry a password
+        return f"Ledger({self.engine.url.render_as_string(hide_password=True)})"
 
-    def _name(self, chunk: str) -> str:
-        return f"{chunk}.json"
+    @property
+    def backend(self) -> str:
+        return self.engine.url.get_backend_name()
 
-    def get(self, chunk: str) -> ChunkRecord | None:
-        if not self.store.exists(self.folder, self._name(chunk)):
-            return None
-        try:
-            record = ChunkRecord.from_dict(self.store.read_json(self.folder, self._name(chunk)))
-        except (ValueError, TypeError) as exc:
-            raise LedgerError(
-                f"ledger record {self.store.path(self.folder, self._name(chunk))} is unreadable ({exc}); "
-                "delete it only if you are sure the chunk's job never started"
-            ) from exc
-        if record.chunk != chunk:
-            raise LedgerError(f"ledger/{self._name(chunk)} holds the record of {record.chunk!r}")
-        return record
+    @contextmanager
+    def _tx(self) -> Generator[Connection, None, None]:
+        with self.engine.begin() as conn:
+            yield conn
 
-    def put(self, record: ChunkRecord) -> ChunkRecord:
-        """Write a record atomically (readers see the old record or the new one)."""
-        record.updated_at = utc_now()
-        self.store.write_json(record.as_dict(), self.folder, self._name(record.chunk))
-        return record
+    def _insert(self, table: sa.Table):
+        dialect = postgresql if self.backend == "postgresql" else sqlite
+        return dialect.insert(table)
 
-    def all(self) -> dict[str, ChunkRecord]:
-        names = self.store.list(self.folder, suffix=".json")
-        records = (self.get(name.removesuffix(".json")) for name in names)
-        return {r.chunk: r for r in records if r is not None}
+    # ---- items ------------------------------------------------------------------------------------------
+
+    def lookup(self, destination: str, event_ids: Sequence[str]) -> dict[str, ItemRow]:
+        """The ledger rows of these event ids (with their chunk's status), by event id."""
+        found: dict[str, ItemRow] = {}
+        cols = [items.c.event_id, items.c.kind, items.c.state, items.c.run_id, items.c.chunk_id,
+                items.c.claimed_at, items.c.updated_at, items.c.code, items.c.message,
+                chunks.c.status, chunks.c.first_post_at, chunks.c.updated_at]
+        join = items.outerjoin(chunks, chunks.c.id == items.c.chunk_id)
+        with self.engine.connect() as conn:
+            for part in _batches(list(event_ids)):
+                query = sa.select(*cols).select_from(join).where(
+                    items.c.destination == destination, items.c.event_id.in_(part))
+                for row in conn.execute(query):
+                    found[row[0]] = ItemRow(*row)
+        return found
+
+    def known(self, destination: str, event_ids: Sequence[str]) -> set[str]:
+        """Which of these event ids the ledger has any record of, for this destination."""
+        out: set[str] = set()
+        with self.engine.connect() as conn:
+            for part in _batches(list(event_ids)):
+                query = sa.select(items.c.event_id).where(items.c.destination == destination,
+                                                          items.c.event_id.in_(part))
+                out.update(conn.execute(query).scalars())
+        return out
+
+    def insert_claims(self, destination: str, run_id: str, new: Sequence[NewItem], *, window: tuple[str, str],
+                      state: str = CLAIMED) -> None:
+        """Claim items nobody has a record of (existing rows are left alone: the caller reads them back)."""
+        now = wall_clock()
+        rows = [{"destination": destination, "event_id": n.event_id, "kind": n.kind, "uid": n.uid,
+                 "state": state, "run_id": run_id, "chunk_id": None, "window_start": window[0],
+                 "window_end": window[1], "event_time": n.event_time, "claimed_at": now, "updated_at": now}
+                for n in new]
+        with self._tx() as conn:
+            for part in _batches(rows, 500):
+                conn.execute(self._insert(items).on_conflict_do_nothing(), list(part))
+
+    def take_over(self, destination: str, run_id: str, event_ids: Sequence[str], *, from_states: Sequence[str],
+                  from_run: str | None = None, unsent_chunk_only: bool = False,
+                  claimed_before: float | None = None, window: tuple[str, str]) -> set[str]:
+        """Compare-and-set: claim these items for `run_id` if they are still in one of `from_states` (and
+        owned by `from_run`, claimed before `claimed_before`, in no chunk or an unsent one, when given).
+        Returns the event ids this run now owns."""
+        now = wall_clock()
+        owned: set[str] = set()
+        with self._tx() as conn:
+            for part in _batches(list(event_ids)):
+                cond = [items.c.destination == destination, items.c.event_id.in_(part),
+                        items.c.state.in_(list(from_states))]
+                if from_run is not None:
+                    cond.append(items.c.run_id == from_run)
+                if claimed_before is not None:
+                    cond.append(items.c.claimed_at < claimed_before)
+                if unsent_chunk_only:  # in no chunk, or in one that can never be POSTed any more
+                    dead = sa.select(chunks.c.id).where(chunks.c.status == C_ABANDONED)
+                    cond.append(sa.or_(items.c.chunk_id.is_(None), items.c.chunk_id.in_(dead)))
+                conn.execute(items.update().where(*cond).values(
+                    state=CLAIMED, run_id=run_id, chunk_id=None, claimed_at=now, updated_at=now, code=None,
+                    message=None, window_start=window[0], window_end=window[1]))
+                query = sa.select(items.c.event_id).where(
+                    items.c.destination == destination, items.c.event_id.in_(part), items.c.run_id == run_id,
+                    items.c.state == CLAIMED, items.c.claimed_at == now)
+                owned.update(conn.execute(query).scalars())
+        return owned
+
+    def abandon_stale_chunks(self, chunk_ids: Iterable[int], *, updated_before: float) -> set[int]:
+        """Compare-and-set `claimed -> abandoned` for chunks never POSTed and idle since `updated_before`;
+        their owner can then never POST them. Returns the chunk ids abandoned now or before."""
+        ids = sorted(set(chunk_ids))
+        if not ids:
+            return set()
+        now = wall_clock()
+        with self._tx() as conn:
+            conn.execute(chunks.update().where(chunks.c.id.in_(ids), chunks.c.status == C_CLAIMED,
+                                               chunks.c.updated_at < updated_before)
+                         .values(status=C_ABANDONED, updated_at=now))
+            query = sa.select(chunks.c.id).where(chunks.c.id.in_(ids), chunks.c.status == C_ABANDONED)
+            return set(conn.execute(query).scalars())
+
+    def settle_unsent(self, destination: str, run_id: str, states: Iterable[tuple[str, str, str | None]]) -> None:
+        """Record the final state of claimed rows this run does not send: (event_id, state, reason)."""
+        now = wall_clock()
+        grouped: dict[str, list[tuple[str, str | None]]] = {}
+        for event_id, state, reason in states:
+            if state not in UNSENT_STATES:
+                raise LedgerError(f"{state!r} is not a state of an unsent item")
+            grouped.setdefault(state, []).append((event_id, reason))
+        with self._tx() as conn:
+            for state, pairs in grouped.items():
+                stmt = items.update().where(
+                    items.c.destination == destination, items.c.run_id == run_id, items.c.state == CLAIMED,
+                    items.c.event_id == sa.bindparam("eid")).values(
+                    state=state, message=sa.bindparam("msg"), updated_at=now, chunk_id=None)
+                for part in _batches(pairs, 1000):
+                    conn.execute(stmt, [{"eid": e, "msg": (r or "")[:2000]} for e, r in part])
+
+    def record_unclaimed(self, destination: str, run_id: str, new: Sequence[NewItem], state: str,
+                         *, window: tuple[str, str]) -> None:
+        """Rows that never reach a claim (quarantined) are recorded once, so the look-back knows them."""
+        if state not in UNSENT_STATES:
+            raise LedgerError(f"{state!r} is not a state of an unsent item")
+        self.insert_claims(destination, run_id, new, window=window, state=state)
+
+    def stale_claims(self, destination: str, *, since: float, claimed_before: float) -> int:
+        """How many claims with an event time from `since` on have gone unsent since `claimed_before`
+        (their run died before sending them): the look-back re-reads the landing to take them over."""
+        unsent = sa.select(chunks.c.id).where(chunks.c.status.in_([C_CLAIMED, C_ABANDONED]))
+        query = sa.select(sa.func.count()).select_from(items).where(
+            items.c.destination == destination, items.c.state == CLAIMED, items.c.event_time >= since,
+            items.c.claimed_at < claimed_before,
+            sa.or_(items.c.chunk_id.is_(None), items.c.chunk_id.in_(unsent)))
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    def orphaned_chunks(self, destination: str, *, since: float, idle_before: float) -> list[ChunkRow]:
+        """Chunks POSTed but not finished, idle since `idle_before`, carrying items with an event time from
+        `since` on: their run stopped mid-delivery; any later run may resume them (same bytes, same key)."""
+        with_items = sa.select(items.c.chunk_id).where(
+            items.c.destination == destination, items.c.event_time >= since, items.c.chunk_id.is_not(None))
+        query = sa.select(chunks).where(chunks.c.destination == destination,
+                                        chunks.c.status.in_(list(CHUNK_POSTED)),
+                                        chunks.c.updated_at < idle_before, chunks.c.id.in_(with_items))
+        with self.engine.connect() as conn:
+            return [_chunk(r) for r in conn.execute(query)]
+
+    def items_of_chunk(self, chunk_id: int) -> list[ItemRow]:
+        query = sa.select(items.c.event_id, items.c.kind, items.c.state, items.c.run_id, items.c.chunk_id,
+                          items.c.claimed_at, items.c.updated_at, items.c.code,
+                          items.c.message).where(items.c.chunk_id == chunk_id)
+        with self.engine.connect() as conn:
+            return [ItemRow(*r) for r in conn.execute(query)]
+
+    # ---- chunks -----------------------------------------------------------------------------------------
+
+    def chunks_of_run(self, destination: str, run_id: str) -> list[ChunkRow]:
+        query = sa.select(chunks).where(chunks.c.destination == destination, chunks.c.run_id == run_id)
+        with self.engine.connect() as conn:
+            return [_chunk(r) for r in conn.execute(query.order_by(chunks.c.id))]
+
+    def chunk(self, chunk_id: int) -> ChunkRow:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(chunks).where(chunks.c.id == chunk_id)).first()
+        if row is None:
+            raise LedgerError(f"chunk {chunk_id} is not in the ledger")
+        return _chunk(row)
+
+    def chunks_by_id(self, chunk_ids: Iterable[int]) -> dict[int, ChunkRow]:
+        ids = sorted(set(chunk_ids))
+        out: dict[int, ChunkRow] = {}
+        with self.engine.connect() as conn:
+            for part in _batches(ids):
+                for row in conn.execute(sa.select(chunks).where(chunks.c.id.in_(list(part)))):
+                    out[row.id] = _chunk(row)
+        return out
+
+    def register_chunk(self, destination: str, run_id: str, *, name: str, kind: str, idempotency_key: str,
+                       payload_uri: str, sha256: str, items_count: int, size: int,
+                       event_ids: Sequence[str]) -> ChunkRow:
+        """Record a new chunk of this run and hand it its items, in one transaction. Every item must still
+        be claimed by this run; if another run took one over, nothing is written and ClaimLost is raised."""
+        now = wall_clock()
+        with self._tx() as conn:
+            existing = conn.execute(sa.select(chunks).where(
+                chunks.c.destination == destination, chunks.c.run_id == run_id, chunks.c.name == name)).first()
+            values = {"kind": kind, "idempotency_key": idempotency_key, "payload_uri": payload_uri,
+                      "sha256": sha256, "items": items_count, "bytes": size, "status": C_CLAIMED,
+                      "updated_at": now}
+            if existing is not None:
+                if existing.status != C_CLAIMED and existing.status != C_ABANDONED:
+                    raise LedgerError(f"chunk {name} of run {run_id} was sent already ({existing.status}); "
+                                      "a new chunk needs a new name")
+                conn.execute(chunks.update().where(chunks.c.id == existing.id).values(**values))
+                chunk_id = existing.id
+                conn.execute(items.update().where(items.c.chunk_id == chunk_id, items.c.state == CLAIMED)
+                             .values(chunk_id=None))
+            else:
+                chunk_id = conn.execute(chunks.insert().values(
+                    destination=destination, run_id=run_id, name=name, created_at=now, submissions=0,
+                    imports=0, errors=0, delivered_items=0, rejected_items=0, unknown_items=0,
+                    **values)).inserted_primary_key[0]
+            assigned = 0
+            for part in _batches(list(event_ids)):
+                assigned += conn.execute(items.update().where(
+                    items.c.destination == destination, items.c.event_id.in_(part), items.c.run_id == run_id,
+                    items.c.state == CLAIMED).values(chunk_id=chunk_id, updated_at=now)).rowcount
+            if assigned != len(set(event_ids)):
+                raise ClaimLost(f"chunk {name}: {len(set(event_ids)) - assigned} of its items are no longer "
+                                f"claimed by run {run_id} (another run took them over)")
+            row = conn.execute(sa.select(chunks).where(chunks.c.id == chunk_id)).one()
+        return _chunk(row)
+
+    def abandon_unsent_chunks(self, destination: str, run_id: str) -> list[ChunkRow]:
+        """Before a run maps again: its chunks never POSTed are dropped (their items go back to plain
+        claims). Returns the run's chunks that were POSTed, which stay as they are."""
+        now = wall_clock()
+        with self._tx() as conn:
+            unsent = sa.select(chunks.c.id).where(chunks.c.destination == destination,
+                                                  chunks.c.run_id == run_id, chunks.c.status == C_CLAIMED)
+            conn.execute(items.update().where(items.c.chunk_id.in_(unsent), items.c.state == CLAIMED)
+                         .values(chunk_id=None, updated_at=now))
+            conn.execute(chunks.update().where(chunks.c.destination == destination, chunks.c.run_id == run_id,
+                                               chunks.c.status == C_CLAIMED)
+                         .values(status=C_ABANDONED, updated_at=now))
+        return [c for c in self.chunks_of_run(destination, run_id) if c.status != C_ABANDONED]
+
+    def begin_post(self, chunk_id: int) -> bool:
+        """Compare-and-set `claimed -> posting` with `first_post_at`: True when this caller may POST the
+        chunk for the first time. False when it is no longer `claimed` (abandoned, or POSTed already)."""
+        now = wall_clock()
+        with self._tx() as conn:
+            done = conn.execute(chunks.update().where(chunks.c.id == chunk_id, chunks.c.status == C_CLAIMED)
+                                .values(status=C_POSTING, first_post_at=now, last_post_at=now,
+                                        submissions=chunks.c.submissions + 1, updated_at=now)).rowcount
+        return done == 1
+
+    def note_post(self, chunk_id: int) -> None:
+        """A repeated POST of a chunk (same bytes, same key: FullStory replays its first answer)."""
+        now = wall_clock()
+        with self._tx() as conn:
+            conn.execute(chunks.update().where(chunks.c.id == chunk_id).values(
+                last_post_at=now, submissions=chunks.c.submissions + 1, updated_at=now))
+
+    def update_chunk(self, chunk_id: int, **values: Any) -> None:
+        unknown = set(values) - set(_CHUNK_FIELDS)
+        if unknown:
+            raise LedgerError(f"unknown chunk field(s) {sorted(unknown)}")
+        with self._tx() as conn:
+            conn.execute(chunks.update().where(chunks.c.id == chunk_id).values(updated_at=wall_clock(),
+                                                                                 **values))
+
+    def finish_chunk(self, chunk_id: int, status: str, results: Sequence[tuple[str, str, str | None, str | None]],
+                     **values: Any) -> None:
+        """The chunk ended: every item's final state (event_id, state, code, message) and the chunk's
+        terminal status, in one transaction. Items of the chunk not listed keep their state."""
+        if status not in CHUNK_TERMINAL:
+            raise LedgerError(f"{status!r} is not a terminal chunk status")
+        now = wall_clock()
+        stmt = items.update().where(items.c.chunk_id == chunk_id, items.c.event_id == sa.bindparam("eid")).values(
+            state=sa.bindparam("st"), code=sa.bindparam("cd"), message=sa.bindparam("msg"), updated_at=now)
+        with self._tx() as conn:
+            for part in _batches(list(results), 1000):
+                conn.execute(stmt, [{"eid": e, "st": s, "cd": c, "msg": m} for e, s, c, m in part])
+            conn.execute(chunks.update().where(chunks.c.id == chunk_id).values(
+                status=status, finished_at=now, updated_at=now, **values))
+
+    # ---- runs and scans ---------------------------------------------------------------------------------
+
+    def start_run(self, destination: str, run_id: str, *, window: tuple[str, str], scan_start: str) -> None:
+        now = wall_clock()
+        stmt = self._insert(runs).values(destination=destination, run_id=run_id, window_start=window[0],
+                                         window_end=window[1], scan_start=scan_start, started_at=now)
+        with self._tx() as conn:
+            conn.execute(stmt.on_conflict_do_update(
+                index_elements=[runs.c.destination, runs.c.run_id],
+                set_={"window_start": window[0], "window_end": window[1], "scan_start": scan_start}))
+
+    def finish_run(self, destination: str, run_id: str, *, counts: dict[str, int], late_rows: int,
+                   problems: Sequence[str]) -> None:
+        values = {k: int(counts.get(k, 0)) for k in ("delivered", "rejected", "unknown", "quarantined",
+                                                      "filtered", "skipped", "pending")}
+        with self._tx() as conn:
+            conn.execute(runs.update().where(runs.c.destination == destination, runs.c.run_id == run_id).values(
+                finished_at=wall_clock(), rows_read=int(counts.get("read", 0)), late_rows=late_rows,
+                problems="; ".join(problems) or None, **values))
+
+    def last_run_started(self, destination: str, *, before_run: str) -> float | None:
+        query = sa.select(sa.func.max(runs.c.started_at)).where(runs.c.destination == destination,
+                                                                 runs.c.run_id != before_run)
+        with self.engine.connect() as conn:
+            return conn.execute(query).scalar()
+
+    def scans(self, destination: str, uris: Sequence[str]) -> dict[str, Any]:
+        out = {}
+        with self.engine.connect() as conn:
+            for part in _batches(list(uris)):
+                query = sa.select(scans).where(scans.c.destination == destination, scans.c.file_uri.in_(part))
+                out.update({r.file_uri: r for r in conn.execute(query)})
+        return out
+
+    def record_scans(self, destination: str, run_id: str, files: Sequence[tuple[str, int, float]],
+                     covered: tuple[float, float]) -> None:
+        """Files (uri, size, mtime) read over the time range `covered`: an unchanged file whose range was
+        read before is not read again by the look-back."""
+        now = wall_clock()
+        known = self.scans(destination, [f[0] for f in files])
+        with self._tx() as conn:
+            for uri, size, mtime in files:
+                old = known.get(uri)
+                start, end = covered
+                if old is not None and old.size == size and old.mtime == mtime \
+                        and old.covered_start <= end and old.covered_end >= start:
+                    start, end = min(start, old.covered_start), max(end, old.covered_end)
+                stmt = self._insert(scans).values(destination=destination, file_uri=uri, size=size, mtime=mtime,
+                                                  covered_start=start, covered_end=end, run_id=run_id,
+                                                  scanned_at=now)
+                conn.execute(stmt.on_conflict_do_update(
+                    index_elements=[scans.c.destination, scans.c.file_uri],
+                    set_={"size": size, "mtime": mtime, "covered_start": start, "covered_end": end,
+                          "run_id": run_id, "scanned_at": now}))

@@ -4,7 +4,7 @@ Per batch of the landing frame (docs/contracts.md "Landing frame"):
 1. parse `context` once per row (orjson) and pluck the few fields the rules need;
 2. decide every row's fate with vectorised pandas/numpy operations: Datafly type and event name ->
    blueprint mapping, `event_types` filter, analytics consent (both shapes), identity (FullStory session id
-   first, then `user.uid`, `session.use_most_recent` only for recent events);
+   first, then `user.uid`, `session.use_most_recent` only for events near the run's window end);
 3. build and serialise the bodies of the rows that survive in one pass (`EventBuilder`), rejecting rows that
    would break a FullStory limit, and append the lines to event chunks.
 `identify` rows are kept aside (a small share) and folded per uid once the whole window is read.
@@ -17,7 +17,7 @@ import gc
 import math
 import re
 import unicodedata
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime, timedelta
@@ -103,16 +103,23 @@ class MappedBatch:
 
 
 def run_mapping(store: RunStore, blueprint: Blueprint | str | Path | None, settings: MappingSettings | dict | None,
-                *, now: datetime | str, window: Window | dict | None = None) -> dict:
+                *, reference_time: datetime | str, window: Window | dict | None = None,
+                keep: Iterable[str] = (), first_number: int = 0) -> dict:
     """Map `validated/part-*.parquet` into `payloads/` chunks, `outcomes/mapping.parquet` and, last,
-    `payloads/manifest.json`. Re-running replaces `payloads/`. Returns the manifest's summary. With the
-    run's `window`, each chunk entry carries its `idempotency_key` (see payloads.idempotency_key)."""
+    `payloads/manifest.json`. Returns the manifest's summary.
+
+    A pure function of the rows, the blueprint, the settings and `reference_time` (the run's window end,
+    fixed when the run was planned): the same rows map to the same bytes whenever they are mapped.
+    Re-running replaces `payloads/`, except the chunks named in `keep` (chunks an earlier try sent, whose
+    bytes the ledger points at); new chunks are numbered from `first_number`. With the run's `window`, each
+    chunk entry carries its `idempotency_key` (see payloads.idempotency_key)."""
     bp = blueprint if isinstance(blueprint, Blueprint) else load_blueprint(blueprint or "retail")
     settings = MappingSettings.from_dict(settings)
-    now = _as_utc(now)
-    store.remove(PAYLOADS)
-    events = ChunkWriter(store, "events", max_items=settings.max_items, max_bytes=settings.max_bytes)
-    mapper = BatchMapper(bp, settings, now, largest_line=events.largest_line())
+    reference_time = _as_utc(reference_time)
+    _clear_payloads(store, set(keep))
+    events = ChunkWriter(store, "events", max_items=settings.max_items, max_bytes=settings.max_bytes,
+                         first_number=first_number)
+    mapper = BatchMapper(bp, settings, reference_time, largest_line=events.largest_line())
     outcome_tables, identify_parts, rows_read = [], [], 0
     for frame in iter_validated(store, settings.batch_rows):
         rows_read += len(frame)
@@ -121,7 +128,8 @@ def run_mapping(store: RunStore, blueprint: Blueprint | str | Path | None, setti
         identify_parts.append(batch.identify)
         outcome_tables.append(outcomes.to_table(batch.outcomes))
     events.flush()
-    users = ChunkWriter(store, "users", max_items=settings.max_items, max_bytes=settings.max_bytes)
+    users = ChunkWriter(store, "users", max_items=settings.max_items, max_bytes=settings.max_bytes,
+                        first_number=first_number)
     user_lines, user_index, user_outcomes = mapper.fold_users(_concat(identify_parts, IDENTIFY_COLUMNS))
     users.add(user_lines, *user_index)
     users.flush()
@@ -130,7 +138,7 @@ def run_mapping(store: RunStore, blueprint: Blueprint | str | Path | None, setti
     store.write_table(mapping_outcomes, "outcomes", "mapping.parquet")
     chunks = users.chunks + events.chunks
     if window is not None:
-        chunks = [{**c, "idempotency_key": idempotency_key(window, c["kind"], c["name"], c["sha256"])}
+        chunks = [{**c, "idempotency_key": idempotency_key(store.run_id, window, c["kind"], c["name"], c["sha256"])}
                   for c in chunks]
     summary = {
         "chunks": chunks,
@@ -139,8 +147,19 @@ def run_mapping(store: RunStore, blueprint: Blueprint | str | Path | None, setti
         "rows": {"read": rows_read, **_count_outcomes(mapping_outcomes)},
     }
     store.write_json({**summary, "blueprint": {"name": bp.name, "variant": bp.variant, "version": bp.version},
-                      "settings": settings.as_dict(), "now": now.isoformat()}, PAYLOADS, "manifest.json")
+                      "settings": settings.as_dict(), "reference_time": reference_time.isoformat()},
+                     PAYLOADS, "manifest.json")
     return summary
+
+
+def _clear_payloads(store: RunStore, keep: set[str]) -> None:
+    """Remove `payloads/` except the files of the chunks in `keep`."""
+    if not keep:
+        store.remove(PAYLOADS)
+        return
+    for name in store.list(PAYLOADS):
+        if name.split(".", 1)[0] not in keep:
+            store.remove(PAYLOADS, name)
 
 
 def iter_validated(store: RunStore, batch_rows: int) -> Iterator[pd.DataFrame]:
@@ -163,12 +182,12 @@ def _concat(frames: list[pd.DataFrame], columns: tuple[str, ...]) -> pd.DataFram
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({c: [] for c in columns})
 
 
-def _as_utc(now: datetime | str) -> datetime:
-    if isinstance(now, str):
-        now = datetime.fromisoformat(now.replace("Z", "+00:00"))
-    if now.tzinfo is None:
-        raise ValueError(f"now={now.isoformat()} has no time zone; give it in UTC")
-    return now.astimezone(UTC)
+def _as_utc(when: datetime | str) -> datetime:
+    if isinstance(when, str):
+        when = datetime.fromisoformat(when.replace("Z", "+00:00"))
+    if when.tzinfo is None:
+        raise ValueError(f"reference_time={when.isoformat()} has no time zone; give it in UTC")
+    return when.astimezone(UTC)
 
 
 @contextmanager
@@ -190,11 +209,11 @@ IDENTIFY_COLUMNS = ("row", "event_id", "user_id", "ts", "traits")
 
 
 class BatchMapper:
-    """Maps landing frames with one blueprint, settings and delivery time."""
+    """Maps landing frames with one blueprint, settings and reference time (the run's window end)."""
 
-    def __init__(self, blueprint: Blueprint, settings: MappingSettings, now: datetime, *,
+    def __init__(self, blueprint: Blueprint, settings: MappingSettings, reference_time: datetime, *,
                  largest_line: int | None = None):
-        self.bp, self.settings, self.now = blueprint, settings, now
+        self.bp, self.settings, self.reference_time = blueprint, settings, reference_time
         self.cleaner = PropertyCleaner(blueprint)
         self.events = EventBuilder(blueprint, self.cleaner, largest_line or settings.max_bytes)
         self._track = blueprint.track_names()
@@ -256,7 +275,7 @@ class BatchMapper:
         if not wanted:
             return
         keep = _isin(dtype, wanted) | _isin(fs_names, wanted) | _isin(event, wanted)
-        verdict.mark(~keep, "skipped", f"not in this run's event_types {list(wanted)}: neither its Datafly type "
+        verdict.mark(~keep, "filtered", f"not in this run's event_types {list(wanted)}: neither its Datafly type "
                      "nor its FullStory event name is listed")
 
     def _gate_consent(self, verdict: Verdict, ctx: list) -> None:
@@ -274,7 +293,9 @@ class BatchMapper:
 
     def _identity(self, df: pd.DataFrame, ctx: list, verdict: Verdict, is_event: np.ndarray) -> dict:
         """Which identification each event carries: a valid FullStory session id wins (FullStory refuses
-        a user next to it), else `user.uid`; `use_most_recent` only for events near delivery time."""
+        a user next to it), else `user.uid`; `use_most_recent` only for events in the last
+        `recent_session_minutes` before the run's window end (the reference time), whose session may still
+        be open when the run delivers them."""
         paths = self.bp.identity
         uid = _column(df, "user_id")
         uid_len = _text_lengths(df["user_id"])
@@ -293,8 +314,8 @@ class BatchMapper:
                      f"{self.bp.limits['uid']}-character uid limit")
         ts = _timestamps_ns(df["timestamp"])
         window = timedelta(minutes=self.settings.recent_session_minutes) // timedelta(microseconds=1) * 1000
-        now_ns = int(self.now.timestamp() * 1_000_000) * 1000
-        recent = (ts != np.iinfo(np.int64).min) & (np.abs(now_ns - ts) <= window)
+        ref_ns = int(self.reference_time.timestamp() * 1_000_000) * 1000
+        recent = (ts != np.iinfo(np.int64).min) & (np.abs(ref_ns - ts) <= window)
         return {"uid": np.where(use_uid, uid, None), "sid": np.where(has_sid, sid.to_numpy(dtype=object, na_value=None), None),
                 "recent": use_uid & recent, "ts": _iso_utc(ts)}
 

@@ -13,9 +13,11 @@ import pyarrow.compute as pc
 
 from include.datafly_fullstory.state import RunStore
 
-OUTCOMES = ("delivered", "rejected", "quarantined", "filtered", "skipped", "dry_run", "pending")
-# `pending`: only in a run whose delivery stopped part-way (auth error, retries exhausted): the row was
-# mapped but has not reached FullStory yet; clearing the failed delivery task resumes it.
+OUTCOMES = ("delivered", "rejected", "quarantined", "filtered", "skipped", "dry_run", "pending", "unknown")
+# `pending`: the row has not reached FullStory yet: this run's delivery stopped part-way (auth error,
+# retries exhausted; clearing the failed delivery task resumes it), or another run claimed the row and
+# delivers it. `unknown`: the row was sent, the answer was lost and FullStory's key for it expired, or
+# FullStory counted an error it did not name: a person checks FullStory (the reason says how).
 KINDS = ("event", "user")
 
 SCHEMA = pa.schema(

@@ -24,23 +24,39 @@ ENVELOPE_BYTES = len(b'{"requests":[]}')
 INDEX_SCHEMA = pa.schema([("item_index", pa.int32()), ("row", pa.int64()), ("event_id", pa.string())])
 
 
-def idempotency_key(window: Window | dict, kind: str, chunk_name: str, sha256: str) -> str:
-    """The `Idempotency-Key` of a chunk: a pure function of the window, the chunk and its content, so a
-    re-run of the same window with the same data sends the same keys (and FullStory replays, not re-imports)."""
+def idempotency_key(run_id: str, window: Window | dict, kind: str, chunk_name: str, sha256: str) -> str:
+    """The `Idempotency-Key` of a chunk: a pure function of the run, its window, the chunk and its content.
+    The ledger records it with the chunk; every later POST of the chunk (a retry, a resume by another
+    run, a forced replay) sends the recorded key with the recorded bytes, so FullStory replays its first
+    answer instead of importing again."""
     if isinstance(window, dict):
         window = Window.from_dict(window)
-    material = f"{window.start.isoformat()}|{window.end.isoformat()}|{kind}|{chunk_name}|{sha256}"
+    material = f"{run_id}|{window.start.isoformat()}|{window.end.isoformat()}|{kind}|{chunk_name}|{sha256}"
     return f"dffs-{kind}-{hashlib.sha256(material.encode()).hexdigest()[:40]}"
+
+
+def index_uri_of(payload_uri: str) -> str:
+    """The index file beside a chunk's lines: `<chunk>.jsonl` -> `<chunk>.index.parquet`."""
+    return payload_uri.removesuffix(".jsonl") + ".index.parquet"
+
+
+def read_uri(uri: str) -> bytes:
+    """Bytes of a chunk file named by its full URI (local path or fsspec URI), as the ledger records it."""
+    import fsspec
+
+    with fsspec.open(uri, "rb") as fh:
+        return fh.read()
+
+
+def read_index_uri(uri: str) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(pa.BufferReader(read_uri(uri)), columns=INDEX_SCHEMA.names).cast(INDEX_SCHEMA)
 
 
 def batch_body(lines: list[bytes]) -> bytes:
     """The batch-import request body for a chunk's lines."""
     return b'{"requests":[' + b",".join(lines) + b"]}"
-
-
-def body_bytes(line_bytes: int) -> int:
-    """What one line adds to a batch body (its bytes and a separator), for the byte cap."""
-    return line_bytes + 1
 
 
 @dataclass
@@ -55,10 +71,11 @@ class _Pending:
 class ChunkWriter:
     """Fills `<kind>-NNNNN` chunks in order; `chunks` lists what was written (for the manifest)."""
 
-    def __init__(self, store: RunStore, kind: str, *, max_items: int, max_bytes: int):
+    def __init__(self, store: RunStore, kind: str, *, max_items: int, max_bytes: int, first_number: int = 0):
         if not 0 < max_items <= MAX_BATCH_ITEMS:
             raise ValueError(f"max_items={max_items}: FullStory takes 1..{MAX_BATCH_ITEMS} items per batch")
         self.store, self.kind, self.max_items, self.max_bytes = store, kind, max_items, max_bytes
+        self.first_number = first_number  # chunk numbers go on after chunks an earlier try sent
         self.chunks: list[dict] = []
         self._pending = self._empty()
 
@@ -97,7 +114,7 @@ class ChunkWriter:
         pending = self._pending
         if not pending.lines:
             return
-        name = f"{self.kind}-{len(self.chunks):05d}"
+        name = f"{self.kind}-{self.first_number + len(self.chunks):05d}"
         data = b"\n".join(pending.lines) + b"\n"
         index = pa.table({
             "item_index": pa.array(np.concatenate(pending.items), type=pa.int32()),
@@ -113,8 +130,3 @@ class ChunkWriter:
     @staticmethod
     def _empty() -> _Pending:
         return _Pending(lines=[], rows=[], event_ids=[], items=[])
-
-
-def read_chunk_lines(store: RunStore, name: str) -> list[bytes]:
-    """A chunk's lines, for delivery and tests."""
-    return list(store.iter_lines(PAYLOADS, f"{name}.jsonl"))

@@ -11,7 +11,8 @@ from typing import Any
 
 def empty() -> dict[str, Any]:
     return {
-        "rows": {"read": 0, "delivered": 0, "rejected": 0, "quarantined": 0, "filtered": 0, "skipped": 0},
+        "rows": {"read": 0, "delivered": 0, "rejected": 0, "quarantined": 0, "filtered": 0, "skipped": 0,
+                 "unknown": 0},
         "events": {"mapped": 0, "delivered": 0, "rejected": 0},
         "users": {"mapped": 0, "delivered": 0, "rejected": 0},
         "http": {"requests": 0, "retries": 0, "status_counts": {}},
@@ -46,7 +47,11 @@ def summary_line(stats: Mapping[str, Any]) -> str:
         f"{' (dry run)' if stats.get('dry_run') else ''}: "
         f"read {rows.get('read', 0)}, delivered {rows.get('delivered', 0)}, rejected {rows.get('rejected', 0)}, "
         f"quarantined {rows.get('quarantined', 0)}, filtered {rows.get('filtered', 0)}, "
-        f"skipped {rows.get('skipped', 0)}; {stats.get('batches', 0)} batches, "
+        f"skipped {rows.get('skipped', 0)}"
+        + (f", unknown {rows['unknown']}" if rows.get("unknown") else "")
+        + (f", pending {rows['pending']}" if rows.get("pending") else "")
+        + (f" ({stats['late']['rows']} late)" if (stats.get("late") or {}).get("rows") else "")
+        + f"; {stats.get('batches', 0)} batches, "
         f"{http.get('requests', 0)} requests ({http.get('retries', 0)} retries), "
         f"{stats.get('bytes_sent', 0)} bytes in {stats.get('duration_s', 0):.1f}s"
     )

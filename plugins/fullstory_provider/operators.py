@@ -11,19 +11,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from fullstory_provider.hooks import FullStoryHook
+from fullstory_provider.ledger_db import destination_of, ledger_url
 from fullstory_provider.links import XCOM_APP_URL, FullStoryAppLink
-from include.datafly_fullstory.delivery import (
-    Delivery,
-    DeliveryError,
-    DeliveryReport,
-    DeliverySettings,
-    load_chunks,
-    undelivered_users,
-)
-from include.datafly_fullstory.state import RunStore
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -37,8 +29,10 @@ class FullStoryDeliveryOperator(BaseOperator):
     :param chunks: chunk names from payloads/manifest.json, e.g. ["users-00000"] (templated; expandable)
     :param fullstory_conn_id: the FullStory connection (templated)
     :param dry_run: write outcome `dry_run` for every row and send nothing (templated)
-    :param force: re-submit chunks the ledger says are complete, with the same Idempotency-Keys, so
-        FullStory replays its first answers within its 24 h key window (templated)
+    :param ledger: where the delivery ledger is: ``{"url": "sqlite:///..."}`` or ``{"conn_id": ...}`` of a
+        Postgres connection (templated; the plan's ``ledger``)
+    :param destination: the FullStory org and region the run claimed its rows for (``<org>@<region>``);
+        the connection must name the same, or nothing is sent (templated)
     :param max_in_flight: batch jobs in progress at once for this task
     :param poll_interval: first wait before polling a job, seconds (grows 1.5x per poll, up to 30 s)
     :param timeout: seconds for the whole delivery; jobs still processing are resumed by a re-run
@@ -52,7 +46,8 @@ class FullStoryDeliveryOperator(BaseOperator):
         "chunks",
         "fullstory_conn_id",
         "dry_run",
-        "force",
+        "ledger",
+        "destination",
     )
     operator_extra_links = (FullStoryAppLink(),)
     ui_color = "#8d5cf6"
@@ -65,7 +60,8 @@ class FullStoryDeliveryOperator(BaseOperator):
         chunks: list[str] | str,
         fullstory_conn_id: str = FullStoryHook.default_conn_name,
         dry_run: bool | str = False,
-        force: bool | str = False,
+        ledger: dict | None = None,
+        destination: str | None = None,
         max_in_flight: int = 4,
         poll_interval: float = 2.0,
         timeout: float = 3600.0,
@@ -78,35 +74,46 @@ class FullStoryDeliveryOperator(BaseOperator):
         self.chunks = chunks
         self.fullstory_conn_id = fullstory_conn_id
         self.dry_run = dry_run
-        self.force = force
+        self.ledger = ledger
+        self.destination = destination
         self.max_in_flight = max_in_flight
         self.poll_interval = poll_interval
         self.timeout = timeout
         self.require_users_first = require_users_first
-        self._delivery: Delivery | None = None
+        self._delivery = None  # the running Delivery, for on_kill
 
     def execute(self, context: Context) -> dict[str, Any]:
+        from include.datafly_fullstory.delivery import Delivery, DeliveryError, load_chunks, undelivered_users
+        from include.datafly_fullstory.ledger import Ledger
+        from include.datafly_fullstory.state import RunStore
+
         started = time.monotonic()
         store = RunStore(str(self.state_uri), str(self.run_id))
         chunks = load_chunks(store, _names(self.chunks))
         if _flag(self.dry_run):
-            report = Delivery(store, client=None).dry_run(chunks)  # type: ignore[arg-type] - never called
+            report = Delivery(store, None, None, None).dry_run(chunks)
             self.log.info(
                 "FullStory dry run: %d chunk(s), %d rows marked dry_run, nothing sent",
                 len(chunks),
                 report.dry_run_rows,
             )
             return report.stats({"requests": 0, "retries": 0, "status_counts": {}})
-        self._check_users_first(store, chunks)
+        ledger = Ledger(ledger_url(_location(self.ledger)))
+        self._check_users_first(undelivered_users(store, ledger, chunks))
         hook = FullStoryHook(self.fullstory_conn_id)
         ti = context.get("ti")
         stop_record = f"{getattr(ti, 'task_id', self.task_id)}-{getattr(ti, 'map_index', -1)}.json"
         store.remove("delivery_stops", stop_record)
         try:
-            hook.settings  # noqa: B018 - read and check the connection (regions, key) before anything is sent
+            settings = hook.settings  # read and check the connection (regions, key) before anything is sent
+            destination = destination_of(settings.org_id, settings.data_region)
+            if self.destination and destination != self.destination:
+                raise AirflowFailException(
+                    f"connection {self.fullstory_conn_id!r} now names {destination}, but this run claimed its rows "
+                    f"for {self.destination}; nothing was sent. Start a new run for the new org")
             if ti is not None:  # before waiting, so the extra link works even if this try fails
                 ti.xcom_push(key=XCOM_APP_URL, value=hook.app_url)
-            self._delivery = Delivery(store, hook, self._settings(), logger=self.log)
+            self._delivery = Delivery(store, hook, ledger, destination, self._settings(), logger=self.log)
             report = self._delivery.run(chunks)
         except Exception as exc:
             # The summarise step reads this to say why rows are still pending (messages carry no secret).
@@ -121,16 +128,16 @@ class FullStoryDeliveryOperator(BaseOperator):
         self.log.info("%s", _summary(report, stats, time.monotonic() - started))
         return stats
 
-    def _settings(self) -> DeliverySettings:
+    def _settings(self):
+        from include.datafly_fullstory.delivery import DeliverySettings
+
         return DeliverySettings(
             max_in_flight=max(1, int(self.max_in_flight)),
             poll_interval=float(self.poll_interval),
             timeout=float(self.timeout),
-            force=_flag(self.force),
         )
 
-    def _check_users_first(self, store: RunStore, chunks) -> None:
-        waiting = undelivered_users(store, chunks)
+    def _check_users_first(self, waiting: list[str]) -> None:
         if not waiting:
             return
         message = (
@@ -165,11 +172,21 @@ def _flag(value: bool | str) -> bool:
     return bool(value)
 
 
-def _summary(report: DeliveryReport, stats: dict[str, Any], seconds: float) -> str:
+def _location(ledger: dict | str | None) -> dict | None:
+    """The templated `ledger` argument: a dict, or its JSON / Python text when rendered as a string."""
+    if isinstance(ledger, str):
+        import ast
+
+        return ast.literal_eval(ledger) if ledger.strip().startswith("{") else {"url": ledger}
+    return ledger
+
+
+def _summary(report, stats: dict[str, Any], seconds: float) -> str:
     http = stats["http"]
     return (
         f"FullStory delivery: {report.chunks} chunk(s) ({report.already_complete} already complete, "
-        f"{report.resumed} resumed, {report.submitted} submitted, {report.refused} refused); "
+        f"{report.resumed} resumed, {report.submitted} submitted, {report.reposted} re-sent under their key, "
+        f"{report.replayed} replayed, {report.refused} refused); "
         f"events {stats['events']['delivered']} delivered / {stats['events']['rejected']} rejected, "
         f"users {stats['users']['delivered']} delivered / {stats['users']['rejected']} rejected; "
         f"{http['requests']} requests ({http['retries']} retries), {stats['batches']} batches, "

@@ -332,12 +332,12 @@ def test_known_but_unmapped_types_are_skipped(type_):
     assert outcome == "skipped" and f"'{type_}'" in reason
 
 
-def test_event_types_setting_skips_the_rest():
+def test_event_types_setting_filters_the_rest():
     rows = [row("page"), row(event="Order Completed", properties=ORDER), row(event="x"),
             row("identify", traits={"email": "a@b.c"})]
     bodies, outcomes, users = run(rows, settings={"event_types": ["page", "purchase"]})
     assert sorted(bodies) == [0, 1] and users == []
-    assert outcomes[2][0] == outcomes[3][0] == "skipped" and "event_types" in outcomes[2][1]
+    assert outcomes[2][0] == outcomes[3][0] == "filtered" and "event_types" in outcomes[2][1]
     _, _, users = run(rows, settings={"event_types": ["identify"]})
     assert len(users) == 1
     assert len(run(rows, settings={"event_types": []})[0]) == 3  # empty = all

@@ -45,15 +45,16 @@ def chunk_rows(store: RunStore, summary: dict) -> list[int]:
 # ---- idempotency keys ---------------------------------------------------------------------------------
 
 
-def test_idempotency_key_is_a_pure_function_of_window_chunk_and_content():
-    key = idempotency_key(WINDOW, "events", "events-00000", "ab" * 32)
-    assert key == idempotency_key(WINDOW.as_dict(), "events", "events-00000", "ab" * 32)
+def test_idempotency_key_is_a_pure_function_of_run_window_chunk_and_content():
+    key = idempotency_key("r1", WINDOW, "events", "events-00000", "ab" * 32)
+    assert key == idempotency_key("r1", WINDOW.as_dict(), "events", "events-00000", "ab" * 32)
     assert key.startswith("dffs-events-") and len(key) == len("dffs-events-") + 40
-    others = {idempotency_key(Window(WINDOW.start, WINDOW.end + timedelta(hours=1)), "events", "events-00000",
-                              "ab" * 32),
-              idempotency_key(WINDOW, "events", "events-00001", "ab" * 32),
-              idempotency_key(WINDOW, "events", "events-00000", "cd" * 32)}
-    assert key not in others and len(others) == 3
+    others = {idempotency_key("r1", Window(WINDOW.start, WINDOW.end + timedelta(hours=1)), "events",
+                              "events-00000", "ab" * 32),
+              idempotency_key("r2", WINDOW, "events", "events-00000", "ab" * 32),
+              idempotency_key("r1", WINDOW, "events", "events-00001", "ab" * 32),
+              idempotency_key("r1", WINDOW, "events", "events-00000", "cd" * 32)}
+    assert key not in others and len(others) == 4
 
 
 # ---- chunk writer ---------------------------------------------------------------------------------------
@@ -123,7 +124,7 @@ def test_settings_from_a_plain_dict():
 def test_every_validated_row_is_in_one_chunk_line_or_one_outcome(tmp_path):
     table = landing(12_000)
     store = store_with(tmp_path, table, parts=3)
-    summary = run_mapping(store, "retail", {"max_items": 1500, "max_bytes": 600_000, "batch_rows": 2500}, now=NOW)
+    summary = run_mapping(store, "retail", {"max_items": 1500, "max_bytes": 600_000, "batch_rows": 2500}, reference_time=NOW)
     outcome_table = store.read_table("outcomes", "mapping.parquet")
     assert outcome_table.schema.equals(OUTCOME_SCHEMA)
     in_chunks, in_outcomes = chunk_rows(store, summary), outcome_table.column("row").to_pylist()
@@ -141,7 +142,7 @@ def test_every_validated_row_is_in_one_chunk_line_or_one_outcome(tmp_path):
 def test_identify_calls_fold_across_parts_and_batches(tmp_path):
     table = landing(3_000)
     store = store_with(tmp_path, table, parts=3)
-    summary = run_mapping(store, None, {"batch_rows": 500}, now=NOW)
+    summary = run_mapping(store, None, {"batch_rows": 500}, reference_time=NOW)
     users = [c for c in summary["chunks"] if c["kind"] == "users"]
     index = store.read_table("payloads", f"{users[0]['name']}.index.parquet")
     lines = list(store.iter_lines("payloads", f"{users[0]['name']}.jsonl"))
@@ -154,16 +155,16 @@ def test_identify_calls_fold_across_parts_and_batches(tmp_path):
 
 def test_rerun_replaces_payloads_and_gives_the_same_chunks(tmp_path):
     store = store_with(tmp_path, landing(4_000))
-    first = run_mapping(store, None, {"max_items": 200}, now=NOW)
-    again = run_mapping(store, None, {"max_items": 200}, now=NOW)
+    first = run_mapping(store, None, {"max_items": 200}, reference_time=NOW)
+    again = run_mapping(store, None, {"max_items": 200}, reference_time=NOW)
     assert again == first
-    keys = {idempotency_key(WINDOW, c["kind"], c["name"], c["sha256"]) for c in first["chunks"]}
+    keys = {idempotency_key(store.run_id, WINDOW, c["kind"], c["name"], c["sha256"]) for c in first["chunks"]}
     assert len(keys) == len(first["chunks"])
-    keyed = run_mapping(store, None, {"max_items": 200}, now=NOW, window=WINDOW)
+    keyed = run_mapping(store, None, {"max_items": 200}, reference_time=NOW, window=WINDOW)
     assert [c["idempotency_key"] for c in keyed["chunks"]] == [
-        idempotency_key(WINDOW, c["kind"], c["name"], c["sha256"]) for c in first["chunks"]]
+        idempotency_key(store.run_id, WINDOW, c["kind"], c["name"], c["sha256"]) for c in first["chunks"]]
     assert store.read_json("payloads", "manifest.json")["chunks"] == keyed["chunks"]
-    fewer = run_mapping(store, None, {"max_items": 50_000}, now=NOW)
+    fewer = run_mapping(store, None, {"max_items": 50_000}, reference_time=NOW)
     names = {f"{c['name']}{suffix}" for c in fewer["chunks"] for suffix in (".jsonl", ".index.parquet")}
     assert set(store.list("payloads")) == names | {"manifest.json"}
 
@@ -177,14 +178,14 @@ def test_a_body_larger_than_one_request_is_rejected(tmp_path):
     props[big] = json.dumps({f"note{k}": "x" * 8000 for k in range(10)})
     table = table.set_column(table.schema.get_field_index("properties"), "properties", pa.array(props, pa.string()))
     store = store_with(tmp_path, table, parts=1)
-    run_mapping(store, None, {"max_bytes": 65_536}, now=NOW)
+    run_mapping(store, None, {"max_bytes": 65_536}, reference_time=NOW)
     outcome = {r["row"]: r for r in store.read_table("outcomes", "mapping.parquet").to_pylist()}[big]
     assert outcome["outcome"] == "rejected" and "max_bytes" in outcome["reason"]
 
 
 def test_an_empty_window_writes_an_empty_manifest(tmp_path):
     store = RunStore(str(tmp_path), "r")
-    summary = run_mapping(store, None, None, now=NOW)
+    summary = run_mapping(store, None, None, reference_time=NOW)
     assert summary == {"chunks": [], "events_mapped": 0, "users_mapped": 0,
                        "rows": {"read": 0, "filtered": 0, "skipped": 0, "rejected": 0}}
     assert store.read_table("outcomes", "mapping.parquet").num_rows == 0

@@ -8,10 +8,11 @@ from include.datafly_fullstory.stats import empty
 H = datetime(2026, 11, 26, 7, tzinfo=UTC)
 
 
-def _plan(**params):
+def _plan(destination="o-1A2B3C-na1@na1", executor=None, ledger_conn_id=None, state_uri=None, **params):
     return plan_run(params=params, run_id="scheduled__2026-11-26T07:00:00+00:00", landing_uri="demo/landing",
-                    state_uri=None, airflow_home="/opt/af", data_interval_start=H,
-                    data_interval_end=H + timedelta(hours=1))
+                    state_uri=state_uri, airflow_home="/opt/af", data_interval_start=H,
+                    data_interval_end=H + timedelta(hours=1), destination=destination, executor=executor,
+                    ledger_conn_id=ledger_conn_id)
 
 
 def test_plan_defaults_and_relative_uris_under_airflow_home():
@@ -21,6 +22,25 @@ def test_plan_defaults_and_relative_uris_under_airflow_home():
     assert (plan["dry_run"], plan["force"], plan["replay_dead_letters"]) == (False, False, False)
     assert plan["fullstory_conn_id"] == "fullstory_default" and plan["max_rejected_ratio"] == 0.05
     assert plan["mapping"] == {"event_types": [], "require_explicit_consent": False}
+    # Scheduled runs look back 24 h for late rows; the ledger is a SQLite file beside the local state.
+    assert plan["lookback_hours"] == 24 and plan["scan_start"] == (H - timedelta(hours=24)).isoformat()
+    assert plan["ledger"] == {"url": "sqlite:////opt/af/state/ledger.sqlite"}
+    assert plan["destination"] == "o-1A2B3C-na1@na1" and plan["allow_duplicates"] is False
+    assert plan["thresholds"]["max_unknown_rows"] == 0 and plan["thresholds"]["max_skipped_ratio"] == 0.6
+
+
+def test_plan_ledger_location_and_misconfiguration():
+    assert _plan(state_uri="s3://b/state")["ledger"] == {"url": "sqlite:////opt/af/datafly_fullstory/ledger.sqlite"}
+    assert _plan(ledger_conn_id="ledger_pg", executor="CeleryExecutor")["ledger"] == {"conn_id": "ledger_pg"}
+    with pytest.raises(ValueError, match="CeleryExecutor.*datafly_fullstory_ledger_conn_id"):
+        _plan(state_uri="s3://b/state", executor="airflow.providers.celery.executors.CeleryExecutor")
+    with pytest.raises(ValueError, match="destination"):
+        _plan(destination=None)
+    assert _plan(destination=None, dry_run=True)["destination"] is None
+    assert _plan(window_start="2026-11-20T10:00:00Z", window_end="2026-11-20T11:00:00Z")["lookback_hours"] == 0
+    assert _plan(lookback_hours=6)["scan_start"] == (H - timedelta(hours=6)).isoformat()
+    with pytest.raises(ValueError, match="lookback_hours"):
+        _plan(lookback_hours=-1)
 
 
 def test_plan_takes_manual_params():
@@ -48,10 +68,16 @@ def test_chunks_are_grouped_per_kind_in_order():
     assert group_chunks([], "events", 4) == []
 
 
-def test_rejections_above_the_threshold_need_attention():
+def test_each_threshold_sees_rows_that_did_not_reach_fullstory_and_is_named():
     stats = empty()
-    stats["events"].update(mapped=90, rejected=5)
-    stats["users"].update(mapped=10, rejected=1)
-    assert attention_needed(stats, {"max_rejected_ratio": 0.05}) and "6 of 100 items" in attention_needed(
-        stats, {"max_rejected_ratio": 0.05})[0]
+    stats["rows"].update(read=100, delivered=60, rejected=6, quarantined=4, skipped=30)
+    problems = attention_needed(stats, {"max_rejected_ratio": 0.05})
+    assert len(problems) == 1 and "6 of 100 rows" in problems[0] and "max_rejected_ratio" in problems[0]
     assert attention_needed(stats, {"max_rejected_ratio": 0.06}) == []
+    tripped = attention_needed(stats, {"thresholds": {"max_quarantined_ratio": 0.03, "max_skipped_ratio": 0.2,
+                                                      "max_rejected_ratio": 0.5}})
+    assert [p.split("above ")[1].split("=")[0] for p in tripped] == ["max_quarantined_ratio", "max_skipped_ratio"]
+    stats["rows"]["unknown"] = 1
+    assert any("max_unknown_rows" in p for p in attention_needed(stats, {"max_rejected_ratio": 1}))
+    assert not any("max_unknown_rows" in p for p in attention_needed(
+        stats, {"max_rejected_ratio": 1, "thresholds": {"max_unknown_rows": 1}}))

@@ -1,0 +1,154 @@
+"""Drives the sync DAG's real tasks, in the DAG's order, for exactly-once tests.
+
+Each task is what the DAG's task calls: `pipeline.plan_run` / `extract_stage` / `map_stage` /
+`FullStoryDeliveryOperator.execute` (one per chunk group, real hook, real HTTP to the emulator) /
+`summarise_run`. A run keeps its tasks' return values like XCom does, so a failed task can be retried,
+the whole run cleared, or a new run started, exactly as an Airflow user would. A `Killed` raised inside a
+task (through `delivery.fault_point` or a patched function) ends it without running its error handlers,
+as SIGKILL would.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from fullstory_provider.ledger_db import ledger_url
+from fullstory_provider.operators import FullStoryDeliveryOperator
+from include.datafly_fullstory import pipeline
+from include.datafly_fullstory.state import RunStore
+
+GROUP_SIZE = 2
+
+
+class Killed(BaseException):  # noqa: N818 - stands for a SIGKILL: `except Exception` does not catch it
+    """The task's process died here."""
+
+
+class _TI:
+    def __init__(self, task_id: str, map_index: int):
+        self.task_id, self.map_index = task_id, map_index
+
+    def xcom_push(self, key, value):
+        pass
+
+
+@dataclass
+class Run:
+    run_id: str
+    params: dict[str, Any]
+    interval: tuple[datetime, datetime] | None
+    xcom: dict[str, Any] = field(default_factory=dict)
+    done: list[str] = field(default_factory=list)
+    killed_in: str | None = None
+    error: BaseException | None = None
+
+    @property
+    def plan(self) -> dict[str, Any]:
+        return self.xcom["plan"]
+
+
+class SyncDriver:
+    def __init__(self, *, landing: Path, state: Path, airflow_home: Path, emulator, max_items: int = 60):
+        self.landing, self.state, self.home, self.max_items = landing, state, airflow_home, max_items
+        self.use(emulator)
+
+    def use(self, emulator, monkeypatch=None) -> None:
+        """Point the fullstory_default connection at an emulator (its org is the run's destination)."""
+        import os
+
+        conn = {"conn_type": "http", "host": emulator.base_url, "password": emulator.api_key,
+                "extra": {"org_id": emulator.org_id, "data_region": emulator.region}}
+        os.environ["AIRFLOW_CONN_FULLSTORY_DEFAULT"] = json.dumps(conn)
+        self.destination = f"{emulator.org_id}@{emulator.region}"
+
+    def new_run(self, run_id: str, *, hour: datetime | None = None, window: tuple[datetime, datetime] | None = None,
+                **params) -> Run:
+        """A run as scheduled (`hour`: the data interval [hour, hour+1h)) or manual (`window` params)."""
+        if window is not None:
+            params = {"window_start": window[0].isoformat(), "window_end": window[1].isoformat(), **params}
+        return Run(run_id, params, (hour, hour + timedelta(hours=1)) if hour is not None else None)
+
+    # ---- tasks -------------------------------------------------------------------------------------------
+
+    def tasks(self, run: Run) -> list[str]:
+        names = ["plan", "extract", "map"]
+        if "map" in run.xcom:
+            chunks = run.xcom["map"]["chunks"]
+            for kind in ("users", "events"):
+                for i, _ in enumerate(pipeline.group_chunks(chunks, kind, GROUP_SIZE)):
+                    names.append(f"deliver_{kind}[{i}]")
+        return [*names, "summarise"]
+
+    def execute(self, run: Run, name: str) -> Any:
+        if name == "plan":
+            plan = pipeline.plan_run(params=run.params, run_id=run.run_id, landing_uri=str(self.landing),
+                                     state_uri=str(self.state), airflow_home=str(self.home),
+                                     data_interval_start=run.interval[0] if run.interval else None,
+                                     data_interval_end=run.interval[1] if run.interval else None,
+                                     run_after=datetime.now().astimezone(), destination=self.destination)
+            plan["mapping"]["max_items"] = self.max_items  # several chunks per window
+            return plan
+        url = ledger_url(run.plan["ledger"])
+        if name == "extract":
+            return pipeline.extract_stage(run.plan, url)
+        if name == "map":
+            return pipeline.map_stage(run.plan, run.xcom["extract"], url)
+        if name.startswith("deliver_"):
+            kind, index = name.removeprefix("deliver_").rstrip("]").split("[")
+            group = pipeline.group_chunks(run.xcom["map"]["chunks"], kind, GROUP_SIZE)[int(index)]
+            operator = FullStoryDeliveryOperator(
+                task_id=f"deliver_{kind}", state_uri=run.plan["state_uri"], run_id=run.run_id, chunks=group,
+                dry_run=run.plan["dry_run"], ledger=run.plan["ledger"], destination=run.plan["destination"],
+                poll_interval=0.02, timeout=120)
+            return operator.execute({"ti": _TI(f"deliver_{kind}", int(index))})
+        if name == "summarise":
+            stats = [v for k, v in run.xcom.items() if k.startswith("deliver_")]
+            run_stats, problems = pipeline.summarise_run(run.plan, run.xcom["extract"], run.xcom["map"], stats, url)
+            return {"stats": run_stats, "problems": problems}
+        raise ValueError(name)
+
+    def go(self, run: Run, *, start: str | None = None) -> Run:
+        """Run the tasks in order from `start` (default: the first not done), as the scheduler would. A
+        task that raises ends the run there (its XCom stays unset)."""
+        run.killed_in, run.error = None, None
+        names = self.tasks(run)
+        at = names.index(start) if start else next((i for i, n in enumerate(names) if n not in run.done), len(names))
+        i = at
+        while i < len(names):
+            name = names[i]
+            try:
+                run.xcom[name] = self.execute(run, name)
+            except Killed:
+                run.killed_in = name
+                return run
+            except Exception as exc:  # a failed task: Airflow would record it and stop the downstream
+                run.error = exc
+                run.killed_in = name
+                if not name.startswith("deliver_"):
+                    return run
+                run.xcom.pop(name, None)
+            else:
+                if name not in run.done:
+                    run.done.append(name)
+            names = self.tasks(run)  # delivery groups appear once mapping has run
+            i += 1
+        return run
+
+    def retry(self, run: Run) -> Run:
+        """The failed task runs again (a retry, or a clear of that task), then what had not run."""
+        failed = run.killed_in
+        run.done = [n for n in run.done if n != failed]
+        return self.go(run, start=failed)
+
+    def clear(self, run: Run) -> Run:
+        """The whole run is cleared: every task runs again, same run id."""
+        run.xcom.clear()
+        run.done.clear()
+        return self.go(run, start="plan")
+
+    def store(self, run: Run) -> RunStore:
+        return RunStore(str(self.state), run.run_id)
