@@ -24,8 +24,9 @@ os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = f"sqlite:///{_HOME / 'airflo
 os.environ["AIRFLOW__CORE__UNIT_TEST_MODE"] = "False"
 os.environ.setdefault("PYTHONPATH", os.pathsep.join([str(ROOT), str(ROOT / "plugins")]))
 
-# The FullStory emulator as fixtures: `fullstory_emulator`, `fullstory_emulator_factory`.
-pytest_plugins = ["include.fullstory_emulator.pytest_plugin"]
+# The FullStory emulator as fixtures: `fullstory_emulator`, `fullstory_emulator_factory`; a real Postgres
+# server (`postgres_server`) and a fresh ledger database per test (`ledger_url`, SQLite and Postgres).
+pytest_plugins = ["include.fullstory_emulator.pytest_plugin", "tests.db_servers"]
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -54,6 +54,7 @@ KINDS = ("users", "events")  # chunk kinds, in delivery order: users before the 
 ITEM_KIND = {"users": "user", "events": "event"}  # outcome kind, and where FullStory echoes an item
 JOB_ENDED = ("COMPLETED", "FAILED")  # FAILED includes partial failure: per-item errors tell which
 EVENT_ID_PROPERTY = "datafly_event_id"
+NOT_ACCEPTED = (401, 403, 404)  # answers to a POST that say FullStory took nothing
 
 DEAD_LETTER_SCHEMA = pa.schema(
     [
@@ -247,6 +248,12 @@ def read_job(client: BatchClient, chunk: Chunk, job_id: str, lines: list[bytes],
     return JobReading(states, errors, unmatched)
 
 
+def _key_young(row: lg.ChunkRow, now: float) -> bool:
+    """Whether FullStory still remembers the chunk's key (with a margin for clock skew)."""
+    age = row.key_age(now)
+    return age is not None and age <= lg.KEY_SAFE_AGE_S
+
+
 def expired_message(chunk: lg.ChunkRow) -> str:
     when = datetime.fromtimestamp(chunk.first_post_at or 0, UTC).isoformat(timespec="seconds")
     return (f"chunk {chunk.name} of run {chunk.run_id} was POSTed at {when} with Idempotency-Key "
@@ -384,21 +391,25 @@ class Delivery:
     def _start(self, chunk: Chunk) -> _Flight | None:
         """Decide from the ledger what the chunk needs; returns a flight to poll, or None when done."""
         row = self.ledger.chunk(chunk.ledger_chunk_id)
+        if row.destination != self.destination:
+            raise DeliveryError(f"chunk {chunk.name} belongs to {row.destination} in the ledger, but this delivery "
+                                f"talks to {self.destination}; nothing was sent")
         now = lg.wall_clock()
         if chunk.mode == "replay":
-            if (row.key_age(now) or float("inf")) > lg.KEY_SAFE_AGE_S:
+            if not _key_young(row, now):
                 raise DeliveryError(f"force: {expired_message(row)}")
             return self._post(chunk, row, first=False, replay=True)
         if row.status == lg.C_CLAIMED:
+            lines = read_lines(chunk, row.sha256)  # a changed file is refused before anything is recorded
             if self.ledger.begin_post(row.id):
-                return self._post(chunk, self.ledger.chunk(row.id), first=True)
+                return self._post(chunk, self.ledger.chunk(row.id), first=True, lines=lines)
             row = self.ledger.chunk(row.id)  # someone changed it between our read and the compare-and-set
         if row.status == lg.C_ABANDONED:
             self.report.abandoned += 1
             self._account(chunk, row, new=False)
             return None
         if row.status == lg.C_POSTING and row.job_id is None:
-            if (row.key_age(now) or float("inf")) > lg.KEY_SAFE_AGE_S:
+            if not _key_young(row, now):
                 self._expired(chunk, row)
                 return None
             return self._post(chunk, row, first=False)
@@ -411,8 +422,9 @@ class Delivery:
         self._account(chunk, row, new=False)
         return None
 
-    def _post(self, chunk: Chunk, row: lg.ChunkRow, *, first: bool, replay: bool = False) -> _Flight | None:
-        lines = read_lines(chunk, row.sha256)
+    def _post(self, chunk: Chunk, row: lg.ChunkRow, *, first: bool, replay: bool = False,
+              lines: list[bytes] | None = None) -> _Flight | None:
+        lines = lines if lines is not None else read_lines(chunk, row.sha256)
         body = batch_body(lines)
         if not first:
             self.ledger.note_post(row.id)
@@ -422,8 +434,19 @@ class Delivery:
         except BatchRefused as refusal:
             if replay:
                 raise DeliveryError(f"force: FullStory refused the replay of {chunk.name}: {refusal}") from refusal
+            if not first and (refusal.status == 409 or "idempotency" in (refusal.code or "")):
+                # FullStory still runs (409) or holds another answer under this key: the first POST may have
+                # been imported, so the rows are not rejected; the chunk stays `posting` for a re-run.
+                raise DeliveryError(f"chunk {chunk.name}: re-sent under its recorded key, FullStory answered "
+                                    f"{refusal.status} {refusal.code}; kept for a later re-run") from refusal
             self._refused(chunk, row, lines, refusal)
             return None
+        except Exception as exc:
+            if first and getattr(exc, "status", None) in NOT_ACCEPTED:
+                # FullStory answered that it took nothing (bad key, forbidden, wrong region): the chunk is
+                # as unsent as before, so a fix of the connection sends it, even after 24 h.
+                self.ledger.revert_post(row.id)
+            raise
         fault_point("after_post")
         job_id = str(job["id"])
         if not replay:

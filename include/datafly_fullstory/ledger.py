@@ -541,6 +541,14 @@ class Ledger:
                                         submissions=chunks.c.submissions + 1, updated_at=now)).rowcount
         return done == 1
 
+    def revert_post(self, chunk_id: int) -> None:
+        """`posting -> claimed` after FullStory answered a first POST saying it took nothing (401, 403, 404)."""
+        with self._tx() as conn:
+            conn.execute(chunks.update().where(chunks.c.id == chunk_id, chunks.c.status == C_POSTING,
+                                               chunks.c.job_id.is_(None), chunks.c.submissions == 1)
+                         .values(status=C_CLAIMED, first_post_at=None, last_post_at=None, submissions=0,
+                                 updated_at=wall_clock()))
+
     def note_post(self, chunk_id: int) -> None:
         """A repeated POST of a chunk (same bytes, same key: FullStory replays its first answer)."""
         now = wall_clock()

@@ -52,8 +52,25 @@ class Run:
 
 
 class SyncDriver:
-    def __init__(self, *, landing: Path, state: Path, airflow_home: Path, emulator, max_items: int = 60):
+    def __init__(self, *, landing: Path, state: Path, airflow_home: Path, emulator, max_items: int = 60,
+                 postgres_url: str | None = None):
+        """`postgres_url`: keep the ledger in that Postgres database, reached as deployments do, through an
+        Airflow connection named by `datafly_fullstory_ledger_conn_id` (else the SQLite default)."""
+        import os
+
         self.landing, self.state, self.home, self.max_items = landing, state, airflow_home, max_items
+        self.ledger_conn_id = None
+        self.ledger_db_url = f"sqlite:///{state / 'ledger.sqlite'}"
+        if postgres_url:
+            import sqlalchemy as sa
+
+            url = sa.engine.make_url(postgres_url)
+            conn = {"conn_type": "postgres", "login": url.username, "password": url.password or "",
+                    "schema": url.database, "host": url.host or "", "port": url.port,
+                    "extra": {"host": url.query["host"]} if "host" in url.query else {}}
+            os.environ["AIRFLOW_CONN_DFFS_LEDGER"] = json.dumps(conn)
+            self.ledger_conn_id = "dffs_ledger"
+            self.ledger_db_url = ledger_url({"conn_id": "dffs_ledger"})
         self.use(emulator)
 
     def use(self, emulator, monkeypatch=None) -> None:
@@ -89,7 +106,8 @@ class SyncDriver:
                                      state_uri=str(self.state), airflow_home=str(self.home),
                                      data_interval_start=run.interval[0] if run.interval else None,
                                      data_interval_end=run.interval[1] if run.interval else None,
-                                     run_after=datetime.now().astimezone(), destination=self.destination)
+                                     run_after=datetime.now().astimezone(), destination=self.destination,
+                                     ledger_conn_id=self.ledger_conn_id)
             plan["mapping"]["max_items"] = self.max_items  # several chunks per window
             return plan
         url = ledger_url(run.plan["ledger"])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
@@ -38,14 +39,23 @@ def landing_table():
     return generate_table(LandingSpec(rows=ROWS, start=H10, end=H10 + timedelta(hours=3), seed=5, bad_fraction=0.01))
 
 
-@pytest.fixture
-def driver(tmp_path, landing_table, fullstory_emulator, monkeypatch):
+@pytest.fixture(params=["sqlite"])
+def driver(request, tmp_path, landing_table, fullstory_emulator, monkeypatch):
+    """The DAG's tasks on a fresh state and ledger: SQLite by default; `postgres` (through indirect
+    parametrisation) keeps the ledger in a new database of the session's Postgres server."""
     write_landing(landing_table, tmp_path / "landing")
-    monkeypatch.delenv("AIRFLOW_CONN_FULLSTORY_DEFAULT", raising=False)
+    for name in ("AIRFLOW_CONN_FULLSTORY_DEFAULT", "AIRFLOW_CONN_DFFS_LEDGER"):
+        monkeypatch.delenv(name, raising=False)
+    postgres_url = None
+    if request.param == "postgres":
+        postgres_url = request.getfixturevalue("postgres_server").new_database(f"eo_{uuid.uuid4().hex[:12]}")
     d = SyncDriver(landing=tmp_path / "landing", state=tmp_path / "state", airflow_home=tmp_path,
-                   emulator=fullstory_emulator)
+                   emulator=fullstory_emulator, postgres_url=postgres_url)
     yield d
     lg.dispose_engines()
+
+
+both_ledgers = pytest.mark.parametrize("driver", ["sqlite", "postgres"], indirect=True)
 
 
 def kill_at(monkeypatch, point: str, occurrence: int = 2) -> None:
@@ -79,7 +89,7 @@ def window_rows(table: pa.Table, start: datetime, end: datetime) -> pa.Table:
 
 
 def ledger_states(driver: SyncDriver, destination: str | None = None) -> dict[str, str]:
-    engine = sa.create_engine(f"sqlite:///{driver.state / 'ledger.sqlite'}")
+    engine = sa.create_engine(driver.ledger_db_url)
     with engine.connect() as conn:
         rows = conn.execute(sa.text("select event_id, state from dffs_items where destination = :d"),
                             {"d": destination or driver.destination}).all()
@@ -93,7 +103,7 @@ def assert_no_duplicates(emulator, driver: SyncDriver) -> set[str]:
     ids = [e["properties"]["datafly_event_id"] for e in emulator.events()]
     dups = [i for i, n in Counter(ids).items() if n > 1]
     assert not dups, f"{len(dups)} events imported twice, e.g. {dups[:3]}"
-    engine = sa.create_engine(f"sqlite:///{driver.state / 'ledger.sqlite'}")
+    engine = sa.create_engine(driver.ledger_db_url)
     with engine.connect() as conn:
         sent = conn.execute(sa.text(
             "select uid, state, count(distinct chunk_id) from dffs_items where destination = :d and kind = 'user' "
@@ -154,6 +164,20 @@ FOLLOW_UPS = ["retry", "clear", "new_run", "force"]
 @pytest.mark.parametrize("kill", KILLS)
 def test_kill_then_follow_up_never_duplicates(kill, follow_up, later, driver, fullstory_emulator, landing_table,
                                               monkeypatch):
+    kill_then_follow_up(kill, follow_up, later, driver, fullstory_emulator, landing_table, monkeypatch)
+
+
+@pytest.mark.parametrize("later", [False, True], ids=["at-once", "after-25h"])
+@pytest.mark.parametrize("follow_up", FOLLOW_UPS)
+@pytest.mark.parametrize("kill", ["after_post", "after_job"])
+@pytest.mark.parametrize("driver", ["postgres"], indirect=True)
+def test_kill_then_follow_up_on_postgres(kill, follow_up, later, driver, fullstory_emulator, landing_table,
+                                         monkeypatch):
+    assert driver.ledger_conn_id is not None
+    kill_then_follow_up(kill, follow_up, later, driver, fullstory_emulator, landing_table, monkeypatch)
+
+
+def kill_then_follow_up(kill, follow_up, later, driver, fullstory_emulator, landing_table, monkeypatch):
     emu = fullstory_emulator
     faults = pytest.MonkeyPatch()
     if kill == "summarise":
@@ -187,6 +211,7 @@ def test_kill_then_follow_up_never_duplicates(kill, follow_up, later, driver, fu
         assert lg.DELIVERED in states.values()
 
 
+@both_ledgers
 def test_unknown_after_an_expired_key_fails_the_run_and_says_what_to_check(driver, fullstory_emulator,
                                                                          landing_table, monkeypatch):
     faults = pytest.MonkeyPatch()
@@ -210,6 +235,7 @@ def test_unknown_after_an_expired_key_fails_the_run_and_says_what_to_check(drive
 # ---- overlapping runs, late rows, a second org -------------------------------------------------------------
 
 
+@both_ledgers
 def test_overlapping_runs_started_together_send_each_event_once(driver, fullstory_emulator, landing_table):
     runs = [driver.new_run("short", window=(H10, H10 + timedelta(hours=1))),
             driver.new_run("long", window=(H10, H10 + timedelta(hours=3)))]
@@ -256,6 +282,7 @@ def _counted_twice(driver, runs) -> int:
     return sum(n - 1 for n in Counter(ids).values() if n > 1)
 
 
+@both_ledgers
 def test_late_rows_are_delivered_once_by_the_next_scheduled_run(driver, fullstory_emulator, landing_table, tmp_path):
     on_time = window_rows(landing_table, H10, H10 + timedelta(hours=1))
     late = on_time.slice(0, 40)
