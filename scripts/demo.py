@@ -108,7 +108,9 @@ def print_stats_table(hours: int) -> None:
     if len(rows) < hours:
         raise SystemExit(f"demo: expected {hours} runs' stats under {runs}, found {len(rows)}")
     print_reasons(Path(rows[-1]["artifacts"]))
-    print(f"\nRun artifacts (outcomes, quarantine, dead letters, payloads, ledger): {runs}")
+    print(f"\nRun artifacts (outcomes, quarantine, dead letters, payloads): {runs}")
+    print(f"Delivery ledger (what reached FullStory, per org; SQL in docs/exactly-once.md): "
+          f"{runs.parent / 'ledger.sqlite'}")
 
 
 def print_reasons(run_dir: Path) -> None:

@@ -169,10 +169,22 @@ _ENGINES_LOCK = threading.Lock()
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
     # Autocommit at the driver level; SQLAlchemy's "begin" event below opens BEGIN IMMEDIATE, so two
     # writers queue on the file lock instead of failing to upgrade a read lock (SQLite's deadlock).
+    import sqlite3
+
     dbapi_conn.isolation_level = None
     cursor = dbapi_conn.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA busy_timeout=60000")
+    # Switching a fresh file to WAL fails at once while another connection writes (SQLite does not call
+    # the busy handler for it): wait for the writer, boundedly, as the busy timeout would.
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
 
@@ -183,9 +195,18 @@ def engine_for(url: str) -> Engine:
         engine = _ENGINES.get(url)
         if engine is None:
             engine = _make_engine(url)
-            metadata.create_all(engine, checkfirst=True)
+            _create_tables(engine)
             _ENGINES[url] = engine
         return engine
+
+
+def _create_tables(engine: Engine) -> None:
+    """CREATE TABLE IF NOT EXISTS, once even when several workers open a fresh database at the same time
+    (on Postgres two concurrent creators would collide on the catalog: a transaction lock orders them)."""
+    with engine.begin() as conn:
+        if engine.url.get_backend_name() == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(7305170001)"))
+        metadata.create_all(conn, checkfirst=True)
 
 
 def _make_engine(url: str) -> Engine:
@@ -355,10 +376,12 @@ class Ledger:
                       state: str = CLAIMED) -> None:
         """Claim items nobody has a record of (existing rows are left alone: the caller reads them back)."""
         now = wall_clock()
+        # In event_id order: two runs claiming overlapping ids then lock rows in the same order and never
+        # deadlock (Postgres would otherwise abort one of them).
         rows = [{"destination": destination, "event_id": n.event_id, "kind": n.kind, "uid": n.uid,
                  "state": state, "run_id": run_id, "chunk_id": None, "window_start": window[0],
                  "window_end": window[1], "event_time": n.event_time, "claimed_at": now, "updated_at": now}
-                for n in new]
+                for n in sorted(new, key=lambda n: n.event_id)]
         with self._tx() as conn:
             for part in _batches(rows, 500):
                 conn.execute(self._insert(items).on_conflict_do_nothing(), list(part))
@@ -372,7 +395,7 @@ class Ledger:
         now = wall_clock()
         owned: set[str] = set()
         with self._tx() as conn:
-            for part in _batches(list(event_ids)):
+            for part in _batches(sorted(set(event_ids))):
                 cond = [items.c.destination == destination, items.c.event_id.in_(part),
                         items.c.state.in_(list(from_states))]
                 if from_run is not None:
@@ -507,7 +530,7 @@ class Ledger:
                     imports=0, errors=0, delivered_items=0, rejected_items=0, unknown_items=0,
                     **values)).inserted_primary_key[0]
             assigned = 0
-            for part in _batches(list(event_ids)):
+            for part in _batches(sorted(set(event_ids))):
                 assigned += conn.execute(items.update().where(
                     items.c.destination == destination, items.c.event_id.in_(part), items.c.run_id == run_id,
                     items.c.state == CLAIMED).values(chunk_id=chunk_id, updated_at=now)).rowcount
@@ -571,9 +594,13 @@ class Ledger:
         if status not in CHUNK_TERMINAL:
             raise LedgerError(f"{status!r} is not a terminal chunk status")
         now = wall_clock()
-        stmt = items.update().where(items.c.chunk_id == chunk_id, items.c.event_id == sa.bindparam("eid")).values(
-            state=sa.bindparam("st"), code=sa.bindparam("cd"), message=sa.bindparam("msg"), updated_at=now)
         with self._tx() as conn:
+            destination = conn.execute(sa.select(chunks.c.destination).where(chunks.c.id == chunk_id)).scalar_one()
+            # By the primary key (destination, event_id): one index probe per item.
+            stmt = items.update().where(
+                items.c.destination == destination, items.c.event_id == sa.bindparam("eid"),
+                items.c.chunk_id == chunk_id).values(
+                state=sa.bindparam("st"), code=sa.bindparam("cd"), message=sa.bindparam("msg"), updated_at=now)
             for part in _batches(list(results), 1000):
                 conn.execute(stmt, [{"eid": e, "st": s, "cd": c, "msg": m} for e, s, c, m in part])
             conn.execute(chunks.update().where(chunks.c.id == chunk_id).values(
