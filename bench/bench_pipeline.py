@@ -1,4 +1,5 @@
-"""End to end: N landed rows through extract+validate -> map -> deliver into the local emulator.
+"""End to end: N landed rows through extract+validate+claim -> map -> deliver into the local emulator, with
+the delivery ledger (SQLite) as the DAG keeps it.
 
 Prints each stage's seconds and rows/s, and how busy the emulator was while the sync delivered: its CPU
 seconds (read from /proc) against the delivery stage's wall seconds. A ratio well below 1 means the run
@@ -19,8 +20,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from include.datafly_fullstory.delivery import Delivery, DeliverySettings, load_chunks
-from include.datafly_fullstory.extract import run_extract
-from include.datafly_fullstory.mapping import run_mapping
+from include.datafly_fullstory.ledger import Ledger
+from include.datafly_fullstory.pipeline import extract_stage, map_stage, plan_run
 from include.datafly_fullstory.sample import generate_landing
 from include.datafly_fullstory.state import RunStore
 from include.datafly_fullstory.window import Window
@@ -48,15 +49,18 @@ def main() -> None:
     t = time.perf_counter()
     generate_landing(work / "landing", args.rows, START, hours=1, files_per_hour=4)
     print(f"landing: {args.rows:,} rows generated in {time.perf_counter() - t:.1f}s (not counted)")
-    store = RunStore(str(work / "state"), "bench")
-
     with EmulatorProcess(job_seconds=0.2, rate=100_000, burst=100_000) as emulator:
         from fullstory_provider.hooks import FullStoryHook
 
+        plan = plan_run(params={"lookback_hours": 0}, run_id="bench", landing_uri=str(work / "landing"),
+                        state_uri=str(work / "state"), airflow_home=str(work), data_interval_start=window.start,
+                        data_interval_end=window.end, destination=f"{emulator.org_id}@{emulator.region}")
+        ledger_url = plan["ledger"]["url"]
+        store = RunStore(plan["state_uri"], plan["run_id"])
         t0 = time.perf_counter()
-        extracted = run_extract(str(work / "landing"), window, store)
+        extracted = extract_stage(plan, ledger_url)  # read, validate, claim in the ledger
         t1 = time.perf_counter()
-        mapped = run_mapping(store, None, None, now=datetime.now(UTC), window=window)
+        mapped = map_stage(plan, extracted, ledger_url)  # map, register chunks in the ledger
         t2 = time.perf_counter()
         os.environ["AIRFLOW_CONN_BENCH_FULLSTORY"] = json.dumps({
             "conn_type": "http", "host": emulator.base_url, "password": emulator.api_key,
@@ -67,9 +71,10 @@ def main() -> None:
         users = [n for n in names if n.startswith("users")]
         events = [n for n in names if n.startswith("events")]
         settings = DeliverySettings(max_in_flight=args.max_in_flight, poll_interval=0.2, timeout=1800)
+        ledger = Ledger(ledger_url)
         # Users first, then events: two tasks in the DAG, so two Delivery runs here.
-        Delivery(store, hook, settings).run(load_chunks(store, users))
-        report = Delivery(store, hook, settings).run(load_chunks(store, events))
+        Delivery(store, hook, ledger, plan["destination"], settings).run(load_chunks(store, users))
+        report = Delivery(store, hook, ledger, plan["destination"], settings).run(load_chunks(store, events))
         t3 = time.perf_counter()
         emu_cpu = cpu_seconds(emulator.pid) - emu_cpu_before
         held = emulator.state()["events"]
@@ -78,7 +83,7 @@ def main() -> None:
     rows = extracted["rows_read"]
     items = mapped["events_mapped"] + mapped["users_mapped"]
     print(f"\n{'stage':<22}{'seconds':>9}{'rows/s':>12}")
-    for name, secs in (("extract + validate", t1 - t0), ("map + serialise", t2 - t1), ("deliver", t3 - t2),
+    for name, secs in (("extract+validate+claim", t1 - t0), ("map + register", t2 - t1), ("deliver", t3 - t2),
                        ("total", t3 - t0)):
         print(f"{name:<22}{secs:>9.1f}{rows / secs:>12,.0f}")
     print(f"\nitems delivered: {items:,} ({mapped['events_mapped']:,} events, {mapped['users_mapped']:,} users) "

@@ -75,16 +75,15 @@ def row_kinds(frame: pd.DataFrame) -> np.ndarray:
     return np.where(frame["type"].to_numpy(dtype=object) == "identify", "user", "event")
 
 
-def new_items(frame: pd.DataFrame) -> list[lg.NewItem]:
+def new_items(frame: pd.DataFrame) -> lg.ClaimColumns:
     """Ledger items for the rows of a landing frame (rows without an event_id are not tracked)."""
-    ids = frame["event_id"].to_numpy(dtype=object)
-    kinds = row_kinds(frame)
-    uids = frame["user_id"].to_numpy(dtype=object)
+    has_id = frame["event_id"].notna().to_numpy()
+    frame = frame[has_id]
     ts = frame["timestamp"]
-    seconds = (ts.astype("int64") / 1e9).to_numpy() if len(ts) else np.array([])
-    nat = ts.isna().to_numpy()
-    return [lg.NewItem(str(i), k, None if (u is None or u != u) else str(u), None if bad else float(t))
-            for i, k, u, t, bad in zip(ids, kinds, uids, seconds, nat, strict=True) if isinstance(i, str)]
+    seconds = (ts.astype("int64") / 1e9).where(ts.notna(), None) if len(ts) else ts
+    return lg.ClaimColumns(frame["event_id"].astype(str).tolist(), row_kinds(frame).tolist(),
+                           frame["user_id"].astype(object).where(frame["user_id"].notna(), None).tolist(),
+                           [None if v is None or v != v else float(v) for v in seconds.tolist()])
 
 
 def claim_rows(store: RunStore, ledger: lg.Ledger, destination: str, window: tuple[str, str],
@@ -119,7 +118,10 @@ def claim_rows(store: RunStore, ledger: lg.Ledger, destination: str, window: tup
 def _claim_frame(ledger, destination, run_id, window, options, frame, report):
     ids = frame["event_id"].astype(object).tolist()
     row_of = frame["_row"].to_numpy(dtype=np.int64)
-    ledger.insert_claims(destination, run_id, new_items(frame), window=window)
+    claimed_now = ledger.insert_claims(destination, run_id, new_items(frame), window=window)
+    if claimed_now == len(ids):  # nobody had any of them: all the run's, nothing to read back
+        report.claimed += len(ids)
+        return np.ones(len(ids), dtype=bool), None
     found = ledger.lookup(destination, ids)
     now = lg.wall_clock()
     stale_before = now - options.lease_s

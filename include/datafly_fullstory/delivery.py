@@ -493,15 +493,16 @@ class Delivery:
                 **values: Any) -> None:
         """The chunk's items get their final states and the chunk its terminal status, in one transaction;
         then this run's outcome files and dead letters."""
-        original = read_index_uri(index_uri_of(chunk.payload_uri)).to_pandas()
-        results = []
-        counts = {lg.DELIVERED: 0, lg.REJECTED: 0, lg.UNKNOWN: 0}
-        for index, event_id in zip(original["item_index"], original["event_id"], strict=True):
-            state, code, message = reading.states.get(int(index), (lg.DELIVERED, None, None))
-            results.append((event_id, state, code, message))
-        for index in range(len(lines)):
-            counts[reading.states.get(index, (lg.DELIVERED,))[0]] += 1
-        self.ledger.finish_chunk(row.id, status, results, delivered_items=counts[lg.DELIVERED],
+        exceptions = []
+        if reading.states:  # the rows of lines not delivered; every other row of the chunk is
+            original = read_index_uri(index_uri_of(chunk.payload_uri)).to_pandas()
+            hit = original["item_index"].isin(list(reading.states))
+            for index, event_id in zip(original["item_index"][hit], original["event_id"][hit], strict=True):
+                exceptions.append((event_id, *reading.states[int(index)]))
+        counts = {lg.DELIVERED: len(lines) - len(reading.states), lg.REJECTED: 0, lg.UNKNOWN: 0}
+        for state, _, _ in reading.states.values():
+            counts[state] += 1
+        self.ledger.finish_chunk(row.id, status, exceptions, delivered_items=counts[lg.DELIVERED],
                                  rejected_items=counts[lg.REJECTED], unknown_items=counts[lg.UNKNOWN], **values)
         self.report.unmatched_errors += reading.unmatched_errors
         self.report.items_this_try += len(lines)
@@ -527,9 +528,8 @@ class Delivery:
     def _expired(self, chunk: Chunk, row: lg.ChunkRow) -> None:
         message = expired_message(row)
         self.log.error("%s", message)
-        original = read_index_uri(index_uri_of(chunk.payload_uri)).to_pandas()
-        results = [(e, lg.UNKNOWN, "key_expired", message) for e in original["event_id"]]
-        self.ledger.finish_chunk(row.id, lg.C_UNKNOWN, results, unknown_items=row.items)
+        self.ledger.finish_chunk(row.id, lg.C_UNKNOWN, [], others=lg.UNKNOWN, others_code="key_expired",
+                                 others_message=message, unknown_items=row.items)
         self._account(chunk, self.ledger.chunk(row.id), new=True)
 
     # ---- outcomes from the ledger ------------------------------------------------------------------------

@@ -319,6 +319,28 @@ class NewItem:
     event_time: float | None = None
 
 
+@dataclass(frozen=True)
+class ClaimColumns:
+    """Items to claim, column by column (the claim step builds them from a landing frame without a Python
+    object per row)."""
+
+    event_id: list[str]
+    kind: list[str]
+    uid: list[str | None]
+    event_time: list[float | None]
+
+    @classmethod
+    def of(cls, new: Sequence[NewItem]) -> ClaimColumns:
+        return cls([n.event_id for n in new], [n.kind for n in new], [n.uid for n in new],
+                   [n.event_time for n in new])
+
+    def __len__(self) -> int:
+        return len(self.event_id)
+
+    def rows(self) -> Iterator[tuple]:
+        return zip(self.event_id, self.kind, self.uid, self.event_time, strict=True)
+
+
 # ---- the ledger -----------------------------------------------------------------------------------------
 
 
@@ -372,19 +394,42 @@ class Ledger:
                 out.update(conn.execute(query).scalars())
         return out
 
-    def insert_claims(self, destination: str, run_id: str, new: Sequence[NewItem], *, window: tuple[str, str],
-                      state: str = CLAIMED) -> None:
-        """Claim items nobody has a record of (existing rows are left alone: the caller reads them back)."""
+    def _load_batch(self, conn: Connection, rows: Iterable[tuple]) -> None:
+        """Put (event_id, kind, uid, event_time) rows into this connection's temporary table `dffs_batch`,
+        emptied first: the set-based statements below join it, so a million items cost one statement in
+        the database instead of a million bound statements (COPY on Postgres, executemany on SQLite)."""
+        if self.backend == "postgresql":
+            conn.exec_driver_sql("CREATE TEMP TABLE IF NOT EXISTS dffs_batch (event_id text, kind text, uid text, "
+                                 "event_time double precision)")
+            conn.exec_driver_sql("TRUNCATE dffs_batch")
+            with conn.connection.driver_connection.cursor() as cursor, cursor.copy(
+                    "COPY dffs_batch (event_id, kind, uid, event_time) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+            return
+        conn.exec_driver_sql("CREATE TEMP TABLE IF NOT EXISTS dffs_batch (event_id TEXT, kind TEXT, uid TEXT, "
+                             "event_time REAL)")
+        conn.exec_driver_sql("DELETE FROM dffs_batch")
+        conn.exec_driver_sql("INSERT INTO dffs_batch VALUES (?, ?, ?, ?)", list(rows))
+
+    def insert_claims(self, destination: str, run_id: str, new: Sequence[NewItem] | ClaimColumns, *,
+                      window: tuple[str, str], state: str = CLAIMED) -> int:
+        """Claim items nobody has a record of; existing rows are left alone. Returns how many were claimed
+        now: when that is all of them, no other run had any, and the caller need not read them back."""
+        columns = new if isinstance(new, ClaimColumns) else ClaimColumns.of(new)
+        if not len(columns):
+            return 0
         now = wall_clock()
-        # In event_id order: two runs claiming overlapping ids then lock rows in the same order and never
-        # deadlock (Postgres would otherwise abort one of them).
-        rows = [{"destination": destination, "event_id": n.event_id, "kind": n.kind, "uid": n.uid,
-                 "state": state, "run_id": run_id, "chunk_id": None, "window_start": window[0],
-                 "window_end": window[1], "event_time": n.event_time, "claimed_at": now, "updated_at": now}
-                for n in sorted(new, key=lambda n: n.event_id)]
         with self._tx() as conn:
-            for part in _batches(rows, 500):
-                conn.execute(self._insert(items).on_conflict_do_nothing(), list(part))
+            self._load_batch(conn, columns.rows())
+            # In event_id order: two runs claiming overlapping ids lock rows in the same order and never
+            # deadlock (Postgres would otherwise abort one of them).
+            return conn.execute(sa.text(
+                "INSERT INTO dffs_items (destination, event_id, kind, uid, state, run_id, chunk_id, window_start, "
+                "window_end, event_time, claimed_at, updated_at) "
+                "SELECT :d, event_id, kind, uid, :st, :r, NULL, :ws, :we, event_time, :now, :now FROM dffs_batch "
+                "WHERE true ORDER BY event_id ON CONFLICT DO NOTHING"),
+                {"d": destination, "st": state, "r": run_id, "ws": window[0], "we": window[1], "now": now}).rowcount
 
     def take_over(self, destination: str, run_id: str, event_ids: Sequence[str], *, from_states: Sequence[str],
                   from_run: str | None = None, unsent_chunk_only: bool = False,
@@ -445,7 +490,7 @@ class Ledger:
                 for part in _batches(pairs, 1000):
                     conn.execute(stmt, [{"eid": e, "msg": (r or "")[:2000]} for e, r in part])
 
-    def record_unclaimed(self, destination: str, run_id: str, new: Sequence[NewItem], state: str,
+    def record_unclaimed(self, destination: str, run_id: str, new: Sequence[NewItem] | ClaimColumns, state: str,
                          *, window: tuple[str, str]) -> None:
         """Rows that never reach a claim (quarantined) are recorded once, so the look-back knows them."""
         if state not in UNSENT_STATES:
@@ -529,11 +574,11 @@ class Ledger:
                     destination=destination, run_id=run_id, name=name, created_at=now, submissions=0,
                     imports=0, errors=0, delivered_items=0, rejected_items=0, unknown_items=0,
                     **values)).inserted_primary_key[0]
-            assigned = 0
-            for part in _batches(sorted(set(event_ids))):
-                assigned += conn.execute(items.update().where(
-                    items.c.destination == destination, items.c.event_id.in_(part), items.c.run_id == run_id,
-                    items.c.state == CLAIMED).values(chunk_id=chunk_id, updated_at=now)).rowcount
+            self._load_batch(conn, ((e, None, None, None) for e in sorted(set(event_ids))))
+            assigned = conn.execute(sa.text(
+                "UPDATE dffs_items SET chunk_id = :c, updated_at = :now WHERE destination = :d AND run_id = :r "
+                "AND state = :st AND event_id IN (SELECT event_id FROM dffs_batch)"),
+                {"c": chunk_id, "now": now, "d": destination, "r": run_id, "st": CLAIMED}).rowcount
             if assigned != len(set(event_ids)):
                 raise ClaimLost(f"chunk {name}: {len(set(event_ids)) - assigned} of its items are no longer "
                                 f"claimed by run {run_id} (another run took them over)")
@@ -587,21 +632,25 @@ class Ledger:
             conn.execute(chunks.update().where(chunks.c.id == chunk_id).values(updated_at=wall_clock(),
                                                                                  **values))
 
-    def finish_chunk(self, chunk_id: int, status: str, results: Sequence[tuple[str, str, str | None, str | None]],
+    def finish_chunk(self, chunk_id: int, status: str, exceptions: Sequence[tuple[str, str, str | None, str | None]],
+                     *, others: str = DELIVERED, others_code: str | None = None, others_message: str | None = None,
                      **values: Any) -> None:
-        """The chunk ended: every item's final state (event_id, state, code, message) and the chunk's
-        terminal status, in one transaction. Items of the chunk not listed keep their state."""
+        """The chunk ended: its items get state `others` (delivered, unless said otherwise), except those in
+        `exceptions` (event_id, state, code, message), and the chunk its terminal status, in one
+        transaction."""
         if status not in CHUNK_TERMINAL:
             raise LedgerError(f"{status!r} is not a terminal chunk status")
         now = wall_clock()
         with self._tx() as conn:
             destination = conn.execute(sa.select(chunks.c.destination).where(chunks.c.id == chunk_id)).scalar_one()
-            # By the primary key (destination, event_id): one index probe per item.
+            conn.execute(items.update().where(items.c.chunk_id == chunk_id, items.c.state == CLAIMED).values(
+                state=others, code=others_code, message=others_message, updated_at=now))
+            # By the primary key (destination, event_id): one index probe per exception.
             stmt = items.update().where(
                 items.c.destination == destination, items.c.event_id == sa.bindparam("eid"),
                 items.c.chunk_id == chunk_id).values(
                 state=sa.bindparam("st"), code=sa.bindparam("cd"), message=sa.bindparam("msg"), updated_at=now)
-            for part in _batches(list(results), 1000):
+            for part in _batches(list(exceptions), 1000):
                 conn.execute(stmt, [{"eid": e, "st": s, "cd": c, "msg": m} for e, s, c, m in part])
             conn.execute(chunks.update().where(chunks.c.id == chunk_id).values(
                 status=status, finished_at=now, updated_at=now, **values))
