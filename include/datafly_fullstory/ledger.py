@@ -371,46 +371,72 @@ class Ledger:
 
     def lookup(self, destination: str, event_ids: Sequence[str]) -> dict[str, ItemRow]:
         """The ledger rows of these event ids (with their chunk's status), by event id."""
-        found: dict[str, ItemRow] = {}
-        cols = [items.c.event_id, items.c.kind, items.c.state, items.c.run_id, items.c.chunk_id,
-                items.c.claimed_at, items.c.updated_at, items.c.code, items.c.message,
-                chunks.c.status, chunks.c.first_post_at, chunks.c.updated_at]
-        join = items.outerjoin(chunks, chunks.c.id == items.c.chunk_id)
-        with self.engine.connect() as conn:
-            for part in _batches(list(event_ids)):
-                query = sa.select(*cols).select_from(join).where(
-                    items.c.destination == destination, items.c.event_id.in_(part))
-                for row in conn.execute(query):
-                    found[row[0]] = ItemRow(*row)
-        return found
+        if not event_ids:
+            return {}
+        with self._tx() as conn:
+            self._load_batch(conn, ((e, None, None, None, None) for e in sorted(set(event_ids))))
+            rows = conn.execute(sa.text(
+                "SELECT i.event_id, i.kind, i.state, i.run_id, i.chunk_id, i.claimed_at, i.updated_at, i.code, "
+                "i.message, c.status, c.first_post_at, c.updated_at FROM dffs_batch b CROSS JOIN dffs_items i "
+                "LEFT JOIN dffs_chunks c ON c.id = i.chunk_id WHERE i.destination = :d AND i.event_id = b.event_id"),
+                {"d": destination}).all()
+        return {row[0]: ItemRow(*row) for row in rows}
 
     def known(self, destination: str, event_ids: Sequence[str]) -> set[str]:
         """Which of these event ids the ledger has any record of, for this destination."""
-        out: set[str] = set()
-        with self.engine.connect() as conn:
-            for part in _batches(list(event_ids)):
-                query = sa.select(items.c.event_id).where(items.c.destination == destination,
-                                                          items.c.event_id.in_(part))
-                out.update(conn.execute(query).scalars())
-        return out
+        if not event_ids:
+            return set()
+        with self._tx() as conn:
+            self._load_batch(conn, ((e, None, None, None, None) for e in sorted(set(event_ids))))
+            return set(conn.execute(sa.text(
+                "SELECT i.event_id FROM dffs_batch b CROSS JOIN dffs_items i WHERE i.destination = :d "
+                "AND i.event_id = b.event_id"), {"d": destination}).scalars())
 
     def _load_batch(self, conn: Connection, rows: Iterable[tuple]) -> None:
-        """Put (event_id, kind, uid, event_time) rows into this connection's temporary table `dffs_batch`,
-        emptied first: the set-based statements below join it, so a million items cost one statement in
-        the database instead of a million bound statements (COPY on Postgres, executemany on SQLite)."""
+        """Put rows (event_id, a, b, c, t) into this connection's temporary table `dffs_batch`, emptied first:
+        the set-based statements below join it by `event_id`, so a million items cost a few statements in
+        the database instead of a million bound statements (COPY on Postgres, one executemany on SQLite).
+        Claims use a=kind, b=uid, t=event_time; settling a=state, b=reason; finishing a=state, b=code,
+        c=message."""
         if self.backend == "postgresql":
-            conn.exec_driver_sql("CREATE TEMP TABLE IF NOT EXISTS dffs_batch (event_id text, kind text, uid text, "
-                                 "event_time double precision)")
+            conn.exec_driver_sql("CREATE TEMP TABLE IF NOT EXISTS dffs_batch (event_id text, a text, b text, c text, "
+                                 "t double precision)")
+            conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS dffs_batch_id ON dffs_batch (event_id)")
             conn.exec_driver_sql("TRUNCATE dffs_batch")
             with conn.connection.driver_connection.cursor() as cursor, cursor.copy(
-                    "COPY dffs_batch (event_id, kind, uid, event_time) FROM STDIN") as copy:
+                    "COPY dffs_batch (event_id, a, b, c, t) FROM STDIN") as copy:
                 for row in rows:
                     copy.write_row(row)
+            conn.exec_driver_sql("ANALYZE dffs_batch")
+            # Join the batch to the items by their primary key, whatever the items' statistics say (a fresh
+            # or freshly loaded table has none, and a plan without the index would be quadratic).
+            conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
             return
-        conn.exec_driver_sql("CREATE TEMP TABLE IF NOT EXISTS dffs_batch (event_id TEXT, kind TEXT, uid TEXT, "
-                             "event_time REAL)")
+        conn.exec_driver_sql("CREATE TEMP TABLE IF NOT EXISTS dffs_batch (event_id TEXT, a TEXT, b TEXT, c TEXT, t REAL)")
+        conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS temp.dffs_batch_id ON dffs_batch (event_id)")
         conn.exec_driver_sql("DELETE FROM dffs_batch")
-        conn.exec_driver_sql("INSERT INTO dffs_batch VALUES (?, ?, ?, ?)", list(rows))
+        conn.exec_driver_sql("INSERT INTO dffs_batch VALUES (?, ?, ?, ?, ?)", list(rows))
+
+    def _batch_items(self, where: str) -> str:
+        """SQLite: the rowids of dffs_items matching the batch by primary key, batch first (CROSS JOIN fixes
+        that order in SQLite), plus `where` on `i`."""
+        return (f"SELECT i.rowid FROM dffs_batch b CROSS JOIN dffs_items i "
+                f"WHERE i.destination = :d AND i.event_id = b.event_id AND {where}")
+
+    def _update_from_batch(self, conn: Connection, set_sql: str, where: str, params: dict) -> int:
+        """UPDATE the items matching the batch (see `_batch_items`); `set_sql` may read the batch's row as
+        `(SELECT b.<col> FROM dffs_batch b WHERE b.event_id = dffs_items.event_id)`, written `{b.<col>}`."""
+        import re
+
+        if self.backend == "postgresql":  # UPDATE .. FROM joins by the primary key (seq scans are off)
+            set_sql = re.sub(r"\{b\.(\w+)\}", r"b.\1", set_sql)
+            return conn.execute(sa.text(
+                f"UPDATE dffs_items AS i SET {set_sql} FROM dffs_batch b WHERE i.destination = :d "
+                f"AND i.event_id = b.event_id AND {where}"), params).rowcount
+        set_sql = re.sub(r"\{b\.(\w+)\}", r"(SELECT b.\1 FROM dffs_batch b WHERE b.event_id = dffs_items.event_id LIMIT 1)",
+                         set_sql)
+        return conn.execute(sa.text(f"UPDATE dffs_items SET {set_sql} WHERE rowid IN ({self._batch_items(where)})"),
+                            params).rowcount
 
     def insert_claims(self, destination: str, run_id: str, new: Sequence[NewItem] | ClaimColumns, *,
                       window: tuple[str, str], state: str = CLAIMED) -> int:
@@ -421,13 +447,13 @@ class Ledger:
             return 0
         now = wall_clock()
         with self._tx() as conn:
-            self._load_batch(conn, columns.rows())
+            self._load_batch(conn, ((e, k, u, None, t) for e, k, u, t in columns.rows()))
             # In event_id order: two runs claiming overlapping ids lock rows in the same order and never
             # deadlock (Postgres would otherwise abort one of them).
             return conn.execute(sa.text(
                 "INSERT INTO dffs_items (destination, event_id, kind, uid, state, run_id, chunk_id, window_start, "
                 "window_end, event_time, claimed_at, updated_at) "
-                "SELECT :d, event_id, kind, uid, :st, :r, NULL, :ws, :we, event_time, :now, :now FROM dffs_batch "
+                "SELECT :d, event_id, a, b, :st, :r, NULL, :ws, :we, t, :now, :now FROM dffs_batch "
                 "WHERE true ORDER BY event_id ON CONFLICT DO NOTHING"),
                 {"d": destination, "st": state, "r": run_id, "ws": window[0], "we": window[1], "now": now}).rowcount
 
@@ -475,20 +501,18 @@ class Ledger:
 
     def settle_unsent(self, destination: str, run_id: str, states: Iterable[tuple[str, str, str | None]]) -> None:
         """Record the final state of claimed rows this run does not send: (event_id, state, reason)."""
-        now = wall_clock()
-        grouped: dict[str, list[tuple[str, str | None]]] = {}
+        rows = []
         for event_id, state, reason in states:
             if state not in UNSENT_STATES:
                 raise LedgerError(f"{state!r} is not a state of an unsent item")
-            grouped.setdefault(state, []).append((event_id, reason))
+            rows.append((event_id, state, (reason or "")[:2000], None, None))
+        if not rows:
+            return
         with self._tx() as conn:
-            for state, pairs in grouped.items():
-                stmt = items.update().where(
-                    items.c.destination == destination, items.c.run_id == run_id, items.c.state == CLAIMED,
-                    items.c.event_id == sa.bindparam("eid")).values(
-                    state=state, message=sa.bindparam("msg"), updated_at=now, chunk_id=None)
-                for part in _batches(pairs, 1000):
-                    conn.execute(stmt, [{"eid": e, "msg": (r or "")[:2000]} for e, r in part])
+            self._load_batch(conn, rows)
+            self._update_from_batch(conn, "state = {b.a}, message = {b.b}, chunk_id = NULL, updated_at = :now",
+                                    "i.run_id = :r AND i.state = :claimed",
+                                    {"now": wall_clock(), "d": destination, "r": run_id, "claimed": CLAIMED})
 
     def record_unclaimed(self, destination: str, run_id: str, new: Sequence[NewItem] | ClaimColumns, state: str,
                          *, window: tuple[str, str]) -> None:
@@ -574,11 +598,11 @@ class Ledger:
                     destination=destination, run_id=run_id, name=name, created_at=now, submissions=0,
                     imports=0, errors=0, delivered_items=0, rejected_items=0, unknown_items=0,
                     **values)).inserted_primary_key[0]
-            self._load_batch(conn, ((e, None, None, None) for e in sorted(set(event_ids))))
-            assigned = conn.execute(sa.text(
-                "UPDATE dffs_items SET chunk_id = :c, updated_at = :now WHERE destination = :d AND run_id = :r "
-                "AND state = :st AND event_id IN (SELECT event_id FROM dffs_batch)"),
-                {"c": chunk_id, "now": now, "d": destination, "r": run_id, "st": CLAIMED}).rowcount
+            self._load_batch(conn, ((e, None, None, None, None) for e in sorted(set(event_ids))))
+            # Only items in no chunk: one the run sent already keeps its chunk (a chunk never re-sends them).
+            assigned = self._update_from_batch(
+                conn, "chunk_id = :c, updated_at = :now", "i.run_id = :r AND i.state = :st AND i.chunk_id IS NULL",
+                {"c": chunk_id, "now": now, "d": destination, "r": run_id, "st": CLAIMED})
             if assigned != len(set(event_ids)):
                 raise ClaimLost(f"chunk {name}: {len(set(event_ids)) - assigned} of its items are no longer "
                                 f"claimed by run {run_id} (another run took them over)")
@@ -645,13 +669,10 @@ class Ledger:
             destination = conn.execute(sa.select(chunks.c.destination).where(chunks.c.id == chunk_id)).scalar_one()
             conn.execute(items.update().where(items.c.chunk_id == chunk_id, items.c.state == CLAIMED).values(
                 state=others, code=others_code, message=others_message, updated_at=now))
-            # By the primary key (destination, event_id): one index probe per exception.
-            stmt = items.update().where(
-                items.c.destination == destination, items.c.event_id == sa.bindparam("eid"),
-                items.c.chunk_id == chunk_id).values(
-                state=sa.bindparam("st"), code=sa.bindparam("cd"), message=sa.bindparam("msg"), updated_at=now)
-            for part in _batches(list(exceptions), 1000):
-                conn.execute(stmt, [{"eid": e, "st": s, "cd": c, "msg": m} for e, s, c, m in part])
+            if exceptions:
+                self._load_batch(conn, ((e, st, c, m, None) for e, st, c, m in exceptions))
+                self._update_from_batch(conn, "state = {b.a}, code = {b.b}, message = {b.c}, updated_at = :now",
+                                        "i.chunk_id = :c", {"now": now, "d": destination, "c": chunk_id})
             conn.execute(chunks.update().where(chunks.c.id == chunk_id).values(
                 status=status, finished_at=now, updated_at=now, **values))
 
