@@ -19,6 +19,8 @@ FULL = {
     "bench_emulator.py": [],
     "bench_delivery.py": [],
     "bench_pipeline.py": ["--rows", "1000000"],
+    "bench_ledger.py": ["--rows", "1000000"],
+    "bench_lookback.py": ["--rows-per-hour", "40000"],
 }
 QUICK = {
     "bench_landing.py": ["--rows", "100000", "--big-rows", "0"],
@@ -26,6 +28,8 @@ QUICK = {
     "bench_emulator.py": ["--batches", "4"],
     "bench_delivery.py": ["--events", "20000", "--chunk", "5000"],
     "bench_pipeline.py": ["--rows", "100000"],
+    "bench_ledger.py": ["--rows", "100000"],
+    "bench_lookback.py": ["--rows-per-hour", "4000"],
 }
 
 
