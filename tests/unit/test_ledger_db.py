@@ -1,7 +1,7 @@
 """The ledger's database API (include/datafly_fullstory/ledger.py) on a real SQLite file and a real Postgres.
 
-Most tests run twice through `ledger_url` (tests/db_servers.py, a pytest plugin: `-p tests.db_servers` until
-tests/conftest.py lists it): on a fresh SQLite file and on a fresh database of the session's Postgres server.
+Most tests run twice through `ledger_url` (tests/db_servers.py, a pytest plugin tests/conftest.py lists): on
+a fresh SQLite file and on a fresh database of the session's Postgres server.
 Races are real threads or spawned processes against one database.
 """
 
