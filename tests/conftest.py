@@ -44,9 +44,18 @@ def airflow_db():
 
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
-    """../shared beside the repo: FullStory's Swagger specs and the seed. Tests that need it fail, not skip,
-    when it is missing."""
+    """../shared beside the repo: FullStory's verbatim Swagger specs. A user's clone does not have it: the
+    checks against the verbatim specs then skip, saying so; in CI (CI=true), where it is laid beside the
+    repo, a missing folder fails them instead."""
     path = Path(os.environ.get("DATAFLY_SHARED_DIR", ROOT.parent / "shared"))
     if not (path / "reference" / "fullstory-api").is_dir():
-        raise RuntimeError(f"{path}/reference/fullstory-api not found: set DATAFLY_SHARED_DIR to the shared folder")
+        missing_specs(path / "reference" / "fullstory-api")
     return path
+
+
+def missing_specs(path: Path) -> None:
+    message = (f"FullStory's verbatim Swagger specs are not at {path}: the checks against them did not run "
+               "(set DATAFLY_SHARED_DIR or FULLSTORY_SPEC_DIR to the folder holding them)")
+    if os.environ.get("CI"):
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
