@@ -410,9 +410,10 @@ class Ledger:
                 for row in rows:
                     copy.write_row(row)
             conn.exec_driver_sql("ANALYZE dffs_batch")
-            # Join the batch to the items by their primary key, whatever the items' statistics say (a fresh
-            # or freshly loaded table has none, and a plan without the index would be quadratic).
-            conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
+            # Join the batch to the items by their primary key, whatever the items' statistics say: any other
+            # plan walks all of a destination's claimed items once per batch (quadratic in a run's size).
+            for setting in ("enable_seqscan", "enable_bitmapscan", "enable_hashjoin", "enable_mergejoin"):
+                conn.exec_driver_sql(f"SET LOCAL {setting} = off")  # batch first, items probed by key
             return
         # A new table each time, indexed after it is filled (faster than keeping the index up row by row),
         # filled through the driver's own executemany (no per-row work in SQLAlchemy).
@@ -458,12 +459,18 @@ class Ledger:
             self._load_batch(conn, ((e, k, u, None, t) for e, k, u, t in columns.rows()))
             # In event_id order: two runs claiming overlapping ids lock rows in the same order and never
             # deadlock (Postgres would otherwise abort one of them).
-            return conn.execute(sa.text(
+            claimed = conn.execute(sa.text(
                 "INSERT INTO dffs_items (destination, event_id, kind, uid, state, run_id, chunk_id, window_start, "
                 "window_end, event_time, claimed_at, updated_at) "
                 "SELECT :d, event_id, a, b, :st, :r, NULL, :ws, :we, t, :now, :now FROM dffs_batch "
                 "WHERE true ORDER BY event_id ON CONFLICT DO NOTHING"),
                 {"d": destination, "st": state, "r": run_id, "ws": window[0], "we": window[1], "now": now}).rowcount
+        if self.backend == "postgresql" and claimed >= 10_000:
+            # Fresh statistics after a big claim: without them the planner takes the table for a few rows
+            # and walks every claimed item once per chunk it registers (quadratic in the run's size).
+            with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                conn.exec_driver_sql("ANALYZE dffs_items")
+        return claimed
 
     def take_over(self, destination: str, run_id: str, event_ids: Sequence[str], *, from_states: Sequence[str],
                   from_run: str | None = None, unsent_chunk_only: bool = False,
