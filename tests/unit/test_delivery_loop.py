@@ -153,6 +153,18 @@ def kill_at(monkeypatch, point: str) -> None:
     monkeypatch.setattr(dl, "fault_point", fault)
 
 
+def lost_answer(store, ledger, monkeypatch, items: int):
+    """A run whose one events chunk was POSTed, after which its task died before recording the job: the
+    chunk is `posting` without a job id. Returns the stand-in FullStory that took the POST."""
+    write_run(store, ledger, {"events-00000": events(items)})
+    client = RecordingFullStory()
+    kill_at(monkeypatch, "after_post")
+    with pytest.raises(Killed):
+        run(store, ledger, client, ["events-00000"])
+    monkeypatch.setattr(dl, "fault_point", NO_FAULT)
+    return client
+
+
 def fast(**kw):
     return dl.DeliverySettings(poll_interval=0.001, max_poll_interval=0.002, **kw)
 
@@ -464,12 +476,7 @@ def test_a_chunk_posting_without_a_job_id_is_reposted_with_its_key(store, ledger
 
 
 def test_a_posting_chunk_older_than_23_hours_is_not_sent_again(store, ledger, monkeypatch):
-    write_run(store, ledger, {"events-00000": events(3)})
-    client = RecordingFullStory()
-    kill_at(monkeypatch, "after_post")
-    with pytest.raises(Killed):
-        run(store, ledger, client, ["events-00000"])
-    monkeypatch.setattr(dl, "fault_point", NO_FAULT)
+    client = lost_answer(store, ledger, monkeypatch, 3)
     monkeypatch.setattr(lg, "wall_clock", lambda: time.time() + 25 * 3600)
     report = run(store, ledger, client, ["events-00000"])
     assert len(client.bodies) == 1 and len(client.creates()) == 1  # the lost first POST only
@@ -490,12 +497,7 @@ def test_a_posting_chunk_is_reposted_when_the_clock_has_not_moved(store, ledger,
     """A key age of exactly 0 s is young: a chunk re-run within the same clock tick as its first POST (a
     coarse or frozen clock) is re-POSTed under its key, not declared expired."""
     monkeypatch.setattr(lg, "wall_clock", lambda: 1_800_000_000.0)
-    write_run(store, ledger, {"events-00000": events(2)})
-    client = RecordingFullStory()
-    kill_at(monkeypatch, "after_post")
-    with pytest.raises(Killed):
-        run(store, ledger, client, ["events-00000"])
-    monkeypatch.setattr(dl, "fault_point", NO_FAULT)
+    client = lost_answer(store, ledger, monkeypatch, 2)
     report = run(store, ledger, client, ["events-00000"])
     assert report.unknown_items == 0 and report.reposted == 1
     assert outcomes(store, "events-00000") == expected(range(2), {})
@@ -505,12 +507,7 @@ def test_a_repost_answered_key_in_use_does_not_reject_the_rows(store, ledger, mo
     """A re-POST of a `posting` chunk (the first POST may have been imported) that FullStory answers 409
     idempotency_key_in_use (the first request under the key still runs) rejects no row: the chunk stays
     `posting` for a later try, since rejecting the rows would let replay_dead_letters import them twice."""
-    write_run(store, ledger, {"events-00000": events(2)})
-    client = RecordingFullStory()
-    kill_at(monkeypatch, "after_post")
-    with pytest.raises(Killed):
-        run(store, ledger, client, ["events-00000"])
-    monkeypatch.setattr(dl, "fault_point", NO_FAULT)
+    client = lost_answer(store, ledger, monkeypatch, 2)
     client.refuse = refusal(409, "idempotency_key_in_use", "a request with this Idempotency-Key is in progress")
     try:
         run(store, ledger, client, ["events-00000"])
