@@ -56,12 +56,19 @@ class AirflowServices:
         self.processes: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
 
-    def cli(self, *args: str, timeout: float = 120) -> str:
-        result = subprocess.run([AIRFLOW, *args], env=self.env, capture_output=True, text=True, timeout=timeout)
-        if result.returncode != 0:
-            raise RuntimeError(f"airflow {' '.join(args)} failed ({result.returncode}):\n"
-                               f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-        return result.stdout
+    def cli(self, *args: str, timeout: float = 120, attempts: int = 3) -> str:
+        """An `airflow` command against the running services. SQLite (the test's metadata DB) has one
+        writer at a time: a command that met the scheduler's write lock ("database is locked") is tried
+        again, at most `attempts` times; any other failure raises at once."""
+        for attempt in range(1, attempts + 1):
+            result = subprocess.run([AIRFLOW, *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+            if result.returncode == 0:
+                return result.stdout
+            if "database is locked" not in result.stderr or attempt == attempts:
+                raise RuntimeError(f"airflow {' '.join(args)} failed ({result.returncode}):\n"
+                                   f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+            time.sleep(2 * attempt)
+        raise AssertionError("unreachable")
 
     def start(self) -> AirflowServices:
         self.home.mkdir(parents=True, exist_ok=True)

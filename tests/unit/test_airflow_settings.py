@@ -1,5 +1,7 @@
 """The airflow_settings.yaml loader against a real (throwaway) metadata DB."""
 
+import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -46,7 +48,13 @@ def test_applying_twice_leaves_the_same_state(airflow_db):
                               .where(Variable.key == "datafly_landing_uri")) == 1
 
 
-def test_command_line(airflow_db):
+def test_command_line(airflow_db, tmp_path):
+    # Its own copy of the session's metadata DB: an Airflow process of an earlier test (a scheduler's worker
+    # ending) may still hold the shared file's lock, which is not what this test is about.
+    with sqlite3.connect(airflow_db / "airflow.db") as source, sqlite3.connect(tmp_path / "airflow.db") as copy:
+        source.backup(copy)  # a consistent snapshot, WAL included
+    env = {**os.environ, "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{tmp_path / 'airflow.db'}"}
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "airflow_settings.py")], capture_output=True,
-                         text=True, timeout=120, check=True)
+                         text=True, timeout=120, env=env)
+    assert out.returncode == 0, f"exit {out.returncode}:\n{out.stderr[-3000:]}"
     assert "1 connections, 1 pools, 2 variables" in out.stdout
