@@ -125,7 +125,7 @@ def _claim_frame(ledger, destination, run_id, window, options, frame, report):
     found = ledger.lookup(destination, ids)
     now = lg.wall_clock()
     stale_before = now - options.lease_s
-    take: dict[tuple, list[str]] = defaultdict(list)  # (from_states, from_run, stale, unsent_only) -> ids
+    take: dict[tuple, list[str]] = defaultdict(list)  # (from_states, from_run, unsent_chunk_only) -> ids
     abandon: set[int] = set()
     keep = np.zeros(len(frame), dtype=bool)
     verdicts: dict[str, tuple[str, str]] = {}
