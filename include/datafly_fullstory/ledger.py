@@ -48,16 +48,14 @@ DELIVERED, REJECTED, UNKNOWN = "delivered", "rejected", "unknown"
 FILTERED, SKIPPED, QUARANTINED, INVALID = "filtered", "skipped", "quarantined", "invalid"
 SENT_STATES = (DELIVERED, REJECTED, UNKNOWN)  # the item reached FullStory, or may have
 UNSENT_STATES = (FILTERED, SKIPPED, QUARANTINED, INVALID)  # final for a run, re-evaluated by a re-run
-ITEM_STATES = (CLAIMED, *SENT_STATES, *UNSENT_STATES)
 
 C_CLAIMED, C_POSTING, C_SUBMITTED, C_PROCESSING = "claimed", "posting", "submitted", "processing"
 C_COMPLETED, C_FAILED, C_UNKNOWN, C_ABANDONED = "completed", "failed", "unknown", "abandoned"
 CHUNK_POSTED = (C_POSTING, C_SUBMITTED, C_PROCESSING)  # sent (or about to be), not finished
 CHUNK_TERMINAL = (C_COMPLETED, C_FAILED, C_UNKNOWN)
-CHUNK_STATES = (C_CLAIMED, *CHUNK_POSTED, *CHUNK_TERMINAL, C_ABANDONED)
 
 KEY_TTL_S = 24 * 3600.0  # FullStory remembers an Idempotency-Key for 24 hours
-KEY_SAFE_AGE_S = 23 * 3600.0  # we re-send under a key only while it is younger than this (clock skew)
+KEY_SAFE_AGE_S = KEY_TTL_S - 3600.0  # we re-send under a key only while it is younger (clock skew)
 DEFAULT_CLAIM_LEASE_S = 3 * 3600.0  # an unsent claim older than this may be taken over by another run
 _BATCH = 2000  # ids per IN (...) list: well under every backend's bound-parameter limit
 
