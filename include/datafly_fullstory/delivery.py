@@ -80,18 +80,12 @@ class DeliveryTimeout(DeliveryError):
     """The delivery ran out of time with jobs still processing; a re-run polls them (no resubmission)."""
 
 
-class BatchRefused(Exception):  # noqa: N818 - a refusal is an answer, not a bug
-    """FullStory refused a batch request as a whole with a final 4xx (bad body, too large).
-
-    The hook's error type inherits from this, so this module can tell a refused chunk (record it as
-    failed, reject its items) from an error that stops the task (auth, region, retries exhausted)."""
-
-    status: int = 400
-    code: str = ""
-    message: str = ""
-
-
 class BatchClient(Protocol):
+    #: What create_batch raises when FullStory refuses a batch as a whole with a final 4xx (bad body, too
+    #: large, a key reused for other bytes). It carries `status`, `code` and `message`; delivery records the
+    #: chunk as failed and its items as rejected. Any other exception stops the task.
+    refused_error: type[Exception]
+
     def create_batch(self, kind: str, body: bytes, idempotency_key: str) -> dict[str, Any]:
         """POST /v2/<kind>/batch; returns the job metadata ({"id", "status", ...})."""
 
@@ -431,7 +425,7 @@ class Delivery:
         fault_point("before_post")
         try:
             job = self.client.create_batch(chunk.kind, body, row.idempotency_key)
-        except BatchRefused as refusal:
+        except self.client.refused_error as refusal:
             if replay:
                 raise DeliveryError(f"force: FullStory refused the replay of {chunk.name}: {refusal}") from refusal
             if not first and (refusal.status == 409 or "idempotency" in (refusal.code or "")):
@@ -514,7 +508,7 @@ class Delivery:
                       finished.job_status, counts[lg.DELIVERED], counts[lg.REJECTED], counts[lg.UNKNOWN])
         self._account(chunk, finished, new=True, lines=lines, errors=reading.errors)
 
-    def _refused(self, chunk: Chunk, row: lg.ChunkRow, lines: list[bytes], refusal: BatchRefused) -> None:
+    def _refused(self, chunk: Chunk, row: lg.ChunkRow, lines: list[bytes], refusal: Exception) -> None:
         """The whole batch was refused (a final 4xx): every item is rejected with FullStory's reason."""
         code = refusal.code or str(refusal.status)
         errors = [ItemError(i, code, refusal.message, None) for i in range(len(lines))]

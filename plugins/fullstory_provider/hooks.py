@@ -35,7 +35,6 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from requests.adapters import HTTPAdapter
 from requests.auth import AuthBase
 
-from include.datafly_fullstory.delivery import BatchRefused
 
 REGIONS = {
     "na1": ("https://api.fullstory.com", "https://app.fullstory.com"),
@@ -80,7 +79,7 @@ class FullStoryForbiddenError(AirflowFailException, FullStoryError):
     """403: the key is valid but may not do this (FullStory wants an Admin or Architect key)."""
 
 
-class FullStoryRequestError(FullStoryError, BatchRefused):
+class FullStoryRequestError(FullStoryError):
     """A final 4xx other than 401/404 (bad body, too large, forbidden)."""
 
 
@@ -272,6 +271,8 @@ class FullStoryHook(BaseHook):
     default_conn_name = "fullstory_default"
     conn_type = "fullstory"
     hook_name = "FullStory"
+    #: raised by create_batch when FullStory refuses a batch as a whole (delivery's `BatchClient` contract)
+    refused_error = FullStoryRequestError
 
     def __init__(
         self,

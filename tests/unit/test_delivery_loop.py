@@ -34,8 +34,12 @@ def ident(item: dict, kind: str) -> str:
     return item["properties"]["datafly_event_id"] if kind == "events" else item["uid"]
 
 
-def refusal(status: int, code: str, message: str) -> dl.BatchRefused:
-    error = dl.BatchRefused(message)
+class Refused(Exception):
+    """What this client raises when it refuses a batch as a whole (its `refused_error`)."""
+
+
+def refusal(status: int, code: str, message: str) -> Refused:
+    error = Refused(message)
     error.status, error.code, error.message = status, code, message
     return error
 
@@ -44,6 +48,8 @@ class RecordingFullStory:
     """Batch jobs that end after `polls_to_finish` status calls. Items named in `reject` fail and are
     listed in the job's errors (echoed through `echo`); items named in `silent` fail but are only counted.
     Imported items are listed by `iter_batch_imports` (echoed too) unless `list_imports` is False."""
+
+    refused_error = Refused
 
     def __init__(self, polls_to_finish=1, reject=(), silent=(), refuse=None, echo=None, list_imports=True,
                  unnamed_errors=0):
@@ -511,7 +517,7 @@ def test_a_repost_answered_key_in_use_does_not_reject_the_rows(store, ledger, mo
     client.refuse = refusal(409, "idempotency_key_in_use", "a request with this Idempotency-Key is in progress")
     try:
         run(store, ledger, client, ["events-00000"])
-    except (dl.DeliveryError, dl.BatchRefused):
+    except (dl.DeliveryError, Refused):
         pass  # stopping is fine; rejecting rows FullStory may hold is not
     assert set(states(ledger, ev(0, 1)).values()) <= {"claimed", "delivered"}
     assert chunk_row(ledger, "events-00000").status != "failed"

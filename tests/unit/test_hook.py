@@ -32,7 +32,6 @@ from fullstory_provider.hooks import (
     resolve_settings,
     retry_after_seconds,
 )
-from include.datafly_fullstory.delivery import BatchRefused
 
 KEY = "na1.SECRET-unit-key/abcd"
 
@@ -241,7 +240,7 @@ def test_error_types():
     assert issubclass(FullStoryNotFoundError, AirflowFailException)
     assert issubclass(FullStoryConfigError, AirflowFailException)
     assert not issubclass(FullStoryRetryError, AirflowFailException)  # a later try may succeed
-    assert issubclass(FullStoryRequestError, BatchRefused)  # the chunk is refused, not the task
+    assert FullStoryHook.refused_error is FullStoryRequestError  # the chunk is refused, not the task
     assert INVALID_KEY.startswith("Invalid API key: regenerate the Server API key in Settings > API Keys")
     # Airflow re-creates exceptions from their message alone.
     assert str(FullStoryAuthError("x")) == "x"
