@@ -36,6 +36,13 @@ class OutcomeError(RuntimeError):
     """The outcomes of a run do not account for every input row exactly once."""
 
 
+def frame(row, event_id, outcome, reason, kind=None, chunk=None) -> pd.DataFrame:
+    """An outcome frame in SCHEMA's column order: `row` and `event_id` are arrays of equal length; the other
+    fields are an array of that length or one value for every row. Every stage builds its outcomes here."""
+    return pd.DataFrame({"row": row, "event_id": event_id, "outcome": outcome, "reason": reason,
+                         "kind": kind, "chunk": chunk}, columns=SCHEMA.names)
+
+
 def to_table(df: pd.DataFrame) -> pa.Table:
     """An outcome frame (columns of SCHEMA; missing optional ones become null) as a typed table."""
     unknown = set(df["outcome"].dropna().unique()) - set(OUTCOMES)
