@@ -25,13 +25,11 @@ sys.path[:0] = [str(ROOT), str(ROOT / "plugins")]
 os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="dffs-bench-airflow-"))
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 
-import hashlib  # noqa: E402
-
-import orjson  # noqa: E402
-import pyarrow as pa  # noqa: E402
-
+from include.datafly_fullstory.ledger import Ledger  # noqa: E402
 from include.datafly_fullstory.state import RunStore  # noqa: E402
 from include.fullstory_emulator.testing import EmulatorProcess  # noqa: E402
+from tests.run_helpers import DESTINATION  # noqa: E402
+from tests.run_helpers import write_run as write_run_folder  # noqa: E402
 
 
 def event(i: int) -> dict:
@@ -48,28 +46,15 @@ def event(i: int) -> dict:
     }
 
 
-def write_run(state: Path, run_id: str, total: int, chunk: int) -> list[str]:
-    """Payload chunks as the mapping stage writes them (docs/contracts.md)."""
+def write_run(state: Path, run_id: str, total: int, chunk: int) -> tuple[list[str], dict]:
+    """Payload chunks and their ledger records as the mapping stage leaves them, written through the
+    format owners (tests/run_helpers.py). Returns the chunk names and the ledger location."""
     store = RunStore(str(state), run_id)
-    entries = []
-    for c, start in enumerate(range(0, total, chunk)):
-        rows = range(start, min(total, start + chunk))
-        data = b"".join(orjson.dumps(event(i)) + b"\n" for i in rows)
-        name = f"events-{c:05d}"
-        store.write_bytes(data, "payloads", f"{name}.jsonl")
-        index = pa.table(
-            {
-                "item_index": pa.array(range(len(rows)), pa.int32()),
-                "row": pa.array(rows, pa.int64()),
-                "event_id": pa.array([f"ev-{i}" for i in rows], pa.string()),
-            }
-        )
-        store.write_table(index, "payloads", f"{name}.index.parquet")
-        entries.append(
-            {"name": name, "kind": "events", "items": len(rows), "sha256": hashlib.sha256(data).hexdigest()}
-        )
-    store.write_json({"chunks": entries}, "payloads", "manifest.json")
-    return [e["name"] for e in entries]
+    location = {"url": f"sqlite:///{state / (run_id + '-ledger.sqlite')}"}
+    parts = {f"events-{c:05d}": [event(i) for i in range(start, min(total, start + chunk))]
+             for c, start in enumerate(range(0, total, chunk))}
+    entries = write_run_folder(store, Ledger(location["url"]), parts)
+    return [e["name"] for e in entries], location
 
 
 class _TI:
@@ -81,12 +66,14 @@ def run_operator(emu, state: Path, run_id: str, total: int, chunk: int, in_fligh
     from fullstory_provider.operators import FullStoryDeliveryOperator
 
     emu.reset(keep_faults=True)
-    chunks = write_run(state, run_id, total, chunk)
+    chunks, ledger = write_run(state, run_id, total, chunk)
     op = FullStoryDeliveryOperator(
         task_id="bench",
         state_uri=str(state),
         run_id=run_id,
         chunks=chunks,
+        ledger=ledger,
+        destination=DESTINATION,
         max_in_flight=in_flight,
         poll_interval=0.25,
         timeout=600,

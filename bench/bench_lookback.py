@@ -26,15 +26,16 @@ import pyarrow.parquet as pq
 
 from include.datafly_fullstory import ledger as lg
 from include.datafly_fullstory import pipeline
+from include.datafly_fullstory.run import RunPlan, plan_run
 from include.datafly_fullstory.sample import LandingSpec, generate_table, write_landing
 
 START = datetime(2026, 11, 19, 0, tzinfo=UTC)
 DEST = "o-BENCH-na1@na1"
 
 
-def plan(run_id: str, hour: int, landing: Path, state: Path, lookback: float) -> dict:
+def plan(run_id: str, hour: int, landing: Path, state: Path, lookback: float) -> RunPlan:
     begin = START + timedelta(hours=hour)
-    return pipeline.plan_run(params={"lookback_hours": lookback}, run_id=run_id, landing_uri=str(landing),
+    return plan_run(params={"lookback_hours": lookback}, run_id=run_id, landing_uri=str(landing),
                              state_uri=str(state), airflow_home=str(state.parent), data_interval_start=begin,
                              data_interval_end=begin + timedelta(hours=1), destination=DEST)
 
@@ -42,7 +43,7 @@ def plan(run_id: str, hour: int, landing: Path, state: Path, lookback: float) ->
 def extract(run_id: str, hour: int, landing: Path, state: Path, lookback: float) -> tuple[float, dict]:
     p = plan(run_id, hour, landing, state, lookback)
     began = time.perf_counter()
-    out = pipeline.extract_stage(p, p["ledger"]["url"])
+    out = pipeline.extract_stage(p, p.ledger["url"])
     return time.perf_counter() - began, out
 
 

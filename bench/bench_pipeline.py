@@ -19,11 +19,12 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from include.datafly_fullstory.delivery import Delivery, DeliverySettings, load_chunks
+from include.datafly_fullstory.chunks import load_chunks
+from include.datafly_fullstory.delivery import Delivery, DeliverySettings
 from include.datafly_fullstory.ledger import Ledger
-from include.datafly_fullstory.pipeline import extract_stage, map_stage, plan_run
+from include.datafly_fullstory.pipeline import extract_stage, map_stage
+from include.datafly_fullstory.run import plan_run
 from include.datafly_fullstory.sample import generate_landing
-from include.datafly_fullstory.state import RunStore
 from include.datafly_fullstory.window import Window
 from include.fullstory_emulator.testing import EmulatorProcess
 
@@ -55,8 +56,7 @@ def main() -> None:
         plan = plan_run(params={"lookback_hours": 0}, run_id="bench", landing_uri=str(work / "landing"),
                         state_uri=str(work / "state"), airflow_home=str(work), data_interval_start=window.start,
                         data_interval_end=window.end, destination=f"{emulator.org_id}@{emulator.region}")
-        ledger_url = plan["ledger"]["url"]
-        store = RunStore(plan["state_uri"], plan["run_id"])
+        ledger_url, store = plan.ledger["url"], plan.store
         t0 = time.perf_counter()
         extracted = extract_stage(plan, ledger_url)  # read, validate, claim in the ledger
         t1 = time.perf_counter()
@@ -73,8 +73,8 @@ def main() -> None:
         settings = DeliverySettings(max_in_flight=args.max_in_flight, poll_interval=0.2, timeout=1800)
         ledger = Ledger(ledger_url)
         # Users first, then events: two tasks in the DAG, so two Delivery runs here.
-        Delivery(store, hook, ledger, plan["destination"], settings).run(load_chunks(store, users))
-        report = Delivery(store, hook, ledger, plan["destination"], settings).run(load_chunks(store, events))
+        Delivery(store, hook, ledger, plan.destination, settings).run(load_chunks(store, users))
+        report = Delivery(store, hook, ledger, plan.destination, settings).run(load_chunks(store, events))
         t3 = time.perf_counter()
         emu_cpu = cpu_seconds(emulator.pid) - emu_cpu_before
         held = emulator.state()["events"]

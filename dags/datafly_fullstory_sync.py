@@ -105,7 +105,7 @@ def datafly_fullstory_sync():
         from airflow.sdk import Variable
 
         from fullstory_provider.ledger_db import connection_destination
-        from include.datafly_fullstory.pipeline import plan_run
+        from include.datafly_fullstory.run import plan_run
 
         params = context["params"]
         return _fail_fast(
@@ -121,7 +121,7 @@ def datafly_fullstory_sync():
             destination=connection_destination(params.get("fullstory_conn_id"), dry_run=params.get("dry_run")),
             ledger_conn_id=Variable.get("datafly_fullstory_ledger_conn_id", default=None),
             executor=conf.get("core", "executor", fallback=None),
-        )
+        ).to_xcom()
 
     @task
     def extract_and_validate(run_plan: dict) -> dict:
@@ -147,30 +147,18 @@ def datafly_fullstory_sync():
     @task(trigger_rule="all_done", outlets=[FULLSTORY_SYNC])
     def summarise(users, events, **context) -> dict:
         """Runs whatever happened upstream, so a failed delivery still gets its outcomes and stats."""
-        from airflow.sdk.exceptions import AirflowFailException
-
         from fullstory_provider.ledger_db import ledger_url
-        from include.datafly_fullstory.pipeline import summarise_run
-        from include.datafly_fullstory.stats import summary_line
+        from include.datafly_fullstory.pipeline import STAGES, summarise_run
 
         # Pulled here, not passed as arguments: a stage that failed has no XCom, and the run should end
         # at once saying so instead of retrying this task.
-        ti = context["ti"]
-        stages = {name: ti.xcom_pull(task_ids=name) for name in ("plan", "extract_and_validate", "map_payloads")}
-        stopped = [name for name, value in stages.items() if value is None]
-        if stopped:
-            raise AirflowFailException(f"the run stopped at {stopped[0]} before delivery: see that task's log")
-        run_plan, extracted, mapped = stages.values()
-        run_stats, problems = summarise_run(run_plan, extracted, mapped, [*_values(users), *_values(events)],
-                                            ledger_url(run_plan["ledger"]))
-        context["outlet_events"][FULLSTORY_SYNC].extra = {
-            "window_start": run_stats["window_start"], "window_end": run_stats["window_end"],
-            "rows": run_stats["rows"], "dry_run": run_stats["dry_run"], "artifacts": run_stats["artifacts"],
-        }
-        print(summary_line(run_stats))
-        if problems:
-            raise AirflowFailException("; ".join(problems))
-        return run_stats
+        stages = [context["ti"].xcom_pull(task_ids=name) for name in STAGES]
+        run_stats = _fail_fast(summarise_run, *stages, [*_values(users), *_values(events)],
+                               ledger_url((stages[0] or {}).get("ledger")))
+        context["outlet_events"][FULLSTORY_SYNC].extra = run_stats.asset_metadata()
+        print(run_stats.asstr())
+        _fail_fast(run_stats.raise_on_problems)
+        return run_stats.asdict()
 
     run_plan = plan()
     extracted = extract_and_validate(run_plan)
@@ -197,11 +185,11 @@ def _fail_fast(stage, *args, **kwargs):
     """Run a pipeline stage; errors a person must fix fail the task without Airflow retries."""
     from airflow.sdk.exceptions import AirflowFailException
 
-    from include.datafly_fullstory.pipeline import input_errors
+    from include.datafly_fullstory.errors import InputError
 
     try:
         return stage(*args, **kwargs)
-    except input_errors() as exc:
+    except InputError as exc:
         raise AirflowFailException(str(exc)) from exc
 
 

@@ -1,6 +1,6 @@
 """A run folder and its ledger records as the mapping stage leaves them, for delivery tests.
 
-Written through the format owners (payloads.ChunkWriter for chunk files and indexes, the ledger for claims
+Written through the format owners (chunks.ChunkWriter for chunk files and the manifest and indexes, the ledger for claims
 and chunk records, claims.register_chunks for the manifest entries), never by hand, so a change of format
 changes the tests with it.
 """
@@ -14,8 +14,9 @@ import orjson
 
 from include.datafly_fullstory import claims
 from include.datafly_fullstory import ledger as lg
-from include.datafly_fullstory.payloads import MAX_BATCH_ITEMS, ChunkWriter, idempotency_key
+from include.datafly_fullstory.chunks import MAX_BATCH_ITEMS, ChunkWriter, idempotency_key, write_manifest
 from include.datafly_fullstory.state import RunStore
+from include.datafly_fullstory.window import Window
 
 DESTINATION = "o-LOCAL-na1@na1"
 WINDOW = {"start": "2026-03-01T10:00:00+00:00", "end": "2026-03-01T11:00:00+00:00"}
@@ -49,14 +50,15 @@ def write_run(store: RunStore, ledger: lg.Ledger, chunks: Mapping[str, Sequence[
         writer.add(lines, np.repeat(np.arange(n), rows_per_item), rows, event_ids)
         writer.flush()
         entry = writer.chunks[0]
-        entry["idempotency_key"] = idempotency_key(store.run_id, WINDOW, kind, entry["name"], entry["sha256"])
+        entry["idempotency_key"] = idempotency_key(store.run_id, Window.from_dict(WINDOW), kind, entry["name"],
+                                                   entry["sha256"])
         ledger.insert_claims(destination, store.run_id,
                              [lg.NewItem(str(e), "user" if kind == "users" else "event") for e in dict.fromkeys(event_ids)],
                              window=(WINDOW["start"], WINDOW["end"]))
         entries.append(entry)
         row += n * rows_per_item
     entries = claims.register_chunks(store, ledger, destination, entries)
-    store.write_json({"chunks": entries}, "payloads", "manifest.json")
+    write_manifest(store, entries)
     return entries
 
 

@@ -14,16 +14,14 @@ from typing import Any
 
 import yaml
 
+from include.datafly_fullstory.errors import BlueprintError
+
 BLUEPRINT_DIR = Path(__file__).resolve().parent / "blueprints" / "fullstory"
 SCHEMA_TYPES = frozenset({"str", "strs", "int", "ints", "real", "reals", "bool", "bools", "date", "dates"})
 ITEM_TYPES = frozenset({"strs", "ints", "reals"})
 DATAFLY_TYPES = frozenset({"page", "track", "identify", "group", "screen", "alias"})
 LIMIT_KEYS = ("event_name", "properties", "property_path", "value_bytes", "uid", "display_name", "email")
 _VALID_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
-
-
-class BlueprintError(ValueError):
-    """A blueprint file that cannot be used; the message names the file and the key."""
 
 
 def normalise_event_name(name: str) -> str:

@@ -31,17 +31,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from include.datafly_fullstory import chunks, outcomes
 from include.datafly_fullstory import ledger as lg
-from include.datafly_fullstory import outcomes
-from include.datafly_fullstory.errors import InputError
-from include.datafly_fullstory.payloads import INDEX_SCHEMA, index_uri_of, read_index_uri
+from include.datafly_fullstory.errors import ForceRefused
 from include.datafly_fullstory.state import RunStore
-
-RESUME = "resume"
-
-
-class ForceRefused(InputError):
-    """`force` cannot replay a chunk without risking duplicates (its key expired, or its bytes are gone)."""
 
 
 @dataclass
@@ -95,8 +88,8 @@ def claim_rows(store: RunStore, ledger: lg.Ledger, destination: str, window: tup
     if options.force and not options.allow_duplicates:
         _check_force(store, ledger, destination)
     decided: list[pd.DataFrame] = []
-    store.remove("outcomes", "ledger.parquet")
-    store.remove(RESUME)
+    outcomes.remove_partial(store, "ledger")
+    store.remove(chunks.RESUME)
     for part in store.list("validated", suffix=".parquet"):
         table = store.read_table("validated", part)
         frame = table.select(["_row", "event_id", "type", "user_id", "timestamp"]).to_pandas()
@@ -182,11 +175,8 @@ def _claim_frame(ledger, destination, run_id, window, options, frame, report):
     if not verdicts:
         return keep, None
     at = [pos for pos, e in enumerate(ids) if e in verdicts and not keep[pos]]
-    kinds = row_kinds(frame)
-    return keep, pd.DataFrame({
-        "row": row_of[at], "event_id": [ids[p] for p in at],
-        "outcome": [verdicts[ids[p]][0] for p in at], "reason": [verdicts[ids[p]][1] for p in at],
-        "kind": kinds[at], "chunk": None})
+    return keep, outcomes.frame(row_of[at], [ids[p] for p in at], [verdicts[ids[p]][0] for p in at],
+                                [verdicts[ids[p]][1] for p in at], row_kinds(frame)[at])
 
 
 def _earlier(item: lg.ItemRow) -> tuple[str, str]:
@@ -211,25 +201,18 @@ def _write_resume(store: RunStore, ledger: lg.Ledger, report: ClaimReport, optio
         if mode == "replay":
             _check_replayable(chunk, now)
         name = f"{chunk.kind}-c{chunk.id:08d}"
-        original = read_index_uri(index_uri_of(chunk.payload_uri))
-        position = dict(zip(original.column("event_id").to_pylist(),
-                            original.column("item_index").to_pylist(), strict=True))
-        rows = [(r, e) for r, e in rows if e in position]
-        store.write_table(pa.table({"item_index": pa.array([position[e] for _, e in rows], pa.int32()),
-                                    "row": pa.array([r for r, _ in rows], pa.int64()),
-                                    "event_id": pa.array([e for _, e in rows], pa.string())},
-                                   schema=INDEX_SCHEMA), RESUME, f"{name}.index.parquet")
+        index, kept = chunks.write_resume_index(store, name, chunk.payload_uri, rows)
         entries.append({"name": name, "kind": chunk.kind, "items": chunk.items, "bytes": chunk.bytes,
                         "sha256": chunk.sha256, "idempotency_key": chunk.idempotency_key,
-                        "payload_uri": chunk.payload_uri, "index": f"{RESUME}/{name}.index.parquet",
+                        "payload_uri": chunk.payload_uri, "index": index,
                         "ledger_chunk_id": chunk.id, "mode": mode, "origin_run": chunk.run_id})
         if mode == "replay":
             report.replay_chunks += 1
-        elif rows:
+        elif kept:
             report.resumed_chunks += 1
         else:
             report.orphaned_chunks += 1
-    store.write_json({"chunks": entries}, RESUME, "chunks.json")
+    chunks.write_resume_manifest(store, entries)
 
 
 def _check_force(store: RunStore, ledger: lg.Ledger, destination: str) -> None:
@@ -255,25 +238,18 @@ def _check_replayable(chunk: lg.ChunkRow, now: float) -> None:
             "anyway, run with allow_duplicates (FullStory then holds them twice).")
 
 
-def register_chunks(store: RunStore, ledger: lg.Ledger, destination: str, chunks: list[dict]) -> list[dict]:
+def register_chunks(store: RunStore, ledger: lg.Ledger, destination: str, new: list[dict]) -> list[dict]:
     """Record a run's new chunks (manifest entries from the mapping) in the ledger, each with the items its
     index names; returns the entries with `payload_uri`, `ledger_chunk_id` and `mode` added."""
     registered = []
-    for entry in chunks:
-        index = store.read_table("payloads", f"{entry['name']}.index.parquet", columns=["event_id"])
-        payload_uri = store.uri("payloads", f"{entry['name']}.jsonl")
+    for entry in new:
+        payload_uri = chunks.payload_uri(store, entry["name"])
         row = ledger.register_chunk(destination, store.run_id, name=entry["name"], kind=entry["kind"],
                                     idempotency_key=entry["idempotency_key"], payload_uri=payload_uri,
                                     sha256=entry["sha256"], items_count=entry["items"], size=entry["bytes"],
-                                    event_ids=index.column("event_id").to_pylist())
+                                    event_ids=chunks.chunk_event_ids(store, entry["name"]))
         registered.append({**entry, "payload_uri": payload_uri, "ledger_chunk_id": row.id, "mode": "deliver"})
     return registered
-
-
-def resume_entries(store: RunStore) -> list[dict]:
-    if not store.exists(RESUME, "chunks.json"):
-        return []
-    return list(store.read_json(RESUME, "chunks.json").get("chunks", []))
 
 
 def record_quarantine(store: RunStore, ledger: lg.Ledger, destination: str, window: tuple[str, str]) -> None:

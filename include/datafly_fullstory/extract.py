@@ -96,13 +96,9 @@ def _table(df: pd.DataFrame, schema: pa.Schema) -> pa.Table:
 
 def quarantine_outcomes(quarantined: pd.DataFrame) -> pd.DataFrame:
     """One `quarantined` outcome per failing row; an identify row's outcome is a user outcome."""
-    return pd.DataFrame({
-        "row": quarantined["_row"].to_numpy(),
-        "event_id": quarantined["event_id"].to_numpy(),
-        "outcome": "quarantined",
-        "reason": quarantined["reason"].to_numpy(),
-        "kind": np.where(quarantined["type"].to_numpy() == "identify", "user", "event"),
-    })
+    return outcomes.frame(quarantined["_row"].to_numpy(), quarantined["event_id"].to_numpy(), "quarantined",
+                          quarantined["reason"].to_numpy(),
+                          np.where(quarantined["type"].to_numpy() == "identify", "user", "event"))
 
 
 @dataclass
@@ -164,7 +160,7 @@ def run_extract(landing_uri: str, window: Window, store: RunStore, *, batch_size
             take(_renumbered(frames, lookback.new_rows, counts, late), lookback.window)
             late["files_read"] = len(late_files)
             late["seconds"] = round(time.monotonic() - began, 3)
-    empty = pd.DataFrame(columns=["row", "event_id", "outcome", "reason", "kind"])
+    empty = outcomes.frame([], [], [], [])
     outcomes.write_outcomes(store, "quarantine", pd.concat(outcome_frames) if outcome_frames else empty)
     summary = {**(summary or empty_summary()), "window": window.as_dict()}
     store.write_json(summary, "validation.json")

@@ -40,6 +40,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
+from include.datafly_fullstory.errors import LandingError, LandingInputError
 from include.datafly_fullstory.window import Window
 
 log = logging.getLogger(__name__)
@@ -63,15 +64,6 @@ DEFAULT_PARTITION_SLACK = timedelta(hours=1)
 _DAY_KEY = re.compile(r"^(?:dt|date)=(\d{4})-?(\d{2})-?(\d{2})$")
 _HOUR_KEY = re.compile(r"^(?:hour|hr)=(\d{1,2})$")
 _UNIT_NS = {"s": 10**9, "ms": 10**6, "us": 10**3, "ns": 1}
-
-
-class LandingError(RuntimeError):
-    """The landing cannot be read as the window needs: names the file and says how to fix it."""
-
-
-class LandingInputError(LandingError):
-    """A problem with the landing's content (missing, corrupt, unusable columns) that a retry cannot fix;
-    a plain LandingError (an object store's I/O failing) may pass on a retry."""
 
 
 def _read_error(message: str, exc: BaseException, uri: str) -> LandingError:

@@ -38,7 +38,7 @@ from include.datafly_fullstory.blueprint import (
     load_blueprint,
     normalise_event_name,
 )
-from include.datafly_fullstory.payloads import PAYLOADS, ChunkWriter, idempotency_key
+from include.datafly_fullstory.chunks import PAYLOADS, ChunkWriter, idempotency_key
 from include.datafly_fullstory.state import RunStore
 from include.datafly_fullstory.window import Window
 

@@ -11,6 +11,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from include.datafly_fullstory.errors import OutcomeError
 from include.datafly_fullstory.state import RunStore
 
 OUTCOMES = ("delivered", "rejected", "quarantined", "filtered", "skipped", "dry_run", "pending", "unknown")
@@ -30,10 +31,6 @@ SCHEMA = pa.schema(
         ("chunk", pa.string()),
     ]
 )
-
-
-class OutcomeError(RuntimeError):
-    """The outcomes of a run do not account for every input row exactly once."""
 
 
 def frame(row, event_id, outcome, reason, kind=None, chunk=None) -> pd.DataFrame:
@@ -57,6 +54,33 @@ def to_table(df: pd.DataFrame) -> pa.Table:
 def write_outcomes(store: RunStore, name: str, df: pd.DataFrame) -> None:
     """Write one stage's partial outcomes as `outcomes/<name>.parquet` (atomic, replaces a previous try)."""
     store.write_table(to_table(df), "outcomes", f"{name}.parquet")
+
+
+def partials(store: RunStore) -> list[str]:
+    """The names of the stage files written so far (`quarantine`, `mapping`, `delivery-<chunk>`, ...)."""
+    return [n.removesuffix(".parquet") for n in store.list("outcomes", suffix=".parquet")]
+
+
+def read_partial(store: RunStore, name: str, columns: list[str] | None = None) -> pa.Table | None:
+    """One stage's outcomes, or None when that stage wrote none."""
+    if not has_partial(store, name):
+        return None
+    return store.read_table("outcomes", f"{name}.parquet", columns=columns)
+
+
+def has_partial(store: RunStore, name: str) -> bool:
+    return store.exists("outcomes", f"{name}.parquet")
+
+
+def remove_partial(store: RunStore, name: str) -> None:
+    store.remove("outcomes", f"{name}.parquet")
+
+
+def remove_delivery_outcomes(store: RunStore) -> None:
+    """Delivery rewrites its outcome files from the ledger: a new mapping of the run starts without them."""
+    for name in partials(store):
+        if name.startswith("delivery-"):
+            remove_partial(store, name)
 
 
 def read_partials(store: RunStore) -> pa.Table:

@@ -1,32 +1,145 @@
-"""Per-run figures: partial stats from each stage add together; rows.* come from the outcomes.
+"""A run's figures: `RunStats`, written as the run folder's `stats.json` and shown as one summary line.
 
-The keys of `stats.json` are a public contract (README "Run stats"): more may be added, none renamed.
+In the manner of dlt's `LoadInfo`: each delivery task returns partial figures (a plain dict, through XCom)
+that `add` sums; the summarise task fills in the rows by outcome and the run's facts, `asdict()` is the
+`stats.json` contract (docs/stats.md: keys may be added, none renamed), `asstr()` the one line for the task
+log, and `problems` what needs a person (a threshold tripped, delivery stopped part-way), raised by
+`raise_on_problems()`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from include.datafly_fullstory.errors import RunProblems
 
-def empty() -> dict[str, Any]:
-    return {
-        "rows": {"read": 0, "delivered": 0, "rejected": 0, "quarantined": 0, "filtered": 0, "skipped": 0,
-                 "unknown": 0},
-        "events": {"mapped": 0, "delivered": 0, "rejected": 0},
-        "users": {"mapped": 0, "delivered": 0, "rejected": 0},
-        "http": {"requests": 0, "retries": 0, "status_counts": {}},
-        "batches": 0,
-        "bytes_sent": 0,
-    }
+ROW_OUTCOMES = ("delivered", "rejected", "quarantined", "filtered", "skipped", "unknown")
+# Thresholds (run params): the share of the run's rows (for `unknown`, the count) above which the run fails.
+# name -> (outcome, default, what the rows are).
+THRESHOLDS: dict[str, tuple[str, float, str]] = {
+    "max_rejected_ratio": ("rejected", 0.05, "rejected (by FullStory or before sending)"),
+    "max_quarantined_ratio": ("quarantined", 0.10, "quarantined by validation"),
+    "max_skipped_ratio": ("skipped", 0.60, "skipped (no FullStory identification, unknown type, ...)"),
+    "max_filtered_ratio": ("filtered", 1.0, "filtered (consent, event_types)"),
+    "max_unknown_rows": ("unknown", 0, "of unknown fate (sent, answer lost)"),
+}
+# What one delivery task reports about its chunks (DeliveryReport), in the order the summary names them.
+DELIVERY_FIGURES = ("chunks", "already_complete", "resumed", "submitted", "reposted", "replayed", "refused",
+                    "abandoned", "unknown_items", "unmatched_errors", "dry_run_rows")
 
 
-def merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
-    """Add two partial stats: numbers add, nested dicts merge key by key, other values from `b` win."""
+def _items() -> dict[str, int]:
+    return {"mapped": 0, "delivered": 0, "rejected": 0}
+
+
+@dataclass
+class RunStats:
+    rows: dict[str, int] = field(default_factory=lambda: {"read": 0, **dict.fromkeys(ROW_OUTCOMES, 0)})
+    events: dict[str, int] = field(default_factory=_items)
+    users: dict[str, int] = field(default_factory=_items)
+    http: dict[str, Any] = field(default_factory=lambda: {"requests": 0, "retries": 0, "status_counts": {}})
+    batches: int = 0
+    bytes_sent: int = 0
+    delivery: dict[str, int] = field(default_factory=dict)
+    dag_run_id: str | None = None
+    window_start: str | None = None
+    window_end: str | None = None
+    destination: str | None = None
+    dry_run: bool = False
+    duration_s: float = 0.0
+    validation: dict[str, Any] = field(default_factory=dict)
+    artifacts: str | None = None
+    previously: dict[str, int] = field(default_factory=dict)
+    late: dict[str, Any] = field(default_factory=dict)
+    dead_letters: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    # ---- adding up -----------------------------------------------------------------------------------
+
+    def add(self, part: Mapping[str, Any] | None) -> RunStats:
+        """Add one task's partial figures (numbers add, nested dicts merge key by key); returns self."""
+        if part:
+            for key, value in _merge(asdict(self), {k: v for k, v in part.items() if k in _FIELDS}).items():
+                setattr(self, key, value)
+        return self
+
+    # ---- reading -------------------------------------------------------------------------------------
+
+    def asdict(self) -> dict[str, Any]:
+        """The `stats.json` contract."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunStats:
+        return cls().add({k: v for k, v in data.items() if k in _FIELDS})
+
+    def asstr(self) -> str:
+        """One readable line for the task log."""
+        rows, http = self.rows, self.http
+        head = (f"window {self.window_start} -> {self.window_end}{' (dry run)' if self.dry_run else ''}: "
+                if self.window_start else "")
+        counts = (f"read {rows.get('read', 0)}, "
+                  + ", ".join(f"{o} {rows.get(o, 0)}" for o in ROW_OUTCOMES[:5])
+                  + "".join(f", {o} {rows[o]}" for o in ("unknown", "pending", "dry_run") if rows.get(o))
+                  + (f" ({self.late['rows']} late)" if self.late.get("rows") else "")
+                  + "; ") if rows.get("read") else ""
+        items = "" if rows.get("read") else (
+            f"events {self.events['delivered']} delivered / {self.events['rejected']} rejected, "
+            f"users {self.users['delivered']} delivered / {self.users['rejected']} rejected; ")
+        chunks = ""
+        if self.delivery.get("chunks"):
+            parts = [f"{self.delivery[k]} {k.replace('_', ' ')}" for k in DELIVERY_FIGURES[1:8]
+                     if self.delivery.get(k)]
+            chunks = f"{self.delivery['chunks']} chunk(s)" + (f" ({', '.join(parts)})" if parts else "") + ", "
+        return (f"{head}{counts}{items}{chunks}{self.batches} batches, {http.get('requests', 0)} requests "
+                f"({http.get('retries', 0)} retries), {self.bytes_sent} bytes in {self.duration_s:.1f}s")
+
+    __str__ = asstr
+
+    def asset_metadata(self) -> dict[str, Any]:
+        """What the sync's Asset event carries."""
+        return {"window_start": self.window_start, "window_end": self.window_end, "rows": dict(self.rows),
+                "dry_run": self.dry_run, "artifacts": self.artifacts}
+
+    # ---- problems ------------------------------------------------------------------------------------
+
+    @property
+    def has_problems(self) -> bool:
+        return bool(self.problems)
+
+    def raise_on_problems(self) -> None:
+        if self.problems:
+            raise RunProblems(self.problems)
+
+    def threshold_problems(self, thresholds: Mapping[str, float]) -> list[str]:
+        """A share of rows above its threshold (each row that did not reach FullStory counts: rejected before
+        or by FullStory, quarantined, skipped, filtered), or more rows of unknown fate than allowed. Each
+        names its threshold; missing thresholds take their defaults."""
+        read = self.rows.get("read", 0)
+        problems = []
+        for name, (outcome, default, words) in THRESHOLDS.items():
+            count, limit = self.rows.get(outcome, 0), float(thresholds.get(name, default))
+            if name.endswith("_rows"):
+                if count > limit:
+                    problems.append(f"{count} row(s) {words}: above {name}={limit:g}. Each one's outcome says "
+                                    f"what to check (outcomes.parquet in {self.artifacts})")
+            elif read and count / read > limit:
+                where = "dead_letters.parquet" if outcome == "rejected" else "outcomes.parquet"
+                problems.append(f"{count} of {read} rows ({count / read:.1%}) {words}: above {name}={limit:.1%}. "
+                                f"See {where} in {self.artifacts}")
+        return problems
+
+
+_FIELDS = frozenset(f.name for f in fields(RunStats))
+
+
+def _merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = dict(a)
     for key, value in b.items():
         if key in out and isinstance(out[key], Mapping) and isinstance(value, Mapping):
-            out[key] = merge(out[key], value)
+            out[key] = _merge(out[key], value)
         elif key in out and _is_number(out[key]) and _is_number(value):
             out[key] = out[key] + value
         else:
@@ -36,22 +149,3 @@ def merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def summary_line(stats: Mapping[str, Any]) -> str:
-    """One readable line for the task log."""
-    rows = stats.get("rows", {})
-    http = stats.get("http", {})
-    return (
-        f"window {stats.get('window_start')} -> {stats.get('window_end')}"
-        f"{' (dry run)' if stats.get('dry_run') else ''}: "
-        f"read {rows.get('read', 0)}, delivered {rows.get('delivered', 0)}, rejected {rows.get('rejected', 0)}, "
-        f"quarantined {rows.get('quarantined', 0)}, filtered {rows.get('filtered', 0)}, "
-        f"skipped {rows.get('skipped', 0)}"
-        + (f", unknown {rows['unknown']}" if rows.get("unknown") else "")
-        + (f", pending {rows['pending']}" if rows.get("pending") else "")
-        + (f" ({stats['late']['rows']} late)" if (stats.get("late") or {}).get("rows") else "")
-        + f"; {stats.get('batches', 0)} batches, "
-        f"{http.get('requests', 0)} requests ({http.get('retries', 0)} retries), "
-        f"{stats.get('bytes_sent', 0)} bytes in {stats.get('duration_s', 0):.1f}s"
-    )

@@ -11,9 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-
-class WindowError(ValueError):
-    """A window the pipeline cannot run."""
+from include.datafly_fullstory.errors import WindowError
 
 
 @dataclass(frozen=True)

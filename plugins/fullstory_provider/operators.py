@@ -83,9 +83,12 @@ class FullStoryDeliveryOperator(BaseOperator):
         self._delivery = None  # the running Delivery, for on_kill
 
     def execute(self, context: Context) -> dict[str, Any]:
-        from include.datafly_fullstory.delivery import Delivery, DeliveryError, load_chunks, undelivered_users
+        from include.datafly_fullstory.chunks import load_chunks
+        from include.datafly_fullstory.delivery import Delivery, stops, undelivered_users
+        from include.datafly_fullstory.errors import DeliveryError
         from include.datafly_fullstory.ledger import Ledger
         from include.datafly_fullstory.state import RunStore
+        from include.datafly_fullstory.stats import RunStats
 
         started = time.monotonic()
         store = RunStore(str(self.state_uri), str(self.run_id))
@@ -102,8 +105,8 @@ class FullStoryDeliveryOperator(BaseOperator):
         self._check_users_first(undelivered_users(store, ledger, chunks))
         hook = FullStoryHook(self.fullstory_conn_id)
         ti = context.get("ti")
-        stop_record = f"{getattr(ti, 'task_id', self.task_id)}-{getattr(ti, 'map_index', -1)}.json"
-        store.remove("delivery_stops", stop_record)
+        stop_record = stops.record_name(getattr(ti, "task_id", self.task_id), getattr(ti, "map_index", -1))
+        stops.clear_stop(store, stop_record)
         try:
             settings = hook.settings  # read and check the connection (regions, key) before anything is sent
             destination = destination_of(settings.org_id, settings.data_region)
@@ -117,15 +120,15 @@ class FullStoryDeliveryOperator(BaseOperator):
             report = self._delivery.run(chunks)
         except Exception as exc:
             # The summarise step reads this to say why rows are still pending (messages carry no secret).
-            store.write_json({"error": f"{type(exc).__name__}: {exc}", "chunks": _names(self.chunks)},
-                             "delivery_stops", stop_record)
+            stops.write_stop(store, stop_record, exc, _names(self.chunks))
             if isinstance(exc, DeliveryError):
                 raise AirflowException(str(exc)) from exc
             raise
         finally:
             hook.close()
         stats = report.stats(hook.http_stats())
-        self.log.info("%s", _summary(report, stats, time.monotonic() - started))
+        summary = RunStats(duration_s=time.monotonic() - started).add(stats)
+        self.log.info("FullStory delivery: %s", summary.asstr())
         return stats
 
     def _settings(self):
@@ -179,16 +182,3 @@ def _location(ledger: dict | str | None) -> dict | None:
 
         return ast.literal_eval(ledger) if ledger.strip().startswith("{") else {"url": ledger}
     return ledger
-
-
-def _summary(report, stats: dict[str, Any], seconds: float) -> str:
-    http = stats["http"]
-    return (
-        f"FullStory delivery: {report.chunks} chunk(s) ({report.already_complete} already complete, "
-        f"{report.resumed} resumed, {report.submitted} submitted, {report.reposted} re-sent under their key, "
-        f"{report.replayed} replayed, {report.refused} refused); "
-        f"events {stats['events']['delivered']} delivered / {stats['events']['rejected']} rejected, "
-        f"users {stats['users']['delivered']} delivered / {stats['users']['rejected']} rejected; "
-        f"{http['requests']} requests ({http['retries']} retries), {stats['batches']} batches, "
-        f"{stats['bytes_sent']} bytes in {seconds:.1f}s"
-    )

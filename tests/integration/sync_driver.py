@@ -10,6 +10,7 @@ as SIGKILL would.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -19,6 +20,7 @@ from typing import Any
 from fullstory_provider.ledger_db import ledger_url
 from fullstory_provider.operators import FullStoryDeliveryOperator
 from include.datafly_fullstory import pipeline
+from include.datafly_fullstory.run import plan_run
 from include.datafly_fullstory.state import RunStore
 
 GROUP_SIZE = 2
@@ -102,14 +104,14 @@ class SyncDriver:
 
     def execute(self, run: Run, name: str) -> Any:
         if name == "plan":
-            plan = pipeline.plan_run(params=run.params, run_id=run.run_id, landing_uri=str(self.landing),
+            plan = plan_run(params=run.params, run_id=run.run_id, landing_uri=str(self.landing),
                                      state_uri=str(self.state), airflow_home=str(self.home),
                                      data_interval_start=run.interval[0] if run.interval else None,
                                      data_interval_end=run.interval[1] if run.interval else None,
                                      run_after=datetime.now().astimezone(), destination=self.destination,
                                      ledger_conn_id=self.ledger_conn_id)
-            plan["mapping"]["max_items"] = self.max_items  # several chunks per window
-            return plan
+            # several chunks per window
+            return dataclasses.replace(plan, mapping={**plan.mapping, "max_items": self.max_items}).to_xcom()
         url = ledger_url(run.plan["ledger"])
         if name == "extract":
             return pipeline.extract_stage(run.plan, url)
@@ -125,8 +127,8 @@ class SyncDriver:
             return operator.execute({"ti": _TI(f"deliver_{kind}", int(index))})
         if name == "summarise":
             stats = [v for k, v in run.xcom.items() if k.startswith("deliver_")]
-            run_stats, problems = pipeline.summarise_run(run.plan, run.xcom["extract"], run.xcom["map"], stats, url)
-            return {"stats": run_stats, "problems": problems}
+            run_stats = pipeline.summarise_run(run.plan, run.xcom["extract"], run.xcom["map"], stats, url)
+            return {"stats": run_stats.asdict(), "problems": run_stats.problems}
         raise ValueError(name)
 
     def go(self, run: Run, *, start: str | None = None) -> Run:

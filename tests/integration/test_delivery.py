@@ -32,14 +32,14 @@ from fullstory_provider.hooks import (
 )
 from fullstory_provider.links import XCOM_APP_URL
 from fullstory_provider.operators import FullStoryDeliveryOperator
-from include.datafly_fullstory import delivery as dl
+from include.datafly_fullstory import dead_letters
 from include.datafly_fullstory import ledger as lg
+from include.datafly_fullstory.delivery import loop, stops
 from include.datafly_fullstory.state import RunStore
 from tests.run_helpers import DESTINATION, sqlite_ledger, write_run
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_ID = "manual__2026-03-01T10:00:00+00:00"
-STOP_RECORD = "deliver--1.json"  # delivery_stops/<task_id>-<map_index>.json (RecordingTI has neither)
 
 
 # ---- helpers -------------------------------------------------------------------------------------------
@@ -146,7 +146,7 @@ def kill_at(monkeypatch, point: str) -> None:
         if name == point:
             raise Killed(name)
 
-    monkeypatch.setattr(dl, "fault_point", fault)
+    monkeypatch.setattr(loop, "fault_point", fault)
 
 
 # ---- success -------------------------------------------------------------------------------------------
@@ -174,7 +174,7 @@ def test_delivers_users_then_events(fullstory_emulator, monkeypatch, tmp_path, l
         assert outcomes(store, name) == all_delivered(range(row, row + n))
         row += n
     assert states(ledger, range(95)) == {"delivered"}
-    assert not store.exists("delivery_stops", STOP_RECORD)
+    assert stops.read_stops(store) == []
     json.dumps(stats)  # an XCom value
 
 
@@ -188,7 +188,7 @@ def test_per_item_rejections_become_dead_letters_and_outcomes(fullstory_emulator
     assert stats["events"] == {"delivered": 10, "rejected": 2}
     assert imported(emu) == once(range(5, 15))
     assert sorted(u["uid"] for u in emu.users()) == ["u0", "u1", "u2", "u4"]
-    dead = store.read_table("dead_letters", "events-00000.parquet").to_pylist()
+    dead = dead_letters.read_chunk(store, "events-00000").to_pylist()
     assert [(d["item_index"], d["rows"], d["event_ids"], d["code"]) for d in dead] == [
         (10, [15], ["ev-15"], "invalid_argument"), (11, [16], ["ev-16"], "invalid_argument")]
     assert orjson.loads(dead[1]["item"])["properties"] == {"k": 1, "datafly_event_id": "ev-16"}  # as sent
@@ -198,7 +198,7 @@ def test_per_item_rejections_become_dead_letters_and_outcomes(fullstory_emulator
                                                                            (16, "ev-16", "rejected")]
     reason = store.read_table("outcomes", "delivery-events-00000.parquet").to_pylist()[11]["reason"]
     assert reason.startswith("invalid_argument: ")
-    (user_dead,) = store.read_table("dead_letters", "users-00000.parquet").to_pylist()
+    (user_dead,) = dead_letters.read_chunk(store, "users-00000").to_pylist()
     assert (user_dead["item_index"], user_dead["rows"], user_dead["kind"]) == (3, [3], "user")
     assert [o[2] for o in outcomes(store, "users-00000")] == ["delivered"] * 3 + ["rejected", "delivered"]
     assert states(ledger, [3, 15, 16]) == {"rejected"} and states(ledger, [0, 1, 2, 4, *range(5, 15)]) == {"delivered"}
@@ -216,7 +216,7 @@ def test_the_emulators_own_validation_errors_are_matched_by_event_id(fullstory_e
     assert stats["events"] == {"delivered": 2, "rejected": 2}
     assert imported(emu) == once([0, 2])
     assert [o[2] for o in outcomes(store, "events-00000")] == ["delivered", "rejected", "delivered", "rejected"]
-    dead = store.read_table("dead_letters", "events-00000.parquet").to_pylist()
+    dead = dead_letters.read_chunk(store, "events-00000").to_pylist()
     assert [(d["item_index"], d["rows"]) for d in dead] == [(1, [1]), (3, [3])]
     assert "bad-name" in dead[0]["message"] and "timestamp" in dead[1]["message"]
 
@@ -296,13 +296,13 @@ def test_401_fails_without_airflow_retries_and_a_fixed_key_resends(fullstory_emu
     # FullStory answered that it took nothing: the chunk is unsent again (no key age to run out).
     record = chunk_row(ledger, "events-00000")
     assert (record.status, record.job_id, record.submissions, record.first_post_at) == ("claimed", None, 0, None)
-    assert store.read_json("delivery_stops", STOP_RECORD)["error"].startswith("FullStoryAuthError: Invalid API key")
+    assert stops.read_stops(store)[0].startswith("FullStoryAuthError: Invalid API key")
     use_connection(monkeypatch, emu)
     stats, _ = deliver(store, ledger, chunks)  # sent as a first POST, under the same recorded key
     assert stats["delivery"]["submitted"] == 1 and api_posts(emu) == 2
     assert emu.state()["idempotency"]["replays"] == 0 and imported(emu) == once(range(50))
     assert chunk_row(ledger, "events-00000").idempotency_key == record.idempotency_key
-    assert not store.exists("delivery_stops", STOP_RECORD)
+    assert stops.read_stops(store) == []
 
 
 def test_404_points_at_the_data_region(fullstory_emulator, monkeypatch, tmp_path, ledger):
@@ -362,7 +362,7 @@ def test_a_refused_batch_rejects_every_row(fullstory_emulator, monkeypatch, tmp_
     assert outcomes(store, "events-00000") == [(r, f"ev-{r}", "rejected") for r in range(4)]
     out = store.read_table("outcomes", "delivery-events-00000.parquet").to_pylist()
     assert all(o["reason"].startswith("idempotency_key_mismatch: ") for o in out)
-    dead = store.read_table("dead_letters", "events-00000.parquet").to_pylist()
+    dead = dead_letters.read_chunk(store, "events-00000").to_pylist()
     assert [(d["item_index"], d["rows"], d["code"]) for d in dead] == [(i, [i], "idempotency_key_mismatch")
                                                                       for i in range(4)]
     assert imported(emu) == Counter({None: 1})  # the squatter's event only
@@ -410,20 +410,20 @@ def test_a_task_killed_mid_delivery_resumes_from_the_ledger(fullstory_emulator, 
     kill_at(monkeypatch, point)
     with pytest.raises(Killed):
         deliver(store, ledger, chunks)
-    assert store.read_json("delivery_stops", STOP_RECORD)["error"] == f"Killed: {point}"
+    assert stops.read_stops(store)[0] == f"Killed: {point}"
     record = chunk_row(ledger, "events-00000")
     assert record.status == {"before_post": "posting", "after_post": "posting", "while_polling": "submitted",
                              "after_job": "processing"}[point]
     assert (record.job_id is None) == point.endswith("_post") and record.submissions == 1
     assert states(ledger, range(20)) == {"claimed"}
-    monkeypatch.setattr(dl, "fault_point", lambda name: None)
+    monkeypatch.setattr(loop, "fault_point", lambda name: None)
     stats, _ = deliver(store, ledger, chunks)
     assert api_posts(emu) == posts and emu.state()["idempotency"]["replays"] == replays
     assert stats["delivery"][counter] == 1 and stats["delivery"]["submitted"] == 0
     assert emu.state()["jobs"]["total"] == 1 and imported(emu) == once(range(20))
     assert outcomes(store, "events-00000") == all_delivered(range(20))
     assert chunk_row(ledger, "events-00000").status == "completed" and states(ledger, range(20)) == {"delivered"}
-    assert not store.exists("delivery_stops", STOP_RECORD)
+    assert stops.read_stops(store) == []
 
 
 def test_a_lost_answer_older_than_23_hours_is_not_resent(fullstory_emulator, monkeypatch, tmp_path, ledger):
@@ -433,7 +433,7 @@ def test_a_lost_answer_older_than_23_hours_is_not_resent(fullstory_emulator, mon
     kill_at(monkeypatch, "after_post")
     with pytest.raises(Killed):
         deliver(store, ledger, chunks)
-    monkeypatch.setattr(dl, "fault_point", lambda name: None)
+    monkeypatch.setattr(loop, "fault_point", lambda name: None)
     monkeypatch.setattr(lg, "wall_clock", lambda: time.time() + 25 * 3600)
     emu.advance_clock(25 * 3600)  # FullStory has forgotten the key too
     stats, _ = deliver(store, ledger, chunks)
@@ -467,7 +467,7 @@ def test_a_changed_payload_file_is_refused(fullstory_emulator, monkeypatch, tmp_
     with pytest.raises(AirflowException, match="events-00000.jsonl changed after it was recorded"):
         deliver(store, ledger, chunks)
     assert emu.requests()["total"] == 0 and states(ledger, range(10)) == {"claimed"}
-    assert "changed after it was recorded" in store.read_json("delivery_stops", STOP_RECORD)["error"]
+    assert "changed after it was recorded" in stops.read_stops(store)[0]
     store.write_bytes(original, "payloads", "events-00000.jsonl")
     deliver(store, ledger, chunks)
     assert imported(emu) == once(range(10)) and api_posts(emu) == 1

@@ -25,8 +25,9 @@ import pyarrow.parquet as pq
 import pytest
 import sqlalchemy as sa
 
-from include.datafly_fullstory import delivery, pipeline
+from include.datafly_fullstory import dead_letters
 from include.datafly_fullstory import ledger as lg
+from include.datafly_fullstory.delivery import loop
 from include.datafly_fullstory.sample import LandingSpec, generate_table, write_landing
 from tests.integration.sync_driver import Killed, SyncDriver
 
@@ -67,14 +68,14 @@ def kill_at(monkeypatch, point: str, occurrence: int = 2) -> None:
         if name == point and seen[name] == occurrence:
             raise Killed(point)
 
-    monkeypatch.setattr(delivery, "fault_point", fault)
+    monkeypatch.setattr(loop, "fault_point", fault)
 
 
 def kill_summarise(monkeypatch) -> None:
     def dies(store):
         raise Killed("summarise")
 
-    monkeypatch.setattr(pipeline, "merge_dead_letters", dies)
+    monkeypatch.setattr(dead_letters, "merge", dies)
 
 
 def move_clocks(monkeypatch, emulator, hours: float) -> None:

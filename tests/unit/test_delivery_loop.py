@@ -15,15 +15,17 @@ import time
 import orjson
 import pytest
 
-from include.datafly_fullstory import delivery as dl
+from include.datafly_fullstory import chunks as chunk_files
+from include.datafly_fullstory import dead_letters
 from include.datafly_fullstory import ledger as lg
-from include.datafly_fullstory.payloads import batch_body
+from include.datafly_fullstory.delivery import jobs, loop
+from include.datafly_fullstory.errors import DeliveryError, DeliveryTimeout
 from include.datafly_fullstory.state import RunStore
 from tests.run_helpers import DESTINATION, sqlite_ledger, write_run
 
 RUN_ID = "manual__2026-03-01T10:00:00+00:00"
 TS = "2026-03-01T10:15:00Z"
-NO_FAULT = dl.fault_point
+NO_FAULT = loop.fault_point
 
 
 # ---- the FullStory stand-in ----------------------------------------------------------------------------
@@ -156,7 +158,7 @@ def kill_at(monkeypatch, point: str) -> None:
         if name == point:
             raise Killed(name)
 
-    monkeypatch.setattr(dl, "fault_point", fault)
+    monkeypatch.setattr(loop, "fault_point", fault)
 
 
 def lost_answer(store, ledger, monkeypatch, items: int):
@@ -167,20 +169,20 @@ def lost_answer(store, ledger, monkeypatch, items: int):
     kill_at(monkeypatch, "after_post")
     with pytest.raises(Killed):
         run(store, ledger, client, ["events-00000"])
-    monkeypatch.setattr(dl, "fault_point", NO_FAULT)
+    monkeypatch.setattr(loop, "fault_point", NO_FAULT)
     return client
 
 
 def fast(**kw):
-    return dl.DeliverySettings(poll_interval=0.001, max_poll_interval=0.002, **kw)
+    return loop.DeliverySettings(poll_interval=0.001, max_poll_interval=0.002, **kw)
 
 
 def delivery(store, ledger, client, destination=DESTINATION, **settings):
-    return dl.Delivery(store, client, ledger, destination, fast(**settings))
+    return loop.Delivery(store, client, ledger, destination, fast(**settings))
 
 
 def run(store, ledger, client, names, **settings):
-    return delivery(store, ledger, client, **settings).run(dl.load_chunks(store, names))
+    return delivery(store, ledger, client, **settings).run(chunk_files.load_chunks(store, names))
 
 
 def events(n, start=0, name="Order Completed"):
@@ -223,35 +225,35 @@ def expected(rows, outcome_of) -> list[tuple[int, str, str]]:
 
 def test_load_chunks_reads_the_manifest_and_the_recorded_bytes(store, ledger):
     entries = write_run(store, ledger, {"events-00000": events(3)})
-    (chunk,) = dl.load_chunks(store, ["events-00000"])
+    (chunk,) = chunk_files.load_chunks(store, ["events-00000"])
     row = ledger.chunk(chunk.ledger_chunk_id)
     assert (chunk.kind, chunk.mode, chunk.sha256, row.sha256) == ("events", "deliver", entries[0]["sha256"],
                                                                    entries[0]["sha256"])
-    lines = dl.read_lines(chunk, row.sha256)
+    lines = chunk_files.read_lines(chunk, row.sha256)
     assert [orjson.loads(line)["properties"]["datafly_event_id"] for line in lines] == ev(0, 1, 2)
-    assert orjson.loads(batch_body(lines)) == {"requests": [orjson.loads(line) for line in lines]}
-    with pytest.raises(dl.DeliveryError, match="not in"):
-        dl.load_chunks(store, ["events-00042"])
+    assert orjson.loads(chunk_files.batch_body(lines)) == {"requests": [orjson.loads(line) for line in lines]}
+    with pytest.raises(DeliveryError, match="not in"):
+        chunk_files.load_chunks(store, ["events-00042"])
     store.remove("payloads", "manifest.json")
-    with pytest.raises(dl.DeliveryError, match="run the mapping task first"):
-        dl.load_chunks(store, ["events-00000"])
+    with pytest.raises(DeliveryError, match="run the mapping task first"):
+        chunk_files.load_chunks(store, ["events-00000"])
 
 
 def test_match_errors_by_event_id_and_uid_not_by_bytes():
     lines = [orjson.dumps({"name": "a", "timestamp": TS, "properties": {"datafly_event_id": e}}) for e in ev(0, 1, 2)]
-    keys = dl.line_keys(lines, "events")
+    keys = jobs.line_keys(lines, "events")
     assert keys == {"ev-0": 0, "ev-1": 1, "ev-2": 2}
     echoed = [
         {"code": "c1", "message": "m1", "event": reformat(orjson.loads(lines[2]))},
         {"code": "c2", "message": "m2", "event": {"name": "a", "properties": {"v": 1}}},  # names no line
         {"code": "c3", "message": "m3", "event": "not an object"},
     ]
-    matched = dl.match_errors(keys, echoed, "events")
+    matched = jobs.match_errors(keys, echoed, "events")
     assert [(m.item_index, m.reason) for m in matched] == [(2, "c1: m1"), (-1, "c2: m2"), (-1, "c3: m3")]
     user_lines = [orjson.dumps(u) for u in users("a", "b")]
-    ukeys = dl.line_keys(user_lines, "users")
+    ukeys = jobs.line_keys(user_lines, "users")
     assert ukeys == {"a": 0, "b": 1}
-    (m,) = dl.match_errors(ukeys, [{"code": "c", "message": "m", "user": {"schema": None, "uid": "b", "id": "9"}}],
+    (m,) = jobs.match_errors(ukeys, [{"code": "c", "message": "m", "user": {"schema": None, "uid": "b", "id": "9"}}],
                            "users")
     assert m.item_index == 1
 
@@ -279,8 +281,8 @@ def test_delivers_users_before_events_within_the_in_flight_cap(store, ledger):
         record = chunk_row(ledger, entry["name"])
         assert record.status == "completed" and record.job_status == "COMPLETED" and record.submissions == 1
         assert (record.delivered_items, record.rejected_items, record.unknown_items) == (entry["items"], 0, 0)
-        lines = dl.read_lines(dl.load_chunks(store, [entry["name"]])[0], record.sha256)
-        assert sent[record.idempotency_key] == batch_body(lines)
+        lines = chunk_files.read_lines(chunk_files.load_chunks(store, [entry["name"]])[0], record.sha256)
+        assert sent[record.idempotency_key] == chunk_files.batch_body(lines)
         rows = range(row, row + entry["items"])
         assert outcomes(store, entry["name"]) == expected(rows, {})
         assert set(states(ledger, ev(*rows)).values()) == {"delivered"}
@@ -294,17 +296,17 @@ def test_a_rerun_sends_nothing_and_rewrites_missing_outcomes_from_the_ledger(sto
     first = run(store, ledger, client, ["events-00000"])
     assert (first.submitted, first.items["events"]) == (1, {"delivered": 3, "rejected": 1})
     before_outcomes = store.read_table("outcomes", "delivery-events-00000.parquet")
-    before_dead = store.read_table("dead_letters", "events-00000.parquet")
+    before_dead = dead_letters.read_chunk(store, "events-00000")
     client.calls.clear()
     again = run(store, ledger, client, ["events-00000"])
     assert client.calls == [] and (again.already_complete, again.submitted, again.batches) == (1, 0, 0)
     assert again.items["events"] == {"delivered": 3, "rejected": 1}  # the counts describe the chunk
     store.remove("outcomes")
-    store.remove("dead_letters")
+    dead_letters.clear(store)
     third = run(store, ledger, client, ["events-00000"])
     assert client.calls == [] and third.already_complete == 1
     assert store.read_table("outcomes", "delivery-events-00000.parquet").equals(before_outcomes)
-    assert store.read_table("dead_letters", "events-00000.parquet").equals(before_dead)
+    assert dead_letters.read_chunk(store, "events-00000").equals(before_dead)
     assert chunk_row(ledger, "events-00000").submissions == 1
 
 
@@ -312,7 +314,7 @@ def test_a_forced_replay_sends_the_recorded_bytes_and_key(store, ledger, monkeyp
     write_run(store, ledger, {"events-00000": events(2)})
     client = RecordingFullStory()
     run(store, ledger, client, ["events-00000"])
-    (chunk,) = dl.load_chunks(store, ["events-00000"])
+    (chunk,) = chunk_files.load_chunks(store, ["events-00000"])
     replay = dataclasses.replace(chunk, name=f"events-c{chunk.ledger_chunk_id:08d}", mode="replay",
                                  origin_run=RUN_ID)  # as claims.py describes a `force` replay
     report = delivery(store, ledger, client).run([replay])
@@ -324,7 +326,7 @@ def test_a_forced_replay_sends_the_recorded_bytes_and_key(store, ledger, monkeyp
     record = chunk_row(ledger, "events-00000")
     assert record.status == "completed" and record.submissions == 2 and record.job_id == "job-0"
     monkeypatch.setattr(lg, "wall_clock", lambda: time.time() + 25 * 3600)
-    with pytest.raises(dl.DeliveryError, match="force: .*forgets a key after 24 h"):
+    with pytest.raises(DeliveryError, match="force: .*forgets a key after 24 h"):
         delivery(store, ledger, client).run([replay])
     assert len(client.bodies) == 2
 
@@ -332,7 +334,7 @@ def test_a_forced_replay_sends_the_recorded_bytes_and_key(store, ledger, monkeyp
 def test_resume_polls_a_recorded_job_instead_of_submitting(store, ledger):
     write_run(store, ledger, {"events-00000": events(2)})
     client = RecordingFullStory(polls_to_finish=10**6)
-    with pytest.raises(dl.DeliveryTimeout, match="re-run polls them instead of submitting"):
+    with pytest.raises(DeliveryTimeout, match="re-run polls them instead of submitting"):
         run(store, ledger, client, ["events-00000"], timeout=0.05)
     record = chunk_row(ledger, "events-00000")
     assert record.status in ("submitted", "processing") and record.job_id == "job-0"
@@ -356,8 +358,8 @@ def test_stop_leaves_a_resumable_ledger(store, ledger):
         return original(kind, job_id)
 
     client.get_batch_status = status_then_kill
-    with pytest.raises(dl.DeliveryError, match="kept in the ledger for a re-run: events-00000 \\(job job-0\\)"):
-        loop.run(dl.load_chunks(store, ["events-00000"]))
+    with pytest.raises(DeliveryError, match="kept in the ledger for a re-run: events-00000 \\(job job-0\\)"):
+        loop.run(chunk_files.load_chunks(store, ["events-00000"]))
     record = chunk_row(ledger, "events-00000")
     assert record.status == "processing" and record.job_id == "job-0" and record.job_status == "PROCESSING"
     assert not store.exists("outcomes", "delivery-events-00000.parquet")
@@ -382,7 +384,7 @@ def test_rejections_are_matched_by_event_id_when_the_echo_differs_in_bytes(store
     assert states(ledger, ev(*range(6))) == dict(zip(ev(*range(6)), ["delivered", "rejected"] * 3, strict=True))
     rejected = ledger.lookup(DESTINATION, ev(5))["ev-5"]
     assert (rejected.code, rejected.message) == ("invalid_argument", "rejected ev-5")
-    dead = store.read_table("dead_letters", "events-00000.parquet").to_pylist()
+    dead = dead_letters.read_chunk(store, "events-00000").to_pylist()
     assert [(d["item_index"], d["rows"], d["event_ids"]) for d in dead] == [(1, [1], ev(1)), (3, [3], ev(3)),
                                                                            (5, [5], ev(5))]
     record = chunk_row(ledger, "events-00000")
@@ -402,7 +404,7 @@ def test_user_rejections_are_matched_by_uid_for_every_folded_row(store, ledger):
                                               for r in range(6)]
     out = store.read_table("outcomes", "delivery-users-00000.parquet").to_pylist()
     assert {o["kind"] for o in out} == {"user"} and out[2]["reason"] == "invalid_argument: rejected bad"
-    (dead,) = store.read_table("dead_letters", "users-00000.parquet").to_pylist()
+    (dead,) = dead_letters.read_chunk(store, "users-00000").to_pylist()
     assert (dead["item_index"], dead["rows"], dead["event_ids"], dead["kind"]) == (1, [2, 3], ev(2, 3), "user")
     assert orjson.loads(dead["item"]) == users("bad")[0]
 
@@ -421,7 +423,7 @@ def test_more_errors_than_listed_makes_unlisted_rows_unknown_unless_imported(sto
     record = chunk_row(ledger, "events-00000")
     assert (record.delivered_items, record.rejected_items, record.unknown_items, record.errors) == (3, 1, 1, 2)
     assert report.items["events"] == {"delivered": 3, "rejected": 1} and report.unknown_items == 1
-    assert len(store.read_table("dead_letters", "events-00000.parquet")) == 1  # unknown is no dead letter
+    assert len(dead_letters.read_chunk(store, "events-00000")) == 1  # unknown is no dead letter
 
 
 def test_without_an_imports_list_no_unmatched_row_counts_as_delivered(store, ledger):
@@ -432,7 +434,7 @@ def test_without_an_imports_list_no_unmatched_row_counts_as_delivered(store, led
                                                                   3: "unknown"})
     assert report.unmatched_errors == 1 and report.unknown_items == 3
     assert report.items["events"] == {"delivered": 0, "rejected": 1}
-    dead = store.read_table("dead_letters", "events-00000.parquet").to_pylist()
+    dead = dead_letters.read_chunk(store, "events-00000").to_pylist()
     assert [(d["item_index"], d["code"], d["rows"]) for d in dead] == [(1, "invalid_argument", [1]),
                                                                       (-1, "internal", [])]
     assert orjson.loads(dead[1]["item"]) == {"name": "mystery-0"}
@@ -448,7 +450,7 @@ def test_a_refused_batch_rejects_every_row(store, ledger):
     assert outcomes(store, "events-00001") == expected(range(2, 5), dict.fromkeys(range(2, 5), "rejected"))
     assert set(reasons(store, "events-00001").values()) == {"payload_too_large: too large"}
     assert set(states(ledger, ev(2, 3, 4)).values()) == {"rejected"}
-    dead = store.read_table("dead_letters", "events-00001.parquet").to_pylist()
+    dead = dead_letters.read_chunk(store, "events-00001").to_pylist()
     assert [(d["item_index"], d["rows"], d["code"]) for d in dead] == [(i, [i + 2], "payload_too_large") for i in range(3)]
     assert chunk_row(ledger, "events-00000").status == "claimed"  # the other chunk was not asked for
     client = RecordingFullStory()
@@ -469,10 +471,10 @@ def test_a_chunk_posting_without_a_job_id_is_reposted_with_its_key(store, ledger
     assert (record.status, record.job_id, record.submissions) == ("posting", None, 1)
     assert record.first_post_at is not None
     assert len(client.bodies) == (0 if point == "before_post" else 1)
-    monkeypatch.setattr(dl, "fault_point", NO_FAULT)
+    monkeypatch.setattr(loop, "fault_point", NO_FAULT)
     report = run(store, ledger, client, ["events-00000"])
-    (chunk,) = dl.load_chunks(store, ["events-00000"])
-    assert {(k, b) for _, k, b in client.bodies} == {(record.idempotency_key, batch_body(dl.read_lines(chunk, record.sha256)))}
+    (chunk,) = chunk_files.load_chunks(store, ["events-00000"])
+    assert {(k, b) for _, k, b in client.bodies} == {(record.idempotency_key, chunk_files.batch_body(chunk_files.read_lines(chunk, record.sha256)))}
     assert client.replays == replays and len(client.jobs) == jobs
     assert (report.reposted, report.submitted) == (1, 0)
     after = chunk_row(ledger, "events-00000")
@@ -494,7 +496,7 @@ def test_a_posting_chunk_older_than_23_hours_is_not_sent_again(store, ledger, mo
     record = chunk_row(ledger, "events-00000")
     assert (record.status, record.unknown_items, record.job_id) == ("unknown", 3, None)
     assert report.unknown_items == 3 and report.items["events"] == {"delivered": 0, "rejected": 0}
-    assert len(store.read_table("dead_letters", "events-00000.parquet")) == 0  # unknown is no dead letter
+    assert len(dead_letters.read_chunk(store, "events-00000")) == 0  # unknown is no dead letter
     client.calls.clear()
     assert run(store, ledger, client, ["events-00000"]).already_complete == 1 and client.calls == []
 
@@ -517,7 +519,7 @@ def test_a_repost_answered_key_in_use_does_not_reject_the_rows(store, ledger, mo
     client.refuse = refusal(409, "idempotency_key_in_use", "a request with this Idempotency-Key is in progress")
     try:
         run(store, ledger, client, ["events-00000"])
-    except (dl.DeliveryError, Refused):
+    except (DeliveryError, Refused):
         pass  # stopping is fine; rejecting rows FullStory may hold is not
     assert set(states(ledger, ev(0, 1)).values()) <= {"claimed", "delivered"}
     assert chunk_row(ledger, "events-00000").status != "failed"
@@ -540,17 +542,17 @@ def test_an_abandoned_chunk_sends_nothing(store, ledger):
 
 def test_a_changed_payload_file_is_refused_and_never_sent(store, ledger):
     write_run(store, ledger, {"events-00000": events(2)})
-    (chunk,) = dl.load_chunks(store, ["events-00000"])
+    (chunk,) = chunk_files.load_chunks(store, ["events-00000"])
     original = store.read_bytes("payloads", "events-00000.jsonl")
     store.write_bytes(original.replace(b"Order Completed", b"Order Changed!!"), "payloads", "events-00000.jsonl")
     client = RecordingFullStory()
-    with pytest.raises(dl.DeliveryError, match="changed after it was recorded .* cannot be sent. Restore the file"):
+    with pytest.raises(DeliveryError, match="changed after it was recorded .* cannot be sent. Restore the file"):
         run(store, ledger, client, ["events-00000"])
     assert client.calls == [] and set(states(ledger, ev(0, 1)).values()) == {"claimed"}
     assert not store.exists("outcomes", "delivery-events-00000.parquet")
     store.write_bytes(original, "payloads", "events-00000.jsonl")  # restored: sent once, as recorded
     run(store, ledger, client, ["events-00000"])
-    assert [b for _, _, b in client.bodies] == [batch_body(dl.read_lines(chunk, chunk.sha256))]
+    assert [b for _, _, b in client.bodies] == [chunk_files.batch_body(chunk_files.read_lines(chunk, chunk.sha256))]
     assert outcomes(store, "events-00000") == expected(range(2), {})
 
 
@@ -561,7 +563,7 @@ def test_a_refused_changed_file_leaves_its_chunk_unsent(store, ledger, monkeypat
     original = store.read_bytes("payloads", "events-00000.jsonl")
     store.write_bytes(original + original[:10], "payloads", "events-00000.jsonl")
     client = RecordingFullStory()
-    with pytest.raises(dl.DeliveryError, match="changed after it was recorded"):
+    with pytest.raises(DeliveryError, match="changed after it was recorded"):
         run(store, ledger, client, ["events-00000"])
     store.write_bytes(original, "payloads", "events-00000.jsonl")
     monkeypatch.setattr(lg, "wall_clock", lambda: time.time() + 25 * 3600)
@@ -575,8 +577,8 @@ def test_a_chunk_of_another_destination_is_not_sent(store, ledger):
     the chunk's destination against its own before sending."""
     write_run(store, ledger, {"events-00000": events(2)})
     client = RecordingFullStory()
-    with pytest.raises(dl.DeliveryError):
-        dl.Delivery(store, client, ledger, "o-OTHER-eu1@eu1", fast()).run(dl.load_chunks(store, ["events-00000"]))
+    with pytest.raises(DeliveryError):
+        loop.Delivery(store, client, ledger, "o-OTHER-eu1@eu1", fast()).run(chunk_files.load_chunks(store, ["events-00000"]))
     assert client.calls == []
 
 
@@ -585,27 +587,27 @@ def test_a_chunk_of_another_destination_is_not_sent(store, ledger):
 
 def test_dry_run_writes_outcomes_only(store, ledger):
     write_run(store, ledger, {"users-00000": users("u0"), "events-00000": events(2)})
-    report = dl.Delivery(store, None, None, None).dry_run(dl.load_chunks(store, ["users-00000", "events-00000"]))
+    report = loop.Delivery(store, None, None, None).dry_run(chunk_files.load_chunks(store, ["users-00000", "events-00000"]))
     assert (report.dry_run_rows, report.done, report.batches) == (3, 2, 0)
     assert outcomes(store, "events-00000") == expected(range(1, 3), dict.fromkeys(range(1, 3), "dry_run"))
     assert outcomes(store, "users-00000") == [(0, "ev-0", "dry_run")]
     assert {c.status for c in ledger.chunks_of_run(DESTINATION, RUN_ID)} == {"claimed"}
     assert {c.submissions for c in ledger.chunks_of_run(DESTINATION, RUN_ID)} == {0}
     assert set(states(ledger, ev(0, 1, 2)).values()) == {"claimed"}
-    assert not store.exists("dead_letters")
+    assert not store.exists(dead_letters.FOLDER)
 
 
 def test_undelivered_users_blocks_events(store, ledger):
     write_run(store, ledger, {"users-00000": users("u"), "users-00001": users("v"), "users-00002": users("w"),
                               "events-00000": events(1)})
-    just_events = dl.load_chunks(store, ["events-00000"])
-    assert dl.undelivered_users(store, ledger, just_events) == ["users-00000", "users-00001", "users-00002"]
-    every = dl.load_chunks(store, ["users-00000", "users-00001", "users-00002", "events-00000"])
-    assert dl.undelivered_users(store, ledger, every) == []
-    assert dl.undelivered_users(store, ledger, dl.load_chunks(store, ["users-00000"])) == []  # no events asked for
+    just_events = chunk_files.load_chunks(store, ["events-00000"])
+    assert loop.undelivered_users(store, ledger, just_events) == ["users-00000", "users-00001", "users-00002"]
+    every = chunk_files.load_chunks(store, ["users-00000", "users-00001", "users-00002", "events-00000"])
+    assert loop.undelivered_users(store, ledger, every) == []
+    assert loop.undelivered_users(store, ledger, chunk_files.load_chunks(store, ["users-00000"])) == []  # no events asked for
     run(store, ledger, RecordingFullStory(), ["users-00000"])
-    with pytest.raises(dl.DeliveryTimeout):
+    with pytest.raises(DeliveryTimeout):
         run(store, ledger, RecordingFullStory(polls_to_finish=10**6), ["users-00001"], timeout=0.02)
     w = chunk_row(ledger, "users-00002").id
     assert ledger.abandon_stale_chunks([w], updated_before=float("inf")) == {w}  # another run delivers those rows
-    assert dl.undelivered_users(store, ledger, just_events) == ["users-00001"]  # in flight: still waiting
+    assert loop.undelivered_users(store, ledger, just_events) == ["users-00001"]  # in flight: still waiting

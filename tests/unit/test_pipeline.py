@@ -1,18 +1,23 @@
+import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from include.datafly_fullstory.pipeline import attention_needed, group_chunks, plan_run, resolve_uri
-from include.datafly_fullstory.stats import empty
+from include.datafly_fullstory.pipeline import group_chunks
+from include.datafly_fullstory.run import RunPlan, plan_run, resolve_uri
+from include.datafly_fullstory.stats import RunStats
 
 H = datetime(2026, 11, 26, 7, tzinfo=UTC)
 
 
 def _plan(destination="o-1A2B3C-na1@na1", executor=None, ledger_conn_id=None, state_uri=None, **params):
-    return plan_run(params=params, run_id="scheduled__2026-11-26T07:00:00+00:00", landing_uri="demo/landing",
+    plan = plan_run(params=params, run_id="scheduled__2026-11-26T07:00:00+00:00", landing_uri="demo/landing",
                     state_uri=state_uri, airflow_home="/opt/af", data_interval_start=H,
                     data_interval_end=H + timedelta(hours=1), destination=destination, executor=executor,
                     ledger_conn_id=ledger_conn_id)
+    xcom = plan.to_xcom()
+    assert RunPlan.from_xcom(xcom) == plan and json.loads(json.dumps(xcom)) == xcom  # XCom carries it whole
+    return xcom
 
 
 def test_plan_defaults_and_relative_uris_under_airflow_home():
@@ -20,7 +25,7 @@ def test_plan_defaults_and_relative_uris_under_airflow_home():
     assert plan["window"] == {"start": H.isoformat(), "end": (H + timedelta(hours=1)).isoformat()}
     assert plan["landing_uri"] == "/opt/af/demo/landing" and plan["state_uri"] == "/opt/af/state"
     assert (plan["dry_run"], plan["force"], plan["replay_dead_letters"]) == (False, False, False)
-    assert plan["fullstory_conn_id"] == "fullstory_default" and plan["max_rejected_ratio"] == 0.05
+    assert plan["fullstory_conn_id"] == "fullstory_default" and plan["thresholds"]["max_rejected_ratio"] == 0.05
     assert plan["mapping"] == {"event_types": [], "require_explicit_consent": False}
     # Scheduled runs look back 24 h for late rows; the ledger is a SQLite file beside the local state.
     assert plan["lookback_hours"] == 24 and plan["scan_start"] == (H - timedelta(hours=24)).isoformat()
@@ -69,15 +74,15 @@ def test_chunks_are_grouped_per_kind_in_order():
 
 
 def test_each_threshold_sees_rows_that_did_not_reach_fullstory_and_is_named():
-    stats = empty()
-    stats["rows"].update(read=100, delivered=60, rejected=6, quarantined=4, skipped=30)
-    problems = attention_needed(stats, {"max_rejected_ratio": 0.05})
+    stats = RunStats()
+    stats.rows.update(read=100, delivered=60, rejected=6, quarantined=4, skipped=30)
+    problems = stats.threshold_problems({"max_rejected_ratio": 0.05})
     assert len(problems) == 1 and "6 of 100 rows" in problems[0] and "max_rejected_ratio" in problems[0]
-    assert attention_needed(stats, {"max_rejected_ratio": 0.06}) == []
-    tripped = attention_needed(stats, {"thresholds": {"max_quarantined_ratio": 0.03, "max_skipped_ratio": 0.2,
-                                                      "max_rejected_ratio": 0.5}})
+    assert stats.threshold_problems({"max_rejected_ratio": 0.06}) == []
+    tripped = stats.threshold_problems({"max_quarantined_ratio": 0.03, "max_skipped_ratio": 0.2,
+                                        "max_rejected_ratio": 0.5})
     assert [p.split("above ")[1].split("=")[0] for p in tripped] == ["max_quarantined_ratio", "max_skipped_ratio"]
-    stats["rows"]["unknown"] = 1
-    assert any("max_unknown_rows" in p for p in attention_needed(stats, {"max_rejected_ratio": 1}))
-    assert not any("max_unknown_rows" in p for p in attention_needed(
-        stats, {"max_rejected_ratio": 1, "thresholds": {"max_unknown_rows": 1}}))
+    stats.rows["unknown"] = 1
+    assert any("max_unknown_rows" in p for p in stats.threshold_problems({"max_rejected_ratio": 1}))
+    assert not any("max_unknown_rows" in p for p in stats.threshold_problems(
+        {"max_rejected_ratio": 1, "max_unknown_rows": 1}))

@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 
 from include.datafly_fullstory import outcomes, stats
+from include.datafly_fullstory.errors import InputError
 from include.datafly_fullstory.state import RunStore, safe_run_id
 
 
@@ -65,13 +66,26 @@ def test_unknown_outcomes_are_refused():
 
 
 def test_stats_add_together_and_read_as_one_line():
-    a = stats.merge(stats.empty(), {"http": {"requests": 3, "status_counts": {"200": 3}}, "batches": 1})
-    b = stats.merge(a, {"http": {"requests": 2, "retries": 1, "status_counts": {"200": 1, "429": 1}},
-                        "batches": 1, "bytes_sent": 10})
-    assert b["http"] == {"requests": 5, "retries": 1, "status_counts": {"200": 4, "429": 1}}
-    assert b["batches"] == 2 and b["bytes_sent"] == 10
-    line = stats.summary_line({**b, "window_start": "s", "window_end": "e", "duration_s": 1.25})
-    assert "5 requests (1 retries)" in line and "2 batches" in line
+    run = stats.RunStats().add({"http": {"requests": 3, "status_counts": {"200": 3}}, "batches": 1})
+    run.add({"http": {"requests": 2, "retries": 1, "status_counts": {"200": 1, "429": 1}}, "batches": 1,
+             "bytes_sent": 10, "delivery": {"chunks": 2, "submitted": 2}, "not_a_stat": 1})
+    assert run.http == {"requests": 5, "retries": 1, "status_counts": {"200": 4, "429": 1}}
+    assert run.batches == 2 and run.bytes_sent == 10 and "not_a_stat" not in run.asdict()
+    run.window_start, run.window_end, run.duration_s = "s", "e", 1.25
+    run.rows.update(read=3, delivered=2, skipped=1)
+    line = run.asstr()
+    assert line.startswith("window s -> e: read 3, delivered 2, rejected 0, quarantined 0, filtered 0, skipped 1;")
+    assert "2 chunk(s) (2 submitted)" in line and "5 requests (1 retries)" in line and "2 batches" in line
+    assert str(run) == line and stats.RunStats.from_dict(run.asdict()) == run
+
+
+def test_run_problems_are_raised_as_one_error_a_person_must_fix():
+    run = stats.RunStats()
+    run.raise_on_problems()  # none: nothing happens
+    run.problems = ["3 of 10 rows rejected", "delivery stopped"]
+    with pytest.raises(InputError, match="3 of 10 rows rejected; delivery stopped") as caught:
+        run.raise_on_problems()
+    assert caught.value.problems == run.problems and run.has_problems
 
 
 def test_rows_a_stopped_delivery_never_reached_are_pending_with_the_reason(tmp_path):

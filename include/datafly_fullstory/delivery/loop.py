@@ -22,62 +22,44 @@ The loop is single-threaded on purpose: FullStory does the work asynchronously, 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-import orjson
 import pandas as pd
-import pyarrow as pa
 
+from include.datafly_fullstory import dead_letters, outcomes
 from include.datafly_fullstory import ledger as lg
-from include.datafly_fullstory import outcomes
-from include.datafly_fullstory.payloads import (
-    INDEX_SCHEMA,
+from include.datafly_fullstory.chunks import (
+    Chunk,
     batch_body,
-    index_uri_of,
-    read_index_uri,
-    read_uri,
+    manifest_entries,
+    read_chunk_index,
+    read_lines,
+    read_run_index,
 )
+from include.datafly_fullstory.delivery.jobs import (
+    ITEM_KIND,
+    ItemError,
+    JobReading,
+    expired_message,
+    key_young,
+    read_job,
+)
+from include.datafly_fullstory.delivery.outcomes import dead_letter_table, outcome_of
+from include.datafly_fullstory.delivery.report import KINDS, DeliveryReport, DeliverySettings
+from include.datafly_fullstory.errors import DeliveryError, DeliveryTimeout
 from include.datafly_fullstory.state import RunStore
 
 log = logging.getLogger(__name__)
 
-KINDS = ("users", "events")  # chunk kinds, in delivery order: users before the events that refer to them
-ITEM_KIND = {"users": "user", "events": "event"}  # outcome kind, and where FullStory echoes an item
 JOB_ENDED = ("COMPLETED", "FAILED")  # FAILED includes partial failure: per-item errors tell which
-EVENT_ID_PROPERTY = "datafly_event_id"
 NOT_ACCEPTED = (401, 403, 404)  # answers to a POST that say FullStory took nothing
-
-DEAD_LETTER_SCHEMA = pa.schema(
-    [
-        ("chunk", pa.string()),
-        ("item_index", pa.int32()),  # line number in the chunk; -1 when the error matched no line
-        ("kind", pa.string()),  # event | user
-        ("code", pa.string()),
-        ("message", pa.string()),
-        ("item", pa.string()),  # the item as sent (compact JSON): replayable as is, once fixed
-        ("rows", pa.list_(pa.int64())),
-        ("event_ids", pa.list_(pa.string())),
-        ("job_id", pa.string()),
-        ("idempotency_key", pa.string()),
-    ]
-)
-
-
-class DeliveryError(RuntimeError):
-    """Delivery cannot go on; the message says why and what to do. The ledger stays consistent."""
-
-
-class DeliveryTimeout(DeliveryError):
-    """The delivery ran out of time with jobs still processing; a re-run polls them (no resubmission)."""
 
 
 class BatchClient(Protocol):
@@ -105,206 +87,6 @@ class BatchClient(Protocol):
 def fault_point(name: str) -> None:
     """A named step of delivery. Does nothing; the fault-injection tests replace it to stop a task exactly
     there (before the POST, after the POST, while polling, after the job ended)."""
-
-
-# ---- chunks --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """A manifest entry: a chunk this run delivers (`deliver`), or an earlier run's chunk it resumes
-    (`resume`) or replays for `force` (`replay`)."""
-
-    name: str
-    kind: str  # users | events
-    ledger_chunk_id: int | None
-    payload_uri: str | None
-    index: str  # this run's index of the chunk (row, event_id per item), relative to the run folder
-    sha256: str | None = None
-    idempotency_key: str | None = None
-    mode: str = "deliver"
-    origin_run: str | None = None
-
-    @classmethod
-    def from_entry(cls, entry: Mapping[str, Any]) -> Chunk:
-        name = str(entry["name"])
-        return cls(name=name, kind=str(entry["kind"]), ledger_chunk_id=entry.get("ledger_chunk_id"),
-                   payload_uri=entry.get("payload_uri"), index=entry.get("index") or f"payloads/{name}.index.parquet",
-                   sha256=entry.get("sha256"), idempotency_key=entry.get("idempotency_key"),
-                   mode=entry.get("mode", "deliver"), origin_run=entry.get("origin_run"))
-
-
-def manifest_entries(store: RunStore) -> list[dict[str, Any]]:
-    if not store.exists("payloads", "manifest.json"):
-        raise DeliveryError(f"{store.path('payloads', 'manifest.json')} is missing: run the mapping task first")
-    return list(store.read_json("payloads", "manifest.json").get("chunks", []))
-
-
-def load_chunks(store: RunStore, names: Iterable[str]) -> list[Chunk]:
-    """The named chunks, as `payloads/manifest.json` describes them."""
-    entries = {c["name"]: c for c in manifest_entries(store)}
-    missing = [n for n in names if n not in entries]
-    if missing:
-        raise DeliveryError(f"chunk(s) {missing[:5]} are not in {store.path('payloads', 'manifest.json')}")
-    return [Chunk.from_entry(entries[n]) for n in names]
-
-
-def read_lines(chunk: Chunk, expected_sha: str | None) -> list[bytes]:
-    """The chunk's lines, checked against the sha256 the ledger recorded when it was made."""
-    data = read_uri(chunk.payload_uri)
-    digest = hashlib.sha256(data).hexdigest()
-    if expected_sha and digest != expected_sha:
-        raise DeliveryError(
-            f"{chunk.payload_uri} changed after it was recorded (sha256 {digest[:12]}, ledger {expected_sha[:12]}); "
-            "its bytes are what FullStory holds under its key, so it cannot be sent. Restore the file"
-        )
-    return [line for line in data.split(b"\n") if line.strip()]
-
-
-def read_run_index(store: RunStore, chunk: Chunk) -> pd.DataFrame:
-    if not store.exists(chunk.index):
-        return INDEX_SCHEMA.empty_table().to_pandas()
-    return store.read_table(chunk.index, columns=INDEX_SCHEMA.names).to_pandas()
-
-
-# ---- FullStory's answers -> item states ---------------------------------------------------------------
-
-
-def item_key(item: Any, kind: str) -> str | None:
-    """What identifies an echoed item: its `datafly_event_id` property (events), its `uid` (users)."""
-    if not isinstance(item, Mapping):
-        return None
-    if kind == "events":
-        props = item.get("properties")
-        value = props.get(EVENT_ID_PROPERTY) if isinstance(props, Mapping) else None
-    else:
-        user = item.get("user") if isinstance(item.get("user"), Mapping) else item
-        value = user.get("uid")
-    return str(value) if value is not None else None
-
-
-def line_keys(lines: list[bytes], kind: str) -> dict[str, int]:
-    """Item key -> line number in the chunk."""
-    return {key: i for i, line in enumerate(lines) if (key := item_key(orjson.loads(line), kind)) is not None}
-
-
-@dataclass
-class ItemError:
-    item_index: int  # -1: could not be matched to a line
-    code: str
-    message: str
-    item: Any  # what FullStory echoed back
-
-    @property
-    def reason(self) -> str:
-        return f"{self.code}: {self.message}"
-
-
-def match_errors(keys: Mapping[str, int], errors: Iterable[Mapping[str, Any]], kind: str) -> list[ItemError]:
-    """Attach each error to its line by the item's id (see `item_key`); -1 when it names no line."""
-    matched = []
-    for error in errors:
-        item = error.get(ITEM_KIND[kind], error.get("request"))
-        index = keys.get(item_key(item, kind), -1)
-        matched.append(ItemError(index, str(error.get("code") or "unknown"), str(error.get("message") or ""), item))
-    return matched
-
-
-@dataclass
-class JobReading:
-    states: dict[int, tuple[str, str | None, str | None]]  # line -> (state, code, message) when not delivered
-    errors: list[ItemError]
-    unmatched_errors: int
-
-
-def read_job(client: BatchClient, chunk: Chunk, job_id: str, lines: list[bytes], reported_errors: int,
-             job_status: str | None) -> JobReading:
-    """Which lines FullStory rejected, and which it may not have imported."""
-    if job_status != "FAILED" and reported_errors <= 0:
-        return JobReading({}, [], 0)
-    keys = line_keys(lines, chunk.kind)
-    errors = match_errors(keys, client.iter_batch_errors(chunk.kind, job_id), chunk.kind)
-    states: dict[int, tuple[str, str | None, str | None]] = {}
-    for e in errors:
-        if e.item_index >= 0 and e.item_index not in states:
-            states[e.item_index] = (lg.REJECTED, e.code, e.message)
-    unmatched = sum(1 for e in errors if e.item_index < 0)
-    if max(reported_errors, len(errors)) > len(states):
-        imported = {keys[k] for item in client.iter_batch_imports(chunk.kind, job_id)
-                    if (k := item_key(item, chunk.kind)) in keys}
-        message = (f"FullStory's job {job_id} counted {max(reported_errors, len(errors))} failed item(s) but only "
-                   f"{len(states)} could be matched to a line by {EVENT_ID_PROPERTY if chunk.kind == 'events' else 'uid'}, "
-                   "and this item is in neither its errors nor its imports. Check FullStory for it before sending it "
-                   "again (allow_duplicates)")
-        for index in range(len(lines)):
-            if index not in states and index not in imported:
-                states[index] = (lg.UNKNOWN, "unmatched_error", message)
-    return JobReading(states, errors, unmatched)
-
-
-def _key_young(row: lg.ChunkRow, now: float) -> bool:
-    """Whether FullStory still remembers the chunk's key (with a margin for clock skew)."""
-    age = row.key_age(now)
-    return age is not None and age <= lg.KEY_SAFE_AGE_S
-
-
-def expired_message(chunk: lg.ChunkRow) -> str:
-    when = datetime.fromtimestamp(chunk.first_post_at or 0, UTC).isoformat(timespec="seconds")
-    return (f"chunk {chunk.name} of run {chunk.run_id} was POSTed at {when} with Idempotency-Key "
-            f"{chunk.idempotency_key}, but its answer was lost and FullStory forgets a key after 24 h: sending it "
-            f"again could import it twice. Check FullStory for events whose {EVENT_ID_PROPERTY} is this row's "
-            "event_id (users: the uid); if they are missing, run the window again with allow_duplicates")
-
-
-# ---- the delivery loop ---------------------------------------------------------------------------------
-
-
-@dataclass
-class DeliverySettings:
-    max_in_flight: int = 4  # batch jobs in progress at once (FullStory queues above 100 per org)
-    poll_interval: float = 2.0  # first wait before polling a job; grows by 1.5x per poll
-    max_poll_interval: float = 30.0
-    timeout: float = 3600.0  # for the whole delivery; jobs left processing are resumed by a re-run
-    progress_every: float = 10.0  # seconds between progress log lines
-
-
-@dataclass
-class DeliveryReport:
-    chunks: int = 0
-    done: int = 0
-    already_complete: int = 0
-    resumed: int = 0
-    submitted: int = 0
-    reposted: int = 0
-    replayed: int = 0
-    refused: int = 0
-    abandoned: int = 0
-    unknown_items: int = 0
-    unmatched_errors: int = 0
-    dry_run_rows: int = 0
-    batches: int = 0
-    bytes_sent: int = 0
-    items_this_try: int = 0
-    items: dict[str, dict[str, int]] = field(
-        default_factory=lambda: {k: {"delivered": 0, "rejected": 0} for k in KINDS}
-    )
-
-    def stats(self, http: Mapping[str, Any]) -> dict[str, Any]:
-        """Partial stats (stats.py keys). Item counts cover every chunk asked for, including chunks an
-        earlier try completed; http, batches and bytes_sent count this try's traffic only."""
-        return {
-            "events": dict(self.items["events"]),
-            "users": dict(self.items["users"]),
-            "http": dict(http),
-            "batches": self.batches,
-            "bytes_sent": self.bytes_sent,
-            "delivery": {
-                "chunks": self.chunks, "already_complete": self.already_complete, "resumed": self.resumed,
-                "submitted": self.submitted, "reposted": self.reposted, "replayed": self.replayed,
-                "refused": self.refused, "abandoned": self.abandoned, "unknown_items": self.unknown_items,
-                "unmatched_errors": self.unmatched_errors, "dry_run_rows": self.dry_run_rows,
-            },
-        }
 
 
 @dataclass
@@ -390,7 +172,7 @@ class Delivery:
                                 f"talks to {self.destination}; nothing was sent")
         now = lg.wall_clock()
         if chunk.mode == "replay":
-            if not _key_young(row, now):
+            if not key_young(row, now):
                 raise DeliveryError(f"force: {expired_message(row)}")
             return self._post(chunk, row, first=False, replay=True)
         if row.status == lg.C_CLAIMED:
@@ -403,7 +185,7 @@ class Delivery:
             self._account(chunk, row, new=False)
             return None
         if row.status == lg.C_POSTING and row.job_id is None:
-            if not _key_young(row, now):
+            if not key_young(row, now):
                 self._expired(chunk, row)
                 return None
             return self._post(chunk, row, first=False)
@@ -489,7 +271,7 @@ class Delivery:
         then this run's outcome files and dead letters."""
         exceptions = []
         if reading.states:  # the rows of lines not delivered; every other row of the chunk is
-            original = read_index_uri(index_uri_of(chunk.payload_uri)).to_pandas()
+            original = read_chunk_index(chunk)
             hit = original["item_index"].isin(list(reading.states))
             for index, event_id in zip(original["item_index"][hit], original["event_id"][hit], strict=True):
                 exceptions.append((event_id, *reading.states[int(index)]))
@@ -538,7 +320,7 @@ class Delivery:
             counts["rejected"] += row.rejected_items
             self.report.unknown_items += row.unknown_items
         name = f"delivery-{chunk.name}"
-        if not new and self.store.exists("outcomes", f"{name}.parquet"):
+        if not new and outcomes.has_partial(self.store, name):
             self._progress()
             return
         index = read_run_index(self.store, chunk)
@@ -546,20 +328,19 @@ class Delivery:
         outcome, reason = [], []
         for event_id in index["event_id"]:
             item = states.get(event_id)
-            out, why = _outcome_of(item, chunk, row, self.store.run_id)
+            out, why = outcome_of(item, chunk, row, self.store.run_id)
             outcome.append(out)
             reason.append(why)
         self._write_outcomes(chunk, index, outcome, reason)
         if lines is None and any(o == "rejected" for o in outcome):
             lines = read_lines(chunk, row.sha256)
-        self.store.write_table(_dead_letters(chunk, row, lines or [], index, outcome, reason, errors or []),
-                               "dead_letters", f"{chunk.name}.parquet")
+        dead_letters.write_chunk(self.store, chunk.name,
+                                 dead_letter_table(chunk, row, lines or [], index, outcome, reason, errors or []))
         self._progress()
 
     def _write_outcomes(self, chunk: Chunk, index: pd.DataFrame, outcome, reason) -> None:
-        frame = pd.DataFrame({"row": index["row"].astype("int64"), "event_id": index["event_id"],
-                              "outcome": outcome, "reason": reason, "kind": ITEM_KIND[chunk.kind],
-                              "chunk": chunk.name})
+        frame = outcomes.frame(index["row"].astype("int64"), index["event_id"], outcome, reason,
+                               ITEM_KIND[chunk.kind], chunk.name)
         outcomes.write_outcomes(self.store, f"delivery-{chunk.name}", frame)
 
     def _progress(self, final: bool = False) -> None:
@@ -573,45 +354,6 @@ class Delivery:
             self.report.done, self.report.chunks, self.report.already_complete, self.report.items_this_try,
             self.report.items_this_try / elapsed,
         )
-
-
-def _outcome_of(item: lg.ItemRow | None, chunk: Chunk, row: lg.ChunkRow, run_id: str) -> tuple[str, str | None]:
-    if row.status == lg.C_ABANDONED:
-        return "pending", (f"chunk {chunk.name} was taken over by another run after its claim lease ran out; "
-                           "that run delivers these rows")
-    if item is None or item.state not in lg.SENT_STATES:
-        return "pending", f"chunk {chunk.name} has not finished"
-    if item.state == lg.REJECTED:
-        return "rejected", f"{item.code}: {item.message}"
-    if item.state == lg.UNKNOWN:
-        return "unknown", item.message
-    if chunk.mode == "replay":
-        return "delivered", (f"force: chunk {row.name} of run {row.run_id} replayed under its recorded key "
-                             "(FullStory answered from its idempotency record; nothing imported twice)")
-    if row.run_id != run_id:
-        return "delivered", f"delivered by resuming chunk {row.name} of run {row.run_id}"
-    return "delivered", None
-
-
-def _dead_letters(chunk: Chunk, row: lg.ChunkRow, lines: list[bytes], index: pd.DataFrame, outcome: list[str],
-                  reason: list[str | None], errors: list[ItemError]) -> pa.Table:
-    """One row per rejected item of this run's rows, plus errors that named no line (item_index -1)."""
-    rejected = index[[o == "rejected" for o in outcome]].assign(reason=[r for r, o in zip(reason, outcome, strict=True)
-                                                                         if o == "rejected"])
-    records = []
-    for item_index, group in rejected.groupby("item_index", sort=True):
-        code, _, message = str(group["reason"].iloc[0]).partition(": ")
-        records.append({"chunk": chunk.name, "item_index": int(item_index), "kind": ITEM_KIND[chunk.kind],
-                        "code": code, "message": message,
-                        "item": lines[int(item_index)].decode() if int(item_index) < len(lines) else None,
-                        "rows": [int(r) for r in group["row"]], "event_ids": [str(e) for e in group["event_id"]],
-                        "job_id": row.job_id, "idempotency_key": row.idempotency_key})
-    for e in errors:
-        if e.item_index < 0:
-            records.append({"chunk": chunk.name, "item_index": -1, "kind": ITEM_KIND[chunk.kind], "code": e.code,
-                            "message": e.message, "item": orjson.dumps(e.item).decode(), "rows": [],
-                            "event_ids": [], "job_id": row.job_id, "idempotency_key": row.idempotency_key})
-    return pa.Table.from_pylist(records, schema=DEAD_LETTER_SCHEMA)
 
 
 def undelivered_users(store: RunStore, ledger: lg.Ledger, chunks: list[Chunk]) -> list[str]:

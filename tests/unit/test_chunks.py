@@ -12,9 +12,9 @@ import pyarrow as pa
 import pytest
 
 from include.datafly_fullstory import sample
+from include.datafly_fullstory.chunks import ENVELOPE_BYTES, ChunkWriter, batch_body, idempotency_key
 from include.datafly_fullstory.mapping import MappingSettings, run_mapping
 from include.datafly_fullstory.outcomes import SCHEMA as OUTCOME_SCHEMA
-from include.datafly_fullstory.payloads import ENVELOPE_BYTES, ChunkWriter, batch_body, idempotency_key
 from include.datafly_fullstory.state import RunStore
 from include.datafly_fullstory.window import Window
 
@@ -47,7 +47,7 @@ def chunk_rows(store: RunStore, summary: dict) -> list[int]:
 
 def test_idempotency_key_is_a_pure_function_of_run_window_chunk_and_content():
     key = idempotency_key("r1", WINDOW, "events", "events-00000", "ab" * 32)
-    assert key == idempotency_key("r1", WINDOW.as_dict(), "events", "events-00000", "ab" * 32)
+    assert key == idempotency_key("r1", Window.from_dict(WINDOW.as_dict()), "events", "events-00000", "ab" * 32)
     assert key.startswith("dffs-events-") and len(key) == len("dffs-events-") + 40
     others = {idempotency_key("r1", Window(WINDOW.start, WINDOW.end + timedelta(hours=1)), "events",
                               "events-00000", "ab" * 32),
