@@ -4,7 +4,9 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
+# The dependency files: a change to any of them re-runs the install (dev set, exact versions).
+DEPS := requirements.txt requirements-dev.txt constraints.txt
+STAMP := $(VENV)/.installed-$(shell cat $(DEPS) | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
 export AIRFLOW_HOME := $(CURDIR)/.airflow
@@ -18,9 +20,9 @@ export PYTHONPATH := $(CURDIR):$(CURDIR)/plugins
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt
+$(STAMP): $(DEPS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt -c constraints.txt
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 
@@ -32,6 +34,7 @@ test: venv
 
 lint: venv
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 bench: venv
 	$(PY) bench/run_all.py
