@@ -4,7 +4,8 @@ Two sources of that schema, each a parameter of the `spec` fixture:
 - `project`: the project's own schema (include/fullstory_emulator/schema.py, written from
   docs/fullstory-api.md), which every checkout has: these always run;
 - `swagger`: FullStory's verbatim Swagger specs, read from ../shared/reference/fullstory-api/ (override:
-  FULLSTORY_SPEC_DIR), which CI lays beside the repo; without them these skip, saying so (in CI they fail).
+  FULLSTORY_SPEC_DIR, the spec folder, or DATAFLY_SHARED_DIR, the shared folder), which CI lays beside
+  the repo; without them these skip, saying so (in CI they fail).
 
 For each request definition of the request endpoints (POST /v2/events, /v2/events/batch, /v2/users,
 /v2/users/batch and their batch items) it builds valid bodies by walking the definition, then variants:
@@ -24,7 +25,6 @@ rule itself, and limits the Swagger leaves to prose (event name length, event pr
 from __future__ import annotations
 
 import copy
-import os
 import re
 import time
 from pathlib import Path
@@ -37,7 +37,6 @@ from openapi_schema_validator import OAS30Validator, oas30_format_checker
 from include.fullstory_emulator import schema as project_schema
 from include.fullstory_emulator.testing import EmulatorProcess
 
-ROOT = Path(__file__).resolve().parents[2]
 SPEC_FILES = ("events.swagger.patched.json", "users.sdk.swagger.patched.json")
 WRONG_TYPE = {
     "string": 12345,
@@ -53,12 +52,10 @@ WRONG_TYPE = {
 
 
 def spec_dir() -> Path:
-    path = Path(
-        os.environ.get("FULLSTORY_SPEC_DIR") or ROOT.parent / "shared" / "reference" / "fullstory-api"
-    )
-    if any(not (path / name).is_file() for name in SPEC_FILES):
-        from tests.conftest import missing_specs
+    from tests.conftest import missing_specs, spec_folder
 
+    path = spec_folder()
+    if any(not (path / name).is_file() for name in SPEC_FILES):
         missing_specs(path)
     return path
 
