@@ -14,10 +14,11 @@ leaves to prose are added on top:
   primitives, arrays of primitives or nested objects; declared types are one of `SCHEMA_TYPES`;
 - a batch item carries no `context` of its own when `shared.context` is set.
 
-Two limits are only approximated, because JSON Schema counts characters where FullStory counts otherwise:
-a property value may hold at most 8192 *bytes* (the schema caps strings at 8192 characters), and the
-512-character limit applies to the whole dotted path of a nested property (the schema caps each name).
-The emulator (validation.py) checks both exactly, and takes its field tables and limits from here.
+Three limits are only approximated, because JSON Schema counts otherwise than FullStory does: a
+property value may hold at most 8192 *bytes* (the schema caps each string at 8192 characters), the
+512-character limit applies to the whole dotted path of a nested property (the schema caps each name),
+and the 500-property limit counts nested leaves (the schema counts the top level).
+The emulator (validation.py) checks all three exactly, and takes its field tables and limits from here.
 
 `REQUEST_SCHEMAS[name]` is a standalone schema for one body; `validator(name)` a ready jsonschema
 validator (date-time formats checked); `ENDPOINT_BODIES` says which body each endpoint takes.
@@ -29,7 +30,7 @@ from functools import cache
 
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
 
-# ---- limits (docs/fullstory-api.md "Limits") -------------------------------------------------------
+# ---- limits (docs/fullstory-api.md §3, §4) ----------------------------------------------------------
 
 MAX_BATCH_ITEMS = 50_000
 MAX_EVENT_NAME = 250
