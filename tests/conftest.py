@@ -44,18 +44,29 @@ def airflow_db():
 
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
-    """../shared beside the repo: FullStory's verbatim Swagger specs. A user's clone does not have it: the
-    checks against the verbatim specs then skip, saying so; in CI (CI=true), where it is laid beside the
-    repo, a missing folder fails them instead."""
+    """../shared beside the repo (or DATAFLY_SHARED_DIR): FullStory's verbatim Swagger specs. A user's
+    clone does not have it: the checks against the verbatim specs then skip, saying so; in CI (CI=true),
+    where it is laid beside the repo, a missing folder fails them instead. The project's own schema
+    (include/fullstory_emulator/schema.py) is checked without it."""
     path = Path(os.environ.get("DATAFLY_SHARED_DIR", ROOT.parent / "shared"))
     if not (path / "reference" / "fullstory-api").is_dir():
         missing_specs(path / "reference" / "fullstory-api")
     return path
 
 
+def spec_folder() -> Path:
+    """The folder of the verbatim specs: FULLSTORY_SPEC_DIR, else reference/fullstory-api in the shared folder."""
+    if os.environ.get("FULLSTORY_SPEC_DIR"):
+        return Path(os.environ["FULLSTORY_SPEC_DIR"])
+    return Path(os.environ.get("DATAFLY_SHARED_DIR", ROOT.parent / "shared")) / "reference" / "fullstory-api"
+
+
 def missing_specs(path: Path) -> None:
-    message = (f"FullStory's verbatim Swagger specs are not at {path}: the checks against them did not run "
-               "(set DATAFLY_SHARED_DIR or FULLSTORY_SPEC_DIR to the folder holding them)")
+    message = (
+        f"FullStory's verbatim Swagger specs are not at {path}: the checks against them did not run "
+        "(lay the shared folder beside the repo as ../shared, or set DATAFLY_SHARED_DIR to it; "
+        "FULLSTORY_SPEC_DIR, the spec folder itself, comes first for the emulator contract test)"
+    )
     if os.environ.get("CI"):
         pytest.fail(message, pytrace=False)
     pytest.skip(message)

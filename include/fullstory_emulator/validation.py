@@ -6,8 +6,9 @@ Two layers, both enforced here:
 - FullStory's documented rules: one form of identification per event, property naming and size limits,
   event name length, schema type names, shared.context conflicts.
 
-No spec text is shipped: the field tables below are written from the definitions by hand. Every check
-raises `ItemError(code, message)` naming the field; callers turn it into a 400 or a per-item error.
+No spec text is shipped: the field tables and limits come from the project's own schema (schema.py,
+written from docs/fullstory-api.md); the checks themselves are hand-written. Every check raises
+`ItemError(code, message)` naming the field; callers turn it into a 400 or a per-item error.
 The code is flat on purpose: a batch of 50,000 items is validated on the request path.
 """
 
@@ -18,58 +19,47 @@ from datetime import datetime
 
 import orjson
 
-MAX_BATCH_ITEMS = 50_000
-MAX_EVENT_NAME = 250
-MAX_PROPERTIES = 500
-MAX_PROPERTY_PATH = 512
-MAX_VALUE_BYTES = 8192
-MAX_UID = 256
-MAX_DISPLAY_NAME = 256
-MAX_EMAIL = 128
-INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
-SCHEMA_TYPES = frozenset({"str", "strs", "int", "ints", "real", "reals", "bool", "bools", "date", "dates"})
+from .schema import (
+    DEFINITIONS,
+    INT32_MAX,
+    INT32_MIN,
+    MAX_BATCH_ITEMS,
+    MAX_DISPLAY_NAME,
+    MAX_EMAIL,
+    MAX_EVENT_NAME,
+    MAX_PROPERTIES,
+    MAX_PROPERTY_PATH,
+    MAX_UID,
+    MAX_VALUE_BYTES,
+    PROPERTY_NAME,
+    SCHEMA_TYPES,
+    field_types,
+    fields,
+)
 
 # Identification kinds stored with each accepted event.
 ID_USER_UID, ID_USER_ID, ID_SESSION_ID = 1, 2, 3
 ID_KIND_NAMES = {ID_USER_UID: "user.uid", ID_USER_ID: "user.id", ID_SESSION_ID: "session.id"}
 MOST_RECENT_FLAG = 0x10  # or-ed into the kind when session.use_most_recent is true
 
-_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+_NAME_RE = re.compile(PROPERTY_NAME)
 # Property names repeat across items; a set lookup is much cheaper than the regex.
 _good_names: set[str] = set()
 _GOOD_NAMES_CAP = 200_000
 
-_EVENT_FIELDS = frozenset({"user", "session", "context", "name", "timestamp", "properties", "schema"})
-_USER_ID_FIELDS = frozenset({"uid", "id"})
-_SESSION_FIELDS = frozenset({"id", "use_most_recent"})
-_BATCH_EVENTS_FIELDS = frozenset({"requests", "shared"})
-_SHARED_FIELDS = frozenset({"context"})
-_BATCH_USERS_FIELDS = frozenset({"requests"})
-_CREATE_USER_FIELDS = frozenset({"uid", "display_name", "email", "properties", "schema"})
-_BATCH_USER_FIELDS = _CREATE_USER_FIELDS | {"id"}
-_SCHEMA_FIELDS = frozenset({"properties"})
+# Field tables of the request definitions (schema.py names them).
+_EVENT_FIELDS = fields("event")
+_USER_ID_FIELDS = fields("event_user")
+_SESSION_FIELDS = fields("event_session")
+_BATCH_EVENTS_FIELDS = fields("events_batch")
+_SHARED_FIELDS = fields("shared")
+_BATCH_USERS_FIELDS = fields("users_batch")
+_CREATE_USER_FIELDS = fields("new_user")
+_BATCH_USER_FIELDS = fields("user")
+_SCHEMA_FIELDS = fields("declared_types")
 
 # Context sub-objects: field -> JSON type (int means int32, float means double).
-_CONTEXT_PARTS = {
-    "browser": {"url": str, "user_agent": str, "initial_referrer": str},
-    "mobile": {"app_id": str, "app_version": str, "app_name": str, "build_variant": str},
-    "device": {
-        "manufacturer": str,
-        "model": str,
-        "screen_width": int,
-        "screen_height": int,
-        "viewport_width": int,
-        "viewport_height": int,
-    },
-    "location": {
-        "country": str,
-        "region": str,
-        "city": str,
-        "latitude": float,
-        "longitude": float,
-        "ip_address": str,
-    },
-}
+_CONTEXT_PARTS = {part: field_types(part) for part in DEFINITIONS["context"]["properties"]}
 
 
 class ItemError(Exception):

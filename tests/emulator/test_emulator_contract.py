@@ -1,24 +1,30 @@
-"""Contract: what the emulator accepts and refuses agrees with FullStory's Swagger specs.
+"""Contract: what the emulator accepts and refuses agrees with a schema of FullStory's request bodies.
 
-The specs are read from ../shared/reference/fullstory-api/ (override: FULLSTORY_SPEC_DIR), which CI lays
-beside the repo; without them these tests skip, saying so (in CI they fail). For each request definition reached from the spec's paths
-(POST /v2/events, /v2/events/batch, /v2/users, /v2/users/batch and their batch items) it builds valid
-bodies by walking the definition, then variants: wrong type, null, unknown field, missing required
-field, maxLength / maxProperties / int32 boundaries. Whether a variant is spec-valid is decided by a
-JSON-schema validator over the spec itself (objects closed with additionalProperties: false, see
-fullstory-api.md §6b), never by the test's own expectation. Then: refused <=> spec-invalid, with the
-single-item endpoints answering 400 and batch items landing in /errors. Every response body the
-emulator returned is finally validated against the response definition the spec gives for that path,
-method and status.
+Two sources of that schema, each a parameter of the `spec` fixture:
+- `project`: the project's own schema (include/fullstory_emulator/schema.py, written from
+  docs/fullstory-api.md), which every checkout has: these always run;
+- `swagger`: FullStory's verbatim Swagger specs, read from ../shared/reference/fullstory-api/ (override:
+  FULLSTORY_SPEC_DIR, the spec folder, or DATAFLY_SHARED_DIR, the shared folder), which CI lays beside
+  the repo; without them these skip, saying so (in CI they fail).
 
-FullStory's rules beyond the spec (one form of identification per event) are respected by the valid
-bases; removing an identifying field is expected to be refused, by name.
+For each request definition of the request endpoints (POST /v2/events, /v2/events/batch, /v2/users,
+/v2/users/batch and their batch items) it builds valid bodies by walking the definition, then variants:
+wrong type, null, unknown field, missing required field, maxLength / maxProperties / int32 boundaries.
+Whether a variant is valid is decided by a JSON-schema validator over the source itself (Swagger objects
+closed with additionalProperties: false, see docs/fullstory-api.md; the project schema is closed
+already), never by the test's own expectation. Then: refused <=> invalid, with the single-item
+endpoints answering 400 and batch items landing in /errors. Every response body the emulator returned
+is finally validated against the response definition the Swagger gives for that path, method and
+status (the project schema describes requests only, so that check needs the Swagger).
+
+FullStory's rules beyond the Swagger (one form of identification per event) are respected by the valid
+bases; removing an identifying field is expected to be refused, by name. The project schema states that
+rule itself, and limits the Swagger leaves to prose (event name length, event properties, batch size).
 """
 
 from __future__ import annotations
 
 import copy
-import os
 import re
 import time
 from pathlib import Path
@@ -28,9 +34,9 @@ import pytest
 import requests
 from openapi_schema_validator import OAS30Validator, oas30_format_checker
 
+from include.fullstory_emulator import schema as project_schema
 from include.fullstory_emulator.testing import EmulatorProcess
 
-ROOT = Path(__file__).resolve().parents[2]
 SPEC_FILES = ("events.swagger.patched.json", "users.sdk.swagger.patched.json")
 WRONG_TYPE = {
     "string": 12345,
@@ -46,17 +52,45 @@ WRONG_TYPE = {
 
 
 def spec_dir() -> Path:
-    path = Path(
-        os.environ.get("FULLSTORY_SPEC_DIR") or ROOT.parent / "shared" / "reference" / "fullstory-api"
-    )
-    if any(not (path / name).is_file() for name in SPEC_FILES):
-        from tests.conftest import missing_specs
+    from tests.conftest import missing_specs, spec_folder
 
+    path = spec_folder()
+    if any(not (path / name).is_file() for name in SPEC_FILES):
         missing_specs(path)
     return path
 
 
-class Spec:
+class _Definitions:
+    definitions: dict
+
+    def resolve(self, schema: dict) -> dict:
+        while "$ref" in schema:
+            schema = self.definitions[schema["$ref"].rsplit("/", 1)[1]]
+        return schema
+
+    def item_definition(self, envelope: str) -> str:
+        return self.definitions[envelope]["properties"]["requests"]["items"]["$ref"].rsplit("/", 1)[1]
+
+
+class ProjectSpec(_Definitions):
+    """The project's own schema of the request bodies, seen through the same interface as `Spec`."""
+
+    def __init__(self) -> None:
+        self.definitions = project_schema.DEFINITIONS
+        self.bodies = {
+            endpoint.split(" ", 1)[1]: name for endpoint, name in project_schema.ENDPOINT_BODIES.items()
+        }
+
+    def request_definition(self, path: str) -> str:
+        return self.bodies[path]
+
+    def is_valid(self, definition: str, instance) -> bool:
+        return project_schema.validator(definition).is_valid(instance)
+
+
+class Spec(_Definitions):
+    """FullStory's Swagger specs: request and response definitions."""
+
     def __init__(self, folder: Path) -> None:
         self.paths: dict = {}
         self.definitions: dict = {}
@@ -66,17 +100,9 @@ class Spec:
             self.definitions.update(doc["definitions"])
         self.closed = {name: _closed(d) for name, d in self.definitions.items()}
 
-    def resolve(self, schema: dict) -> dict:
-        while "$ref" in schema:
-            schema = self.definitions[schema["$ref"].rsplit("/", 1)[1]]
-        return schema
-
     def request_definition(self, path: str) -> str:
         body = next(p for p in self.paths[path]["post"]["parameters"] if p["in"] == "body")
         return body["schema"]["$ref"].rsplit("/", 1)[1]
-
-    def item_definition(self, envelope: str) -> str:
-        return self.definitions[envelope]["properties"]["requests"]["items"]["$ref"].rsplit("/", 1)[1]
 
     def validator(self, definition: str, overrides: dict | None = None) -> OAS30Validator:
         definitions = {**self.closed, **(overrides or {})}
@@ -106,8 +132,17 @@ def _closed(schema):
 
 
 @pytest.fixture(scope="module")
-def spec() -> Spec:
+def swagger() -> Spec:
     return Spec(spec_dir())
+
+
+@pytest.fixture(scope="module", params=["project", "swagger"])
+def spec(request) -> Spec | ProjectSpec:
+    """The source the emulator's verdicts are checked against: the project schema, always; FullStory's
+    Swagger when present (skips, or fails in CI, without it)."""
+    if request.param == "project":
+        return ProjectSpec()
+    return request.getfixturevalue("swagger")
 
 
 # ---- valid bodies and variants, from the definitions --------------------------------------------------
@@ -135,7 +170,7 @@ def sample(spec: Spec, schema: dict, path: tuple = ()):
             return schema["enum"][0]
         if schema.get("format") in ("date-time", "ISO 8601 string"):
             return "2022-03-15T14:23:23Z"
-        example = schema.get("example")
+        example = schema.get("example", (schema.get("examples") or [None])[0])
         return example if isinstance(example, str) else f"v-{'-'.join(map(str, path))}"[:20]
     if kind == "integer":
         return 7
@@ -160,6 +195,12 @@ def _with(instance, path, value=None, delete=False):
     else:
         parent[path[-1]] = value
     return out
+
+
+def _is_int32(schema: dict) -> bool:
+    """Swagger says `format: int32`; the project schema gives the bounds."""
+    bounds = (schema.get("minimum"), schema.get("maximum"))
+    return schema.get("format") == "int32" or bounds == (-(2**31), 2**31 - 1)
 
 
 def variants(spec: Spec, schema: dict, base, path: tuple = ()):
@@ -194,7 +235,7 @@ def _field_variants(spec: Spec, schema: dict, base, path: tuple):
         limit = resolved["maxLength"]
         yield f"{where} at maxLength", _with(base, path, "u" * limit)
         yield f"{where} over maxLength", _with(base, path, "u" * (limit + 1))
-    if kind == "integer" and resolved.get("format") == "int32":
+    if kind == "integer" and _is_int32(resolved):
         yield f"{where} above int32", _with(base, path, 2**31)
         yield f"{where} int32 max", _with(base, path, 2**31 - 1)
     if kind == "number":
@@ -414,8 +455,9 @@ def test_error_statuses_use_the_spec_error_shape(recorder):
         recorder.session.headers["Authorization"] = f"Basic {emu.api_key}"
 
 
-def test_every_response_body_matches_the_spec(spec, recorder):
-    """Runs last in this module: checks every answer recorded above against the spec's responses."""
+def test_every_response_body_matches_the_spec(swagger, recorder):
+    """Runs last in this module: checks every answer recorded above against the Swagger's responses."""
+    spec = swagger
     assert len(recorder.answers) > 300
     # Failed items echo what was sent, which may itself be spec-invalid: checked for equality above,
     # so here the echo is allowed to be anything.

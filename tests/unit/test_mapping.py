@@ -3,19 +3,16 @@ docs/mapping.md, and every generated body against FullStory's Swagger spec."""
 
 from __future__ import annotations
 
-import copy
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import jsonschema
 import numpy as np
 import orjson
 import pandas as pd
 import pytest
 import yaml
 
-from include.datafly_fullstory import sample
 from include.datafly_fullstory.blueprint import load_blueprint
 from include.datafly_fullstory.mapping import NO_IDENTITY, BatchMapper, MappingSettings
 
@@ -418,64 +415,3 @@ def test_an_extra_mapping_in_a_modified_blueprint(tmp_path):
     path.write_text(yaml.safe_dump(doc))
     body = one(row(event="select_promotion", properties={"promotion_id": "C1"}), blueprint=load_blueprint(path))
     assert body["name"] == "coupon_applied" and body["properties"]["coupon_id"] == "C1"
-
-
-# ---- every body validates against FullStory's Swagger spec ------------------------------------------
-
-
-def _strict(node):
-    """Swagger declares no additionalProperties; FullStory's gateway refuses unknown fields (api §6b), so
-    the test does too, except on the free-form `properties` objects."""
-    if isinstance(node, dict):
-        node = {k: _strict(v) for k, v in node.items()}
-        if node.get("type") == "object" and "properties" in node and isinstance(node["properties"], dict):
-            node.setdefault("additionalProperties", False)
-        return node
-    if isinstance(node, list):
-        return [_strict(v) for v in node]
-    return node
-
-
-@pytest.fixture(scope="module")
-def validators(shared_dir):
-    def load(name, definition):
-        spec = json.loads((shared_dir / "reference" / "fullstory-api" / name).read_text())
-        root = {"definitions": _strict(copy.deepcopy(spec["definitions"])), "$ref": f"#/definitions/{definition}"}
-        return jsonschema.Draft4Validator(root)
-
-    return {
-        "event": load("events.swagger.patched.json", "fullstory.v2.events.CreateEventRequest"),
-        "events_batch": load("events.swagger.patched.json", "fullstory.v2.events.CreateBatchEventsImportJobRequest"),
-        "user": load("users.sdk.swagger.patched.json", "fullstory.v2.users.BatchUserImportRequest"),
-        "users_batch": load("users.sdk.swagger.patched.json", "fullstory.v2.users.CreateBatchUserImportJobRequest"),
-    }
-
-
-def test_strict_validator_catches_an_unknown_field(validators):
-    assert list(validators["event"].iter_errors({"name": "x", "anonymous_id": "a"}))
-    assert list(validators["user"].iter_errors({"uid": "x" * 257}))
-
-
-def test_every_generated_body_validates_against_the_swagger_spec(validators):
-    spec = sample.LandingSpec(rows=4000, start=NOW - timedelta(minutes=45), end=NOW, seed=11)
-    df = sample.generate_table(spec).to_pandas()
-    df["_row"] = np.arange(len(df), dtype=np.int64)
-    df["_file"] = "part-0.parquet"
-    mapper = BatchMapper(BLUEPRINT, MappingSettings(), NOW)
-    batch = mapper.map_batch(df)
-    user_lines, _, _ = mapper.fold_users(batch.identify)
-    edge_bodies, _, edge_users = run([row("page", context={"fullstory": {"session_id": SID}}, user_id=None),
-                                      row(event="purchase", properties=GA4_ORDER, ts=NOW),
-                                      row("identify", traits={"name": "N", "tags": [{"a": 1}]})])
-    events = [orjson.loads(line) for line in batch.lines] + list(edge_bodies.values())
-    users = [orjson.loads(line) for line in user_lines] + [u for u, _ in edge_users]
-    assert len(events) > 1000 and len(users) > 50
-    assert {e["name"] for e in events} >= {"page_view", "product_viewed", "purchase", "Product Added"}
-    assert any("session" in e and "id" in e["session"] for e in events)
-    assert any(e.get("session") == {"use_most_recent": True} for e in events)
-    for body in events:
-        validators["event"].validate(body)
-    for body in users:
-        validators["user"].validate(body)
-    validators["events_batch"].validate(orjson.loads(b'{"requests":[' + b",".join(batch.lines[:500]) + b"]}"))
-    validators["users_batch"].validate({"requests": users})
