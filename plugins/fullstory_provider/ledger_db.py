@@ -13,6 +13,9 @@ from typing import Any
 from airflow.sdk import BaseHook
 from airflow.sdk.exceptions import AirflowFailException
 
+# The old import path, used by dags/datafly_fullstory_sync.py; it lives in fullstory_provider.connection.
+from fullstory_provider.connection import connection_destination  # noqa: F401
+
 
 def ledger_url(location: Mapping[str, Any] | None) -> str | None:
     if not location:
@@ -32,22 +35,3 @@ def ledger_url(location: Mapping[str, Any] | None) -> str | None:
     url = URL.create("postgresql+psycopg", username=conn.login or None, password=conn.password or None,
                      host=conn.host or None, port=conn.port or None, database=conn.schema or None, query=query)
     return url.render_as_string(hide_password=False)
-
-
-def destination_of(org_id: str, data_region: str) -> str:
-    """The ledger's name for a FullStory org in a region: exactly once is kept per destination."""
-    return f"{org_id}@{data_region}"
-
-
-def connection_destination(conn_id: str | None, *, dry_run: bool = False) -> str | None:
-    """The destination named by a FullStory connection (read and checked as delivery will read it). A dry
-    run needs no connection: None then, when it cannot be read."""
-    from fullstory_provider.hooks import FullStoryHook
-
-    try:
-        settings = FullStoryHook(str(conn_id or FullStoryHook.default_conn_name)).settings
-    except Exception:
-        if dry_run:
-            return None
-        raise
-    return destination_of(settings.org_id, settings.data_region)

@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from fullstory_provider.connection import destination_of
 from fullstory_provider.hooks import FullStoryHook
-from fullstory_provider.ledger_db import destination_of, ledger_url
+from fullstory_provider.ledger_db import ledger_url
 from fullstory_provider.links import XCOM_APP_URL, FullStoryAppLink
 
 if TYPE_CHECKING:

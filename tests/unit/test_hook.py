@@ -16,22 +16,17 @@ from airflow.sdk import Connection
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from fullstory_provider import get_provider_info
-from fullstory_provider.hooks import (
+from fullstory_provider.connection import KeyAuth, base_url_for, resolve_region, resolve_settings
+from fullstory_provider.exceptions import (
     INVALID_KEY,
     FullStoryAuthError,
     FullStoryConfigError,
-    FullStoryHook,
     FullStoryNotFoundError,
     FullStoryRequestError,
     FullStoryRetryError,
-    RetryPolicy,
-    _KeyAuth,
-    _retryable,
-    base_url_for,
-    resolve_region,
-    resolve_settings,
-    retry_after_seconds,
 )
+from fullstory_provider.hooks import FullStoryHook
+from fullstory_provider.retry import RetryPolicy, retry_after_seconds, retryable
 
 KEY = "na1.SECRET-unit-key/abcd"
 
@@ -180,7 +175,7 @@ def test_hook_attributes_and_repr(monkeypatch):
 
 
 def test_auth_header_is_the_key_verbatim():
-    prepared = requests.Request("GET", "http://127.0.0.1/me", auth=_KeyAuth(KEY)).prepare()
+    prepared = requests.Request("GET", "http://127.0.0.1/me", auth=KeyAuth(KEY)).prepare()
     assert prepared.headers["Authorization"] == f"Basic {KEY}"  # not base64("key:")
 
 
@@ -196,20 +191,20 @@ def response(status, headers=None):
 
 @pytest.mark.parametrize("status", [408, 409, 429, 500, 502, 503, 504])
 def test_retryable_statuses(status):
-    assert _retryable(response(status))
+    assert retryable(response(status))
 
 
 @pytest.mark.parametrize("status", [200, 202, 400, 401, 403, 404, 413, 422, 501])
 def test_final_statuses(status):
-    assert not _retryable(response(status))
+    assert not retryable(response(status))
 
 
 def test_retryable_transport_errors():
-    assert _retryable(requests.ConnectionError("reset"))
-    assert _retryable(requests.ReadTimeout("slow"))
-    assert _retryable(requests.ConnectTimeout("slow"))
-    assert not _retryable(requests.exceptions.SSLError("bad certificate"))
-    assert not _retryable(ValueError("bug"))
+    assert retryable(requests.ConnectionError("reset"))
+    assert retryable(requests.ReadTimeout("slow"))
+    assert retryable(requests.ConnectTimeout("slow"))
+    assert not retryable(requests.exceptions.SSLError("bad certificate"))
+    assert not retryable(ValueError("bug"))
 
 
 def test_retry_after_seconds_and_http_date():
