@@ -27,11 +27,19 @@ def ledger_url(location: Mapping[str, Any] | None) -> str | None:
     if (conn.conn_type or "").lower() not in ("postgres", "postgresql"):
         raise AirflowFailException(
             f"connection {conn_id!r} (datafly_fullstory_ledger_conn_id) is of type {conn.conn_type!r}; the "
-            "delivery ledger needs a Postgres connection")
+            "delivery ledger needs a Postgres connection"
+        )
     from sqlalchemy.engine import URL
 
     extra = conn.extra_dejson or {}
     query = {k: str(v) for k, v in extra.items() if k in ("sslmode", "sslrootcert", "host", "options")}
-    url = URL.create("postgresql+psycopg", username=conn.login or None, password=conn.password or None,
-                     host=conn.host or None, port=conn.port or None, database=conn.schema or None, query=query)
+    url = URL.create(
+        "postgresql+psycopg",
+        username=conn.login or None,
+        password=conn.password or None,
+        host=conn.host or None,
+        port=conn.port or None,
+        database=conn.schema or None,
+        query=query,
+    )
     return url.render_as_string(hide_password=False)

@@ -111,15 +111,19 @@ class FullStoryDeliveryOperator(BaseOperator):
             if self.destination and destination != self.destination:
                 raise AirflowFailException(
                     f"connection {self.fullstory_conn_id!r} now names {destination}, but this run claimed its rows "
-                    f"for {self.destination}; nothing was sent. Start a new run for the new org")
+                    f"for {self.destination}; nothing was sent. Start a new run for the new org"
+                )
             if ti is not None:  # before waiting, so the extra link works even if this try fails
                 ti.xcom_push(key=XCOM_APP_URL, value=hook.app_url)
             self._delivery = Delivery(store, hook, ledger, destination, self._settings(), logger=self.log)
             report = self._delivery.run(chunks)
         except Exception as exc:
             # The summarise step reads this to say why rows are still pending (messages carry no secret).
-            store.write_json({"error": f"{type(exc).__name__}: {exc}", "chunks": _names(self.chunks)},
-                             "delivery_stops", stop_record)
+            store.write_json(
+                {"error": f"{type(exc).__name__}: {exc}", "chunks": _names(self.chunks)},
+                "delivery_stops",
+                stop_record,
+            )
             if isinstance(exc, DeliveryError):
                 raise AirflowException(str(exc)) from exc
             raise
