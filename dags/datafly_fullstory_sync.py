@@ -104,7 +104,7 @@ def datafly_fullstory_sync():
         from airflow.configuration import conf
         from airflow.sdk import Variable
 
-        from fullstory_provider.ledger_db import connection_destination
+        from fullstory_provider.connection import connection_destination
         from include.datafly_fullstory.run import plan_run
 
         params = context["params"]

@@ -24,30 +24,19 @@ def ledger_url(location: Mapping[str, Any] | None) -> str | None:
     if (conn.conn_type or "").lower() not in ("postgres", "postgresql"):
         raise AirflowFailException(
             f"connection {conn_id!r} (datafly_fullstory_ledger_conn_id) is of type {conn.conn_type!r}; the "
-            "delivery ledger needs a Postgres connection")
+            "delivery ledger needs a Postgres connection"
+        )
     from sqlalchemy.engine import URL
 
     extra = conn.extra_dejson or {}
     query = {k: str(v) for k, v in extra.items() if k in ("sslmode", "sslrootcert", "host", "options")}
-    url = URL.create("postgresql+psycopg", username=conn.login or None, password=conn.password or None,
-                     host=conn.host or None, port=conn.port or None, database=conn.schema or None, query=query)
+    url = URL.create(
+        "postgresql+psycopg",
+        username=conn.login or None,
+        password=conn.password or None,
+        host=conn.host or None,
+        port=conn.port or None,
+        database=conn.schema or None,
+        query=query,
+    )
     return url.render_as_string(hide_password=False)
-
-
-def destination_of(org_id: str, data_region: str) -> str:
-    """The ledger's name for a FullStory org in a region: exactly once is kept per destination."""
-    return f"{org_id}@{data_region}"
-
-
-def connection_destination(conn_id: str | None, *, dry_run: bool = False) -> str | None:
-    """The destination named by a FullStory connection (read and checked as delivery will read it). A dry
-    run needs no connection: None then, when it cannot be read."""
-    from fullstory_provider.hooks import FullStoryHook
-
-    try:
-        settings = FullStoryHook(str(conn_id or FullStoryHook.default_conn_name)).settings
-    except Exception:
-        if dry_run:
-            return None
-        raise
-    return destination_of(settings.org_id, settings.data_region)

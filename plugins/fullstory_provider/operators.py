@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from fullstory_provider.connection import destination_of
 from fullstory_provider.hooks import FullStoryHook
-from fullstory_provider.ledger_db import destination_of, ledger_url
+from fullstory_provider.ledger_db import ledger_url
 from fullstory_provider.links import XCOM_APP_URL, FullStoryAppLink
 
 if TYPE_CHECKING:
@@ -113,7 +114,8 @@ class FullStoryDeliveryOperator(BaseOperator):
             if self.destination and destination != self.destination:
                 raise AirflowFailException(
                     f"connection {self.fullstory_conn_id!r} now names {destination}, but this run claimed its rows "
-                    f"for {self.destination}; nothing was sent. Start a new run for the new org")
+                    f"for {self.destination}; nothing was sent. Start a new run for the new org"
+                )
             if ti is not None:  # before waiting, so the extra link works even if this try fails
                 ti.xcom_push(key=XCOM_APP_URL, value=hook.app_url)
             self._delivery = Delivery(store, hook, ledger, destination, self._settings(), logger=self.log)

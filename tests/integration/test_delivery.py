@@ -22,16 +22,16 @@ import orjson
 import pytest
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-from fullstory_provider.hooks import (
+from fullstory_provider.exceptions import (
     FullStoryAuthError,
     FullStoryConfigError,
-    FullStoryHook,
     FullStoryNotFoundError,
     FullStoryRetryError,
-    RetryPolicy,
 )
+from fullstory_provider.hooks import FullStoryHook
 from fullstory_provider.links import XCOM_APP_URL
 from fullstory_provider.operators import FullStoryDeliveryOperator
+from fullstory_provider.retry import RetryPolicy
 from include.datafly_fullstory import dead_letters
 from include.datafly_fullstory import ledger as lg
 from include.datafly_fullstory.delivery import loop, stops
@@ -524,13 +524,13 @@ def test_hook_typed_calls_page_and_wait_out_202(fullstory_emulator_factory, monk
     use_connection(monkeypatch, emu)
     hook = FullStoryHook()
     body = {"requests": [{"name": "Paged", "user": {"uid": f"u{i}"}} for i in range(20)]}
-    job = hook.create_events_batch(body, idempotency_key="paging-test")
+    job = hook.create_batch("events", body, idempotency_key="paging-test")
     assert job["status"] == "PROCESSING"
     imports = list(hook.iter_batch_imports("events", job["id"]))  # 202 while processing, then 3 pages
     assert len(imports) == 20 and hook.http_stats()["status_counts"].get("202", 0) >= 1
     assert [i["user"]["uid"] for i in imports] == [f"u{i}" for i in range(20)]
-    assert hook.get_events_batch_status(job["id"])["job"]["status"] == "COMPLETED"
-    assert list(hook.iter_events_batch_errors(job["id"])) == []
+    assert hook.get_batch_status("events", job["id"])["job"]["status"] == "COMPLETED"
+    assert list(hook.iter_batch_errors("events", job["id"])) == []
     assert hook.upsert_user({"uid": "solo", "display_name": "Solo"})["id"]
     assert hook.create_event({"name": "Single", "user": {"uid": "solo"}}) == {}
     assert hook.whoami()["orgId"] == emu.org_id

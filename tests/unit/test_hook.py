@@ -1,4 +1,5 @@
-"""FullStoryHook, pure parts: connection -> settings, region checks, retry policy, auth header, secrecy.
+"""The FullStory provider, pure parts: connection -> settings, region checks, retry policy, auth header,
+FullStory's error answers -> errors, the hook's batch calls (delivery's BatchClient contract), secrecy.
 
 HTTP behaviour (retries, 401/404, pagination) is tested against the real emulator in
 tests/integration/test_delivery.py.
@@ -7,6 +8,7 @@ tests/integration/test_delivery.py.
 from __future__ import annotations
 
 import email.utils
+import importlib
 import json
 from datetime import UTC, datetime, timedelta
 
@@ -16,22 +18,28 @@ from airflow.sdk import Connection
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from fullstory_provider import get_provider_info
-from fullstory_provider.hooks import (
+from fullstory_provider.connection import (
+    KeyAuth,
+    base_url_for,
+    connection_destination,
+    destination_of,
+    resolve_region,
+    resolve_settings,
+)
+from fullstory_provider.exceptions import (
     INVALID_KEY,
     FullStoryAuthError,
     FullStoryConfigError,
-    FullStoryHook,
+    FullStoryError,
+    FullStoryForbiddenError,
     FullStoryNotFoundError,
     FullStoryRequestError,
     FullStoryRetryError,
-    RetryPolicy,
-    _KeyAuth,
-    _retryable,
-    base_url_for,
-    resolve_region,
-    resolve_settings,
-    retry_after_seconds,
+    answer_error,
+    error_fields,
 )
+from fullstory_provider.hooks import FullStoryHook
+from fullstory_provider.retry import RetryPolicy, retry_after_seconds, retryable
 
 KEY = "na1.SECRET-unit-key/abcd"
 
@@ -179,8 +187,28 @@ def test_hook_attributes_and_repr(monkeypatch):
     assert hook.http_stats() == {"requests": 0, "retries": 0, "status_counts": {}, "transport_errors": 0}
 
 
+def test_ui_form_hides_unused_fields_and_relabels_the_key():
+    form = FullStoryHook.get_ui_field_behaviour()
+    assert form["hidden_fields"] == ["schema", "login", "port"]
+    assert form["relabeling"]["password"] == "Server API key"
+    assert "org_id" in form["placeholders"]["extra"]
+
+
+def test_destination_named_by_a_connection(monkeypatch):
+    assert destination_of("o-1-na1", "na1") == "o-1-na1@na1"
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_FS_EU",
+        json.dumps({"conn_type": "http", "password": "eu1.k/x", "extra": {"org_id": "o-9-eu1"}}),
+    )
+    assert connection_destination("fs_eu") == "o-9-eu1@eu1"  # the region the key and org agree on
+    monkeypatch.delenv("AIRFLOW_CONN_NO_SUCH_CONN", raising=False)
+    assert connection_destination("no_such_conn", dry_run=True) is None  # a dry run needs no connection
+    with pytest.raises(AirflowException):
+        connection_destination("no_such_conn")
+
+
 def test_auth_header_is_the_key_verbatim():
-    prepared = requests.Request("GET", "http://127.0.0.1/me", auth=_KeyAuth(KEY)).prepare()
+    prepared = requests.Request("GET", "http://127.0.0.1/me", auth=KeyAuth(KEY)).prepare()
     assert prepared.headers["Authorization"] == f"Basic {KEY}"  # not base64("key:")
 
 
@@ -196,20 +224,20 @@ def response(status, headers=None):
 
 @pytest.mark.parametrize("status", [408, 409, 429, 500, 502, 503, 504])
 def test_retryable_statuses(status):
-    assert _retryable(response(status))
+    assert retryable(response(status))
 
 
 @pytest.mark.parametrize("status", [200, 202, 400, 401, 403, 404, 413, 422, 501])
 def test_final_statuses(status):
-    assert not _retryable(response(status))
+    assert not retryable(response(status))
 
 
 def test_retryable_transport_errors():
-    assert _retryable(requests.ConnectionError("reset"))
-    assert _retryable(requests.ReadTimeout("slow"))
-    assert _retryable(requests.ConnectTimeout("slow"))
-    assert not _retryable(requests.exceptions.SSLError("bad certificate"))
-    assert not _retryable(ValueError("bug"))
+    assert retryable(requests.ConnectionError("reset"))
+    assert retryable(requests.ReadTimeout("slow"))
+    assert retryable(requests.ConnectTimeout("slow"))
+    assert not retryable(requests.exceptions.SSLError("bad certificate"))
+    assert not retryable(ValueError("bug"))
 
 
 def test_retry_after_seconds_and_http_date():
@@ -246,6 +274,99 @@ def test_error_types():
     assert str(FullStoryAuthError("x")) == "x"
 
 
+def answer(status, content=b""):
+    r = response(status)
+    r._content = content
+    r.encoding = "utf-8"
+    return r
+
+
+def test_error_fields_of_fullstory_error_bodies():
+    assert error_fields(answer(400, b'{"code": "invalid_argument", "message": "bad"}')) == (
+        "invalid_argument",
+        "bad",
+    )
+    assert error_fields(answer(400, b"")) == ("", "")
+    assert error_fields(answer(400, b"[1]")) == ("", "")
+    assert error_fields(answer(502, b"<html>gateway</html>")) == ("", "<html>gateway</html>")
+    assert error_fields(answer(400, b'{"message": "' + b"x" * 600 + b'"}'))[1] == "x" * 500
+
+
+@pytest.mark.parametrize(
+    ("status", "kind", "says"),
+    [
+        (401, FullStoryAuthError, INVALID_KEY),
+        (403, FullStoryForbiddenError, "Admin or Architect"),
+        (404, FullStoryNotFoundError, "Check data_region (eu1, base URL https://api.eu1.fullstory.com)"),
+        (400, FullStoryRequestError, "POST /v2/events/batch: FullStory answered 400 invalid_argument: bad"),
+        (413, FullStoryRequestError, "FullStory answered 413"),
+    ],
+)
+def test_final_4xx_answers_become_narrow_errors(status, kind, says):
+    error = answer_error(
+        status, "invalid_argument", "bad", "POST /v2/events/batch", "eu1", "https://api.eu1.fullstory.com"
+    )
+    assert type(error) is kind and isinstance(error, FullStoryError)
+    assert says in str(error)
+    assert (error.status, error.code, error.message) == (
+        status,
+        "invalid_argument",
+        "bad",
+    )  # delivery reads them
+    assert isinstance(error, FullStoryHook.refused_error) == (kind is FullStoryRequestError)
+
+
+def test_error_without_fields_keeps_its_text_as_message():
+    error = FullStoryRequestError("POST /v2/users/batch: FullStory answered 400", status=400)
+    assert (error.status, error.code, error.message) == (
+        400,
+        "",
+        "POST /v2/users/batch: FullStory answered 400",
+    )
+
+
+# ---- the hook's batch calls ----------------------------------------------------------------------------
+
+
+def test_hook_has_the_batch_client_calls_delivery_uses():
+    """Delivery (include/datafly_fullstory/delivery.py) calls the hook as a `BatchClient`: the generic calls
+    by kind, with the protocol's parameters. The per-kind aliases are gone."""
+    import inspect
+
+    from include.datafly_fullstory.delivery import BatchClient
+
+    for name in ("create_batch", "get_batch_status", "iter_batch_errors", "iter_batch_imports", "http_stats"):
+        wanted = list(inspect.signature(getattr(BatchClient, name)).parameters)
+        assert list(inspect.signature(getattr(FullStoryHook, name)).parameters) == wanted, name
+    assert FullStoryHook.refused_error is FullStoryRequestError
+    for kind in ("events", "users"):
+        for call in (
+            "create_{}_batch",
+            "get_{}_batch_status",
+            "iter_{}_batch_imports",
+            "iter_{}_batch_errors",
+        ):
+            assert not hasattr(FullStoryHook, call.format(kind))
+
+
+def test_batch_calls_refuse_an_unknown_kind_before_reading_the_connection(monkeypatch):
+    monkeypatch.delenv("AIRFLOW_CONN_NO_SUCH_CONN", raising=False)
+    hook = FullStoryHook("no_such_conn")
+    for call in (
+        lambda: hook.create_batch("sessions", b"{}", "key"),
+        lambda: hook.get_batch_status("sessions", "job"),
+        lambda: list(hook.iter_batch_errors("sessions", "job")),
+        lambda: list(hook.iter_batch_imports("sessions", "job")),
+    ):
+        with pytest.raises(ValueError, match="batch kind must be one of"):
+            call()
+    assert "connection" not in hook.__dict__
+
+
 def test_provider_info():
     info = get_provider_info()
     assert info["connection-types"][0]["hook-class-name"] == "fullstory_provider.hooks.FullStoryHook"
+    assert info["extra-links"] == ["fullstory_provider.links.FullStoryAppLink"]
+    for dotted in (info["connection-types"][0]["hook-class-name"], *info["extra-links"]):
+        module, _, name = dotted.rpartition(".")
+        assert getattr(importlib.import_module(module), name)
