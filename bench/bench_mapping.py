@@ -28,12 +28,12 @@ import pyarrow.parquet as pq
 
 from include.datafly_fullstory import sample
 from include.datafly_fullstory.blueprint import load_blueprint, normalise_event_name
+from include.datafly_fullstory.landing import JSON_COLUMNS
 from include.datafly_fullstory.mapping import run_mapping
 from include.datafly_fullstory.state import RunStore
 
 NOW = datetime(2026, 11, 26, 10, 0, tzinfo=UTC)
 PART_ROWS = 250_000
-JSON_COLUMNS = ["context", "properties", "traits"]
 
 
 def write_validated(store: RunStore, rows: int) -> None:
@@ -55,7 +55,7 @@ def run_floor(store: RunStore, out: Path, batch_rows: int) -> None:
     try:
         with open(out, "wb") as fh:
             for path in parts(store):
-                for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=JSON_COLUMNS):
+                for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=list(JSON_COLUMNS)):
                     for column in batch.columns:
                         parsed = [orjson.loads(v) if v is not None else None for v in column.to_pylist()]
                         fh.write(b"\n".join(orjson.dumps(p) for p in parsed))

@@ -38,13 +38,11 @@ from include.datafly_fullstory.blueprint import (
     load_blueprint,
     normalise_event_name,
 )
+from include.datafly_fullstory.landing import EVENT_TYPES
 from include.datafly_fullstory.payloads import PAYLOADS, ChunkWriter, idempotency_key
 from include.datafly_fullstory.state import RunStore
 from include.datafly_fullstory.window import Window
 
-LANDING_COLUMNS = ("event_id", "type", "event", "name", "anonymous_id", "user_id", "timestamp", "received_at",
-                   "sent_at", "context", "properties", "traits", "source_id", "_row", "_file")
-EVENT_TYPES = ("page", "track")
 SESSION_ID = re.compile(r"[^:\s]+:[^:\s]+")
 NO_IDENTITY = ("no FullStory identification: the event has no user_id and no FullStory session id, and "
                "FullStory's server API has no anonymous-id field (an event without user or session is refused). "

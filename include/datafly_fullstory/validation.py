@@ -25,10 +25,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from include.datafly_fullstory.landing import JSON_COLUMNS, KNOWN_TYPES
 from include.datafly_fullstory.window import Window
-
-KNOWN_TYPES = ("page", "track", "identify", "group", "screen", "alias")
-JSON_COLUMNS = ("context", "properties", "traits")
 
 # rule name -> the reason a quarantined row carries for it
 RULES = {
