@@ -22,6 +22,7 @@ import numpy as np
 import orjson
 import pandas as pd
 
+from include.datafly_fullstory import outcomes
 from include.datafly_fullstory.blueprint import Blueprint, normalise_event_name
 from include.datafly_fullstory.landing import EVENT_TYPES
 from include.datafly_fullstory.mapping.bodies import EventBuilder
@@ -170,9 +171,8 @@ class BatchMapper:
         in_line = is_line[group] if len(group) else np.array([], dtype=bool)
         rows, event_ids = ordered["row"].to_numpy(dtype=np.int64), ordered["event_id"].to_numpy(dtype=object, na_value=None)
         reasons = np.array([None if type(b) is bytes else b.reason for b in built], dtype=object)
-        rejected = pd.DataFrame({"row": rows[~in_line], "event_id": event_ids[~in_line], "outcome": "rejected",
-                                 "reason": reasons[group[~in_line]] if len(group) else [], "kind": "user",
-                                 "chunk": None})
+        rejected = outcomes.frame(rows[~in_line], event_ids[~in_line], "rejected",
+                                  reasons[group[~in_line]] if len(group) else [], "user")
         lines = [b for b in built if type(b) is bytes]
         return lines, (line_number[group[in_line]], rows[in_line], event_ids[in_line]), rejected
 

@@ -12,6 +12,7 @@ import numpy as np
 import orjson
 import pandas as pd
 
+from include.datafly_fullstory import outcomes
 from include.datafly_fullstory.blueprint import Blueprint
 from include.datafly_fullstory.landing import EVENT_TYPES
 from include.datafly_fullstory.mapping.columns import (
@@ -52,8 +53,8 @@ class Verdict:
 
     def frame(self, rows: np.ndarray, event_ids: np.ndarray, kind: np.ndarray) -> pd.DataFrame:
         decided = ~self.open()
-        return pd.DataFrame({"row": rows[decided], "event_id": event_ids[decided], "outcome": self.outcome[decided],
-                             "reason": self.reason[decided], "kind": kind[decided], "chunk": None})
+        return outcomes.frame(rows[decided], event_ids[decided], self.outcome[decided], self.reason[decided],
+                              kind[decided])
 
 
 def skip_unmapped(bp: Blueprint, verdict: Verdict, dtype: np.ndarray, fs_names: np.ndarray) -> None:
