@@ -14,6 +14,7 @@ landing frame: GX fingerprints the batch by hashing every column, and the JSON c
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import threading
 import time
@@ -59,6 +60,25 @@ _DATASOURCE, _ASSET, _BATCH, _SUITE = "datafly_landing", "window_frame", "whole_
 
 class ValidationError(RuntimeError):
     """Validation itself failed (not a row): GX raised while evaluating an expectation."""
+
+
+# -- GX's own logging --------------------------------------------------------------------------------
+
+_GX_LOGGER = "great_expectations"
+
+
+def _quiet_gx_logging() -> None:
+    """GX's loggers at WARNING: importing GX logs ~200 INFO lines ("Skipping registering function ...") and
+    creating a context a few more, which would fill every task log. Some GX modules set their logger to INFO
+    themselves, so this runs again after each import of GX. Other loggers (ours) keep their levels."""
+    logging.getLogger(_GX_LOGGER).setLevel(logging.WARNING)
+    for name, logger in list(logging.Logger.manager.loggerDict.items()):
+        if (name.startswith(f"{_GX_LOGGER}.") and isinstance(logger, logging.Logger)
+                and logging.NOTSET < logger.level < logging.WARNING):
+            logger.setLevel(logging.WARNING)
+
+
+_quiet_gx_logging()  # before GX is first imported: its import-time lines inherit WARNING
 
 
 # -- the window's seen event ids ---------------------------------------------------------------------
@@ -129,6 +149,8 @@ def build_suite(window: Window):
     import great_expectations as gx
     from great_expectations import expectations as gxe
 
+    _quiet_gx_logging()
+
     def named(rule: str, expectation):
         expectation.meta = {"name": rule}
         return expectation
@@ -160,6 +182,7 @@ def _batch_definition():
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
+    _quiet_gx_logging()
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     source = context.data_sources.add_or_update_pandas(_DATASOURCE)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+import subprocess
+import sys
+import textwrap
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
@@ -164,3 +169,52 @@ def test_every_bad_row_kind_of_the_sample_landing_is_quarantined(tmp_path):
                  "properties_is_json_object", "identify_has_traits", "anonymous_id_not_null",
                  "context_is_json_object"):
         assert total["expectations"][rule]["unexpected"] == 10, rule
+
+
+# ---- GX's own logging stays out of task logs ---------------------------------------------------------
+
+
+def _gx_records_below_warning(records) -> list[str]:
+    return [f"{r.name}: {r.getMessage()}" for r in records
+            if r.name.split(".")[0] == "great_expectations" and r.levelno < logging.WARNING]
+
+
+def test_gx_logs_nothing_below_warning_while_a_real_validation_quarantines(caplog):
+    # a new GX context inside the capture: creating one is where GX logs at INFO once it is imported
+    validation._validation_definition.cache_clear()
+    validation._batch_definition.cache_clear()
+    caplog.set_level(logging.INFO)  # the root logger, as a task's log handler sees it
+    valid, quarantined, summary = validate_batch(frame([good(0), good(1, type="pageview"), good(2)]), WINDOW)
+    assert valid["_row"].tolist() == [0, 2]
+    assert quarantined["_row"].tolist() == [1]
+    assert quarantined["failed_expectations"].iloc[0] == ["type_known"]
+    assert _gx_records_below_warning(caplog.records) == []
+    assert validation._batch_definition.cache_info().currsize == 1  # the context was created in the capture
+    logging.getLogger("include.datafly_fullstory.extract").info("our own line")  # ours are not silenced
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("include.")] == ["our own line"]
+    assert logging.getLogger("great_expectations").getEffectiveLevel() == logging.WARNING
+
+
+def test_a_fresh_process_importing_gx_logs_no_gx_info_lines():
+    """GX logs ~200 INFO lines ("Skipping registering function ...") while it is imported, which a test in
+    this process cannot see again: a fresh interpreter with INFO logging imports it and validates a row."""
+    script = textwrap.dedent("""
+        import logging, sys
+        from datetime import UTC, datetime
+        import pyarrow as pa
+        logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="LOG %(levelname)s %(name)s %(message)s")
+        from include.datafly_fullstory import validation
+        from include.datafly_fullstory.landing import FRAME_SCHEMA
+        from include.datafly_fullstory.window import Window
+        window = Window(datetime(2026, 11, 26, 8, tzinfo=UTC), datetime(2026, 11, 26, 9, tzinfo=UTC))
+        row = {"event_id": "e1", "type": "pageview", "anonymous_id": "a", "timestamp": window.start,
+               "received_at": window.start, "_row": 0, "_file": "f"}
+        _, quarantined, _ = validation.validate_batch(pa.Table.from_pylist([row], schema=FRAME_SCHEMA).to_pandas(), window)
+        logging.getLogger("include.datafly_fullstory.extract").info("quarantined %s", quarantined["_row"].tolist())
+    """)
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=240,
+                         check=True).stdout.splitlines()
+    records = [line.split(" ", 3)[1:] for line in out if line.startswith("LOG ")]
+    assert ["INFO", "include.datafly_fullstory.extract", "quarantined [0]"] in records
+    assert [r for r in records if r[1].split(".")[0] == "great_expectations" and r[0] in ("DEBUG", "INFO")] == []
