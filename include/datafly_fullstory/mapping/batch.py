@@ -68,8 +68,14 @@ def _gc_paused() -> Generator[None, None, None]:
 class BatchMapper:
     """Maps landing frames with one blueprint, settings and reference time (the run's window end)."""
 
-    def __init__(self, blueprint: Blueprint, settings: MappingSettings, reference_time: datetime, *,
-                 largest_line: int | None = None):
+    def __init__(
+        self,
+        blueprint: Blueprint,
+        settings: MappingSettings,
+        reference_time: datetime,
+        *,
+        largest_line: int | None = None,
+    ):
         self.bp, self.settings, self.reference_time = blueprint, settings, reference_time
         self.cleaner = PropertyCleaner(blueprint)
         self.events = EventBuilder(blueprint, self.cleaner, largest_line or settings.max_bytes)
@@ -97,8 +103,13 @@ class BatchMapper:
         identify = self._collect_identify(df, verdict, dtype)
         rows = df["_row"].to_numpy(dtype=np.int64)
         event_ids = _column(df, "event_id")
-        return MappedBatch(lines=lines, rows=rows[line_rows], event_ids=event_ids[line_rows], identify=identify,
-                           outcomes=verdict.frame(rows, event_ids, np.where(dtype == "identify", "user", "event")))
+        return MappedBatch(
+            lines=lines,
+            rows=rows[line_rows],
+            event_ids=event_ids[line_rows],
+            identify=identify,
+            outcomes=verdict.frame(rows, event_ids, np.where(dtype == "identify", "user", "event")),
+        )
 
     def _resolve_names(self, dtype: np.ndarray, event: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per row: index of the blueprint mapping (-1 = pass-through track event) and the FullStory name.
@@ -106,8 +117,10 @@ class BatchMapper:
         codes, names = pd.factorize(pd.Series(event, dtype=object), use_na_sentinel=True)
         found = [self._track.get(normalise_event_name(str(name))) for name in names]
         name_idx = np.array([self._mapping_index[id(m)] if m else -1 for m in found] + [-1], dtype=np.int64)
-        name_fs = np.array([m.fullstory_name if m else name for m, name in zip(found, names, strict=True)]
-                           + [None], dtype=object)
+        name_fs = np.array(
+            [m.fullstory_name if m else name for m, name in zip(found, names, strict=True)] + [None],
+            dtype=object,
+        )
         mapping_idx = np.where(dtype == "track", name_idx[codes], -1)
         fs_names = np.where(dtype == "track", name_fs[codes], None)
         for datafly_type, mapping in self._by_type.items():
@@ -116,12 +129,23 @@ class BatchMapper:
             fs_names[is_type] = mapping.fullstory_name
         return mapping_idx, fs_names
 
-    def _build_events(self, df, ctx, verdict, is_event, mapping_idx, fs_names, ident) -> tuple[list, np.ndarray]:
+    def _build_events(
+        self, df, ctx, verdict, is_event, mapping_idx, fs_names, ident
+    ) -> tuple[list, np.ndarray]:
         keep = np.flatnonzero(is_event & verdict.open())
-        columns = [mapping_idx[keep], fs_names[keep], _column(df, "properties")[keep], np.array(ctx, dtype=object)[keep],
-                   ident["ts"][keep], ident["uid"][keep], ident["sid"][keep], ident["recent"][keep],
-                   _column(df, "anonymous_id")[keep], _column(df, "event_id")[keep],
-                   self._row_fills(df, mapping_idx)[keep]]
+        columns = [
+            mapping_idx[keep],
+            fs_names[keep],
+            _column(df, "properties")[keep],
+            np.array(ctx, dtype=object)[keep],
+            ident["ts"][keep],
+            ident["uid"][keep],
+            ident["sid"][keep],
+            ident["recent"][keep],
+            _column(df, "anonymous_id")[keep],
+            _column(df, "event_id")[keep],
+            self._row_fills(df, mapping_idx)[keep],
+        ]
         build = self.events.build
         built = [build(*args) for args in zip(*(c.tolist() for c in columns), strict=True)]
         is_line = np.fromiter((type(b) is bytes for b in built), dtype=bool, count=len(built))
@@ -137,21 +161,33 @@ class BatchMapper:
                 continue
             at = np.flatnonzero(mapping_idx == i)
             values = [_column(df, column)[at] for column in mapping.from_row.values()]
-            fills[at] = [tuple(zip(mapping.from_row, vals, strict=True)) for vals in zip(*values, strict=True)]
+            fills[at] = [
+                tuple(zip(mapping.from_row, vals, strict=True)) for vals in zip(*values, strict=True)
+            ]
         return fills
 
     def _collect_identify(self, df: pd.DataFrame, verdict: Verdict, dtype: np.ndarray) -> pd.DataFrame:
         is_identify = dtype == "identify"
         uid = _column(df, "user_id")
         no_uid = _text_lengths(df["user_id"]) == 0
-        verdict.mark(is_identify & no_uid, "skipped", "identify without a user_id: FullStory users are keyed on "
-                     "uid and this pipeline never creates an anonymous user per call")
+        verdict.mark(
+            is_identify & no_uid,
+            "skipped",
+            "identify without a user_id: FullStory users are keyed on "
+            "uid and this pipeline never creates an anonymous user per call",
+        )
         traits = _column(df, "traits")
         verdict.mark(is_identify & pd.isna(traits), "skipped", "identify without traits: nothing to update")
         take = np.flatnonzero(is_identify & verdict.open())
-        return pd.DataFrame({"row": df["_row"].to_numpy(dtype=np.int64)[take], "event_id": _column(df, "event_id")[take],
-                             "user_id": uid[take], "ts": _timestamps_ns(df["timestamp"])[take],
-                             "traits": traits[take]})
+        return pd.DataFrame(
+            {
+                "row": df["_row"].to_numpy(dtype=np.int64)[take],
+                "event_id": _column(df, "event_id")[take],
+                "user_id": uid[take],
+                "ts": _timestamps_ns(df["timestamp"])[take],
+                "traits": traits[take],
+            }
+        )
 
     # ---- users ---------------------------------------------------------------------------------------
 
@@ -161,18 +197,30 @@ class BatchMapper:
         with _gc_paused():
             ordered = identify.sort_values(["user_id", "ts", "row"], kind="stable").reset_index(drop=True)
             uid = ordered["user_id"].to_numpy(dtype=object, na_value=None)
-            starts = np.flatnonzero(np.r_[True, uid[1:] != uid[:-1]]) if len(uid) else np.array([], dtype=np.int64)
+            starts = (
+                np.flatnonzero(np.r_[True, uid[1:] != uid[:-1]]) if len(uid) else np.array([], dtype=np.int64)
+            )
             bounds = np.r_[starts, len(uid)]
             traits = ordered["traits"].to_numpy(dtype=object, na_value=None)
-            built = [self._user_line(uid[a], traits[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+            built = [
+                self._user_line(uid[a], traits[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+            ]
         group = np.repeat(np.arange(len(starts)), np.diff(bounds))
         is_line = np.fromiter((type(b) is bytes for b in built), dtype=bool, count=len(built))
         line_number = np.cumsum(is_line) - 1
         in_line = is_line[group] if len(group) else np.array([], dtype=bool)
-        rows, event_ids = ordered["row"].to_numpy(dtype=np.int64), ordered["event_id"].to_numpy(dtype=object, na_value=None)
+        rows, event_ids = (
+            ordered["row"].to_numpy(dtype=np.int64),
+            ordered["event_id"].to_numpy(dtype=object, na_value=None),
+        )
         reasons = np.array([None if type(b) is bytes else b.reason for b in built], dtype=object)
-        rejected = outcomes.frame(rows[~in_line], event_ids[~in_line], "rejected",
-                                  reasons[group[~in_line]] if len(group) else [], "user")
+        rejected = outcomes.frame(
+            rows[~in_line],
+            event_ids[~in_line],
+            "rejected",
+            reasons[group[~in_line]] if len(group) else [],
+            "user",
+        )
         lines = [b for b in built if type(b) is bytes]
         return lines, (line_number[group[in_line]], rows[in_line], event_ids[in_line]), rejected
 

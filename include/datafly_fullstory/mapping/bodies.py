@@ -22,11 +22,23 @@ class EventBuilder:
         self.anon_prop, self.locale_prop = blueprint.anonymous_id_property, blueprint.locale_property
         self.event_id_prop = blueprint.event_id_property
         self.locale, self.page_url, self.user_agent, self.ip = (
-            _getter(blueprint.identity[key], "text") for key in ("locale", "page_url", "user_agent", "ip"))
+            _getter(blueprint.identity[key], "text") for key in ("locale", "page_url", "user_agent", "ip")
+        )
 
-    def build(self, m: int, name: str, props_text: str | None, ctx: dict | None, ts: str | None,
-              uid: str | None, sid: str | None, recent: bool, anon: str | None, event_id: str | None,
-              row_fills: tuple | None) -> bytes | Reject:
+    def build(
+        self,
+        m: int,
+        name: str,
+        props_text: str | None,
+        ctx: dict | None,
+        ts: str | None,
+        uid: str | None,
+        sid: str | None,
+        recent: bool,
+        anon: str | None,
+        event_id: str | None,
+        row_fills: tuple | None,
+    ) -> bytes | Reject:
         if len(name) > self.max_name:
             return Reject(f"event name is {len(name)} characters; FullStory allows {self.max_name}")
         try:
@@ -37,8 +49,9 @@ class EventBuilder:
             return Reject("properties is not a JSON object")
         mapping = self.mappings[m] if m >= 0 else None
         try:
-            properties, schema = self._properties(mapping, props, ctx, row_fills, anon, self.locale(ctx),
-                                                event_id)
+            properties, schema = self._properties(
+                mapping, props, ctx, row_fills, anon, self.locale(ctx), event_id
+            )
         except Reject as reject:
             return reject
         body: dict[str, Any] = {"name": name}
@@ -61,8 +74,16 @@ class EventBuilder:
             return Reject(f"the event body is {len(line)} bytes, more than one request may carry (max_bytes)")
         return line
 
-    def _properties(self, mapping: EventMapping | None, props: dict, ctx: dict | None, row_fills: tuple | None,
-                    anon: str | None, locale: str | None, event_id: str | None) -> tuple[dict, dict]:
+    def _properties(
+        self,
+        mapping: EventMapping | None,
+        props: dict,
+        ctx: dict | None,
+        row_fills: tuple | None,
+        anon: str | None,
+        locale: str | None,
+        event_id: str | None,
+    ) -> tuple[dict, dict]:
         items = self.cleaner.take_items(props)
         if mapping is not None:
             _apply_renames(props, mapping.renames)
@@ -72,11 +93,18 @@ class EventBuilder:
                     if props.get(prop) is None and value is not None:
                         props[prop] = value
         properties, count = self.cleaner.clean(props)
-        schema = self.cleaner.declare(properties, mapping.schema) if mapping is not None and mapping.schema else {}
+        schema = (
+            self.cleaner.declare(properties, mapping.schema) if mapping is not None and mapping.schema else {}
+        )
         if items is not None:
-            count += self.cleaner.add_items(properties, schema, items,
-                                            lift=mapping is not None and mapping.lift_first_item)
-        for prop, value in ((self.anon_prop, anon), (self.locale_prop, locale), (self.event_id_prop, event_id)):
+            count += self.cleaner.add_items(
+                properties, schema, items, lift=mapping is not None and mapping.lift_first_item
+            )
+        for prop, value in (
+            (self.anon_prop, anon),
+            (self.locale_prop, locale),
+            (self.event_id_prop, event_id),
+        ):
             if value is not None:
                 count += prop not in properties
                 properties[prop] = self.cleaner.checked_value(value, prop)
@@ -95,7 +123,9 @@ class EventBuilder:
                         del traits[source]
                         break
             if len(uid) > self.bp.limits["uid"]:
-                raise Reject(f"user_id is longer than FullStory's {self.bp.limits['uid']}-character uid limit")
+                raise Reject(
+                    f"user_id is longer than FullStory's {self.bp.limits['uid']}-character uid limit"
+                )
             properties, count = self.cleaner.clean(traits, where="traits")
             self.cleaner.check_count(count, "traits")
         except Reject as reject:

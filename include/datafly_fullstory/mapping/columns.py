@@ -32,8 +32,9 @@ def _timestamps_ns(column: pd.Series) -> np.ndarray:
 
 def _iso_utc(ts_ns: np.ndarray) -> np.ndarray:
     """ISO-8601 UTC strings (millisecond precision, 'Z'); None where the timestamp is missing."""
-    text = np.datetime_as_string(ts_ns.view("datetime64[ns]").astype("datetime64[ms]"), unit="ms",
-                                 timezone="UTC").astype(object)
+    text = np.datetime_as_string(
+        ts_ns.view("datetime64[ns]").astype("datetime64[ms]"), unit="ms", timezone="UTC"
+    ).astype(object)
     text[ts_ns == np.iinfo(np.int64).min] = None
     return text
 
@@ -54,6 +55,7 @@ def _dig(obj: Any, path: tuple[str, ...]) -> Any:
 def _getter(paths: tuple[tuple[str, ...], ...], want: str = "any"):
     """A function returning the value at the first of `paths` present in a parsed object. `want="text"`:
     strings only (numbers as text); `"scalar"`: no objects or arrays (so the value is hashable)."""
+
     def get(obj: Any) -> Any:
         for path in paths:
             value = obj

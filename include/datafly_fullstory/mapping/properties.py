@@ -69,8 +69,11 @@ class PropertyCleaner:
         return result
 
     def _keeps_name(self, key: str, top: bool) -> bool:
-        return (_VALID_NAME.fullmatch(key) is not None and not key.endswith(self.suffixes)
-                and not (top and key in self.reserved))
+        return (
+            _VALID_NAME.fullmatch(key) is not None
+            and not key.endswith(self.suffixes)
+            and not (top and key in self.reserved)
+        )
 
     def clean_name(self, key: str, top: bool = True) -> str:
         """'Video Length (s)' -> 'Video_Length_s'; '1st' -> 'p_1st'; reserved 'uid' -> the blueprint's rename."""
@@ -90,8 +93,10 @@ class PropertyCleaner:
         """A cleaned copy of `obj` and its number of leaf properties (nested objects count their leaves)."""
         pairs, longest = self.plan(tuple(obj), not parent)
         if len(parent) + 1 + longest > self.max_path:
-            raise Reject(f"{where}: a property path under {parent or 'the top level'} is longer than "
-                         f"{self.max_path} characters")
+            raise Reject(
+                f"{where}: a property path under {parent or 'the top level'} is longer than "
+                f"{self.max_path} characters"
+            )
         out: dict = {}
         count = 0
         for key, name in pairs:
@@ -133,13 +138,17 @@ class PropertyCleaner:
         if len(values) > 64 or str in kinds:
             size = len(orjson.dumps(values))
             if size > self.max_value:
-                raise Reject(f"{where}.{path} is {size} bytes; FullStory rejects values over {self.max_value} bytes")
+                raise Reject(
+                    f"{where}.{path} is {size} bytes; FullStory rejects values over {self.max_value} bytes"
+                )
         return values
 
     def checked_value(self, value: Any, path: str, where: str = "properties") -> Any:
         if type(value) is str and len(value) > self.max_value // 4 and len(value.encode()) > self.max_value:
-            raise Reject(f"{where}.{path} is {len(value.encode())} bytes; FullStory rejects values over "
-                         f"{self.max_value} bytes")
+            raise Reject(
+                f"{where}.{path} is {len(value.encode())} bytes; FullStory rejects values over "
+                f"{self.max_value} bytes"
+            )
         return value
 
     def checked_text(self, text: str, field: str, limit: int) -> str:
@@ -149,7 +158,9 @@ class PropertyCleaner:
 
     def check_count(self, count: int, where: str) -> None:
         if count > self.max_count:
-            raise Reject(f"{where} has {count} properties after flattening; FullStory allows {self.max_count}")
+            raise Reject(
+                f"{where} has {count} properties after flattening; FullStory allows {self.max_count}"
+            )
 
     # schema and items
 
@@ -206,8 +217,11 @@ class PropertyCleaner:
         plan = self._item_plans.get(keys)
         if plan is None:
             present = set(keys)
-            plan = tuple((i, next(s for s in f.sources if s in present)) for i, f in enumerate(self.item_fields)
-                         if present.intersection(f.sources))
+            plan = tuple(
+                (i, next(s for s in f.sources if s in present))
+                for i, f in enumerate(self.item_fields)
+                if present.intersection(f.sources)
+            )
             if len(self._item_plans) > _PLAN_CACHE_CAP:
                 self._item_plans.clear()
             self._item_plans[keys] = plan
@@ -237,8 +251,9 @@ _PRIMITIVES = (str, int, float, bool)
 
 _ITEM_COERCE = {  # the common case (already the right type) without a function call per value
     "strs": lambda raw, fill: [v if type(v) is str else _coerce_item(v, "strs", fill) for v in raw],
-    "reals": lambda raw, fill: [float(v) if type(v) is float or type(v) is int else _coerce_item(v, "reals", fill)
-                                for v in raw],
+    "reals": lambda raw, fill: [
+        float(v) if type(v) is float or type(v) is int else _coerce_item(v, "reals", fill) for v in raw
+    ],
     "ints": lambda raw, fill: [v if type(v) is int else _coerce_item(v, "ints", fill) for v in raw],
 }
 

@@ -21,9 +21,16 @@ from include.datafly_fullstory.state import RunStore
 from include.datafly_fullstory.window import Window
 
 
-def run_mapping(store: RunStore, blueprint: Blueprint | str | Path | None, settings: MappingSettings | dict | None,
-                *, reference_time: datetime | str, window: Window | dict | None = None,
-                keep: Iterable[str] = (), first_number: int = 0) -> dict:
+def run_mapping(
+    store: RunStore,
+    blueprint: Blueprint | str | Path | None,
+    settings: MappingSettings | dict | None,
+    *,
+    reference_time: datetime | str,
+    window: Window | dict | None = None,
+    keep: Iterable[str] = (),
+    first_number: int = 0,
+) -> dict:
     """Map `validated/part-*.parquet` into `payloads/` chunks, `outcomes/mapping.parquet` and, last,
     `payloads/manifest.json`. Returns the manifest's summary.
 
@@ -36,8 +43,9 @@ def run_mapping(store: RunStore, blueprint: Blueprint | str | Path | None, setti
     settings = MappingSettings.from_dict(settings)
     reference_time = _as_utc(reference_time)
     _clear_payloads(store, set(keep))
-    events = ChunkWriter(store, "events", max_items=settings.max_items, max_bytes=settings.max_bytes,
-                         first_number=first_number)
+    events = ChunkWriter(
+        store, "events", max_items=settings.max_items, max_bytes=settings.max_bytes, first_number=first_number
+    )
     mapper = BatchMapper(bp, settings, reference_time, largest_line=events.largest_line())
     outcome_tables, identify_parts, rows_read = [], [], 0
     for frame in iter_validated(store, settings.batch_rows):
@@ -47,8 +55,9 @@ def run_mapping(store: RunStore, blueprint: Blueprint | str | Path | None, setti
         identify_parts.append(batch.identify)
         outcome_tables.append(outcomes.to_table(batch.outcomes))
     events.flush()
-    users = ChunkWriter(store, "users", max_items=settings.max_items, max_bytes=settings.max_bytes,
-                        first_number=first_number)
+    users = ChunkWriter(
+        store, "users", max_items=settings.max_items, max_bytes=settings.max_bytes, first_number=first_number
+    )
     user_lines, user_index, user_outcomes = mapper.fold_users(_concat(identify_parts, IDENTIFY_COLUMNS))
     users.add(user_lines, *user_index)
     users.flush()
@@ -57,17 +66,26 @@ def run_mapping(store: RunStore, blueprint: Blueprint | str | Path | None, setti
     store.write_table(mapping_outcomes, "outcomes", "mapping.parquet")
     chunks = users.chunks + events.chunks
     if window is not None:
-        chunks = [{**c, "idempotency_key": idempotency_key(store.run_id, window, c["kind"], c["name"], c["sha256"])}
-                  for c in chunks]
+        chunks = [
+            {**c, "idempotency_key": idempotency_key(store.run_id, window, c["kind"], c["name"], c["sha256"])}
+            for c in chunks
+        ]
     summary = {
         "chunks": chunks,
         "events_mapped": sum(c["items"] for c in events.chunks),
         "users_mapped": len(user_lines),
         "rows": {"read": rows_read, **_count_outcomes(mapping_outcomes)},
     }
-    store.write_json({**summary, "blueprint": {"name": bp.name, "variant": bp.variant, "version": bp.version},
-                      "settings": settings.as_dict(), "reference_time": reference_time.isoformat()},
-                     PAYLOADS, "manifest.json")
+    store.write_json(
+        {
+            **summary,
+            "blueprint": {"name": bp.name, "variant": bp.variant, "version": bp.version},
+            "settings": settings.as_dict(),
+            "reference_time": reference_time.isoformat(),
+        },
+        PAYLOADS,
+        "manifest.json",
+    )
     return summary
 
 
