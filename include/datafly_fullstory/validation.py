@@ -54,7 +54,6 @@ _HELPER_RULES = (
 )
 _CHECKED_COLUMNS = ("event_id", "type", "anonymous_id", "timestamp")
 
-QUARANTINE_COLUMNS = ("failed_expectations", "reason")
 _RESULT_FORMAT = {
     "result_format": "COMPLETE",  # unexpected_index_list: the failing rows' index labels
     "exclude_unexpected_values": True,
