@@ -26,27 +26,27 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from include.datafly_fullstory import sample
+from include.datafly_fullstory import sample, validated
 from include.datafly_fullstory.blueprint import load_blueprint, normalise_event_name
+from include.datafly_fullstory.landing import JSON_COLUMNS
 from include.datafly_fullstory.mapping import run_mapping
 from include.datafly_fullstory.state import RunStore
 
 NOW = datetime(2026, 11, 26, 10, 0, tzinfo=UTC)
 PART_ROWS = 250_000
-JSON_COLUMNS = ["context", "properties", "traits"]
 
 
 def write_validated(store: RunStore, rows: int) -> None:
     spec = sample.LandingSpec(rows=rows, start=NOW - timedelta(hours=3), end=NOW, bad_fraction=0.0)
     table = sample.generate_table(spec)
-    table = (table.append_column("_row", pa.array(np.arange(rows), type=pa.int64()))
-             .append_column("_file", pa.array(np.full(rows, "landing/part-0.parquet"), type=pa.string())))
-    for i, start in enumerate(range(0, rows, PART_ROWS)):
-        store.write_table(table.slice(start, PART_ROWS), "validated", f"part-{i:05d}.parquet")
+    table = table.append_column("_row", pa.array(np.arange(rows), type=pa.int64())).append_column(
+        "_file", pa.array(np.full(rows, "landing/part-0.parquet"), type=pa.string())
+    )
+    validated.write_parts(store, table, PART_ROWS)
 
 
 def parts(store: RunStore) -> list[str]:
-    return [store.path("validated", n) for n in store.list("validated", suffix=".parquet")]
+    return [store.path(validated.FOLDER, n) for n in validated.parts(store)]
 
 
 def run_floor(store: RunStore, out: Path, batch_rows: int) -> None:
@@ -55,7 +55,9 @@ def run_floor(store: RunStore, out: Path, batch_rows: int) -> None:
     try:
         with open(out, "wb") as fh:
             for path in parts(store):
-                for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=JSON_COLUMNS):
+                for batch in pq.ParquetFile(path).iter_batches(
+                    batch_size=batch_rows, columns=list(JSON_COLUMNS)
+                ):
                     for column in batch.columns:
                         parsed = [orjson.loads(v) if v is not None else None for v in column.to_pylist()]
                         fh.write(b"\n".join(orjson.dumps(p) for p in parsed))
@@ -120,9 +122,13 @@ def run_naive(store: RunStore, out: Path, rows: int) -> int:
             body["user"] = {"uid": r["user_id"]}
             if abs((NOW - r["timestamp"]).total_seconds()) <= 1800:
                 body["session"] = {"use_most_recent": True}
-        body["context"] = {"browser": {"url": (ctx.get("page") or {}).get("url", ""),
-                                       "user_agent": ctx.get("userAgent") or ctx.get("user_agent") or ""},
-                           "location": {"ip_address": ctx.get("ip", "")}}
+        body["context"] = {
+            "browser": {
+                "url": (ctx.get("page") or {}).get("url", ""),
+                "user_agent": ctx.get("userAgent") or ctx.get("user_agent") or "",
+            },
+            "location": {"ip_address": ctx.get("ip", "")},
+        }
         body["properties"] = clean
         if schema:
             body["schema"] = {"properties": schema}
@@ -136,8 +142,9 @@ def run_naive(store: RunStore, out: Path, rows: int) -> int:
             found = next((s for s in sources if traits.get(s) is not None), None)
             if found:
                 user[field] = str(traits.pop(found))
-        user["properties"] = {re.sub(r"[^A-Za-z0-9_]+", "_", k).strip("_"): v for k, v in traits.items()
-                              if v is not None}
+        user["properties"] = {
+            re.sub(r"[^A-Za-z0-9_]+", "_", k).strip("_"): v for k, v in traits.items() if v is not None
+        }
         lines.append(json.dumps(user))
     out.write_text("\n".join(lines))
     return len(df)
@@ -159,19 +166,27 @@ def main() -> None:
         store = RunStore(tmp, "bench")
         gen_s, _ = timed(write_validated, store, args.rows)
         print(f"landing: {args.rows:,} rows generated and written as validated parts in {gen_s:.1f}s")
-        map_s, summary = timed(run_mapping, store, "retail", {"batch_rows": args.batch_rows}, reference_time=NOW)
+        map_s, summary = timed(
+            run_mapping, store, "retail", {"batch_rows": args.batch_rows}, reference_time=NOW
+        )
         floor_s, _ = timed(run_floor, store, Path(tmp) / "floor.jsonl", args.batch_rows)
         naive_rows = min(args.naive_rows, args.rows)
         naive_s, naive_n = timed(run_naive, store, Path(tmp) / "naive.jsonl", naive_rows)
     naive_full_s = naive_s / naive_n * args.rows
-    print(f"mapping:  {map_s:7.2f}s  {args.rows / map_s:12,.0f} rows/s  "
-          f"{summary['events_mapped'] / map_s:12,.0f} events/s  "
-          f"({summary['events_mapped']:,} events, {summary['users_mapped']:,} users, "
-          f"{len(summary['chunks'])} chunks; outcomes {summary['rows']})")
-    print(f"floor:    {floor_s:7.2f}s  {args.rows / floor_s:12,.0f} rows/s  (orjson loads+dumps of "
-          f"{', '.join(JSON_COLUMNS)}, no mapping)")
-    print(f"naive:    {naive_full_s:7.2f}s  {args.rows / naive_full_s:12,.0f} rows/s  (extrapolated from "
-          f"{naive_n:,} rows measured in {naive_s:.2f}s: iterrows + json + per-row dicts)")
+    print(
+        f"mapping:  {map_s:7.2f}s  {args.rows / map_s:12,.0f} rows/s  "
+        f"{summary['events_mapped'] / map_s:12,.0f} events/s  "
+        f"({summary['events_mapped']:,} events, {summary['users_mapped']:,} users, "
+        f"{len(summary['chunks'])} chunks; outcomes {summary['rows']})"
+    )
+    print(
+        f"floor:    {floor_s:7.2f}s  {args.rows / floor_s:12,.0f} rows/s  (orjson loads+dumps of "
+        f"{', '.join(JSON_COLUMNS)}, no mapping)"
+    )
+    print(
+        f"naive:    {naive_full_s:7.2f}s  {args.rows / naive_full_s:12,.0f} rows/s  (extrapolated from "
+        f"{naive_n:,} rows measured in {naive_s:.2f}s: iterrows + json + per-row dicts)"
+    )
     print(f"speed-up vs naive: {naive_full_s / map_s:5.1f}x   (target >= 10x)")
     print(f"cost vs floor:     {map_s / floor_s:5.2f}x   (target <= 2x)")
 

@@ -15,11 +15,11 @@ from typing import Any
 import yaml
 
 from include.datafly_fullstory.errors import BlueprintError
+from include.datafly_fullstory.landing import EVENT_TYPES
 
 BLUEPRINT_DIR = Path(__file__).resolve().parent / "blueprints" / "fullstory"
 SCHEMA_TYPES = frozenset({"str", "strs", "int", "ints", "real", "reals", "bool", "bools", "date", "dates"})
 ITEM_TYPES = frozenset({"strs", "ints", "reals"})
-DATAFLY_TYPES = frozenset({"page", "track", "identify", "group", "screen", "alias"})
 LIMIT_KEYS = ("event_name", "properties", "property_path", "value_bytes", "uid", "display_name", "email")
 _VALID_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 
@@ -144,7 +144,7 @@ def _event_mapping(doc: _Doc, name: str) -> EventMapping:
         raise doc.error("", f"event name {name!r} must be letters, digits and '_' and start with a letter")
     match = doc.child("match")
     datafly_type = match.text("type")
-    if datafly_type not in ("page", "track"):
+    if datafly_type not in EVENT_TYPES:
         raise match.error("type", f"is {datafly_type!r}; a mapping matches 'page' or 'track'")
     events = tuple(match.names("events")) if datafly_type == "track" else ()
     if datafly_type == "track" and not events:

@@ -245,3 +245,13 @@ def resume_entries(store: RunStore) -> list[dict[str, Any]]:
     if not store.exists(RESUME, "chunks.json"):
         return []
     return list(store.read_json(RESUME, "chunks.json").get("chunks", []))
+
+
+def clear_payloads(store: RunStore, keep: set[str]) -> None:
+    """Remove `payloads/` except the files of the chunks in `keep` (chunks an earlier try already sent)."""
+    if not keep:
+        store.remove(PAYLOADS)
+        return
+    for name in store.list(PAYLOADS):
+        if name.split(".", 1)[0] not in keep:
+            store.remove(PAYLOADS, name)

@@ -31,7 +31,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from include.datafly_fullstory import chunks, outcomes
+from include.datafly_fullstory import chunks, outcomes, validated
 from include.datafly_fullstory import ledger as lg
 from include.datafly_fullstory.errors import ForceRefused
 from include.datafly_fullstory.state import RunStore
@@ -90,14 +90,14 @@ def claim_rows(store: RunStore, ledger: lg.Ledger, destination: str, window: tup
     decided: list[pd.DataFrame] = []
     outcomes.remove_partial(store, "ledger")
     store.remove(chunks.RESUME)
-    for part in store.list("validated", suffix=".parquet"):
-        table = store.read_table("validated", part)
+    for part in validated.parts(store):
+        table = validated.read_part(store, part)
         frame = table.select(["_row", "event_id", "type", "user_id", "timestamp"]).to_pandas()
         keep, rows_decided = _claim_frame(ledger, destination, run_id, window, options, frame, report)
         if rows_decided is not None:
             decided.append(rows_decided)
         if not keep.all():
-            store.write_table(table.filter(pa.array(keep)), "validated", part)
+            validated.replace_part(store, part, table.filter(pa.array(keep)))
     if decided:
         outcomes.write_outcomes(store, "ledger", pd.concat(decided, ignore_index=True))
     now = lg.wall_clock()
@@ -218,8 +218,8 @@ def _write_resume(store: RunStore, ledger: lg.Ledger, report: ClaimReport, optio
 def _check_force(store: RunStore, ledger: lg.Ledger, destination: str) -> None:
     """`force` replays chunks; refuse before claiming anything when one of them cannot be replayed."""
     sent: set[int] = set()
-    for part in store.list("validated", suffix=".parquet"):
-        ids = store.read_table("validated", part, columns=["event_id"]).column("event_id").to_pylist()
+    for part in validated.parts(store):
+        ids = validated.read_part(store, part, columns=["event_id"]).column("event_id").to_pylist()
         sent |= {item.chunk_id for item in ledger.lookup(destination, [i for i in ids if i]).values()
                  if item.state in (lg.DELIVERED, lg.REJECTED) and item.chunk_id is not None}
     now = lg.wall_clock()

@@ -22,7 +22,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from include.datafly_fullstory import outcomes
+from include.datafly_fullstory import outcomes, validated
 from include.datafly_fullstory.landing import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_PARTITION_SLACK,
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 QUARANTINE_SCHEMA = FRAME_SCHEMA.append(pa.field("failed_expectations", pa.list_(pa.string()))).append(
     pa.field("reason", pa.string()))
-_OUTPUTS = (("validated",), ("quarantine.parquet",), ("validation.json",), ("outcomes", "quarantine.parquet"))
+_OUTPUTS = ((validated.FOLDER,), ("quarantine.parquet",), ("validation.json",), ("outcomes", "quarantine.parquet"))
 
 
 class _ParquetSink:
@@ -137,8 +137,7 @@ def run_extract(landing_uri: str, window: Window, store: RunStore, *, batch_size
                 counts["rows_valid"] += len(valid)
                 counts["rows_quarantined"] += len(failed)
                 if len(valid):
-                    parts.append(f"validated/part-{len(parts):05d}.parquet")
-                    store.write_table(_table(valid, FRAME_SCHEMA), parts[-1])
+                    parts.append(validated.write_part(store, len(parts), _table(valid, FRAME_SCHEMA)))
                 if len(failed):
                     quarantine.write(_table(failed, QUARANTINE_SCHEMA))
                     outcome_frames.append(quarantine_outcomes(failed))

@@ -45,12 +45,16 @@ from include.datafly_fullstory.window import Window
 
 log = logging.getLogger(__name__)
 
+# The landing vocabulary (contracts.md "Landing frame"), defined here only: validation, mapping, the
+# sample landing and the benchmarks import it.
 STRING_COLUMNS = ("event_id", "type", "event", "name", "anonymous_id", "user_id")
 TIMESTAMP_COLUMNS = ("timestamp", "received_at", "sent_at")
 JSON_COLUMNS = ("context", "properties", "traits")
 CANONICAL_COLUMNS = (*STRING_COLUMNS, *TIMESTAMP_COLUMNS, *JSON_COLUMNS, "source_id")
 REQUIRED_COLUMNS = ("event_id", "type", "anonymous_id", "timestamp", "received_at")
 FRAME_COLUMNS = (*CANONICAL_COLUMNS, "_row", "_file")
+KNOWN_TYPES = ("page", "track", "identify", "group", "screen", "alias")  # Datafly call types (`type`)
+EVENT_TYPES = ("page", "track")  # the types that become FullStory events; `identify` updates users
 
 UTC_NS = pa.timestamp("ns", tz="UTC")
 FRAME_SCHEMA = pa.schema(

@@ -51,9 +51,10 @@ def to_table(df: pd.DataFrame) -> pa.Table:
     return pa.Table.from_pandas(frame, schema=SCHEMA, preserve_index=False)
 
 
-def write_outcomes(store: RunStore, name: str, df: pd.DataFrame) -> None:
+def write_outcomes(store: RunStore, name: str, outcomes: pd.DataFrame | pa.Table) -> None:
     """Write one stage's partial outcomes as `outcomes/<name>.parquet` (atomic, replaces a previous try)."""
-    store.write_table(to_table(df), "outcomes", f"{name}.parquet")
+    table = outcomes.cast(SCHEMA) if isinstance(outcomes, pa.Table) else to_table(outcomes)
+    store.write_table(table, "outcomes", f"{name}.parquet")
 
 
 def partials(store: RunStore) -> list[str]:

@@ -21,6 +21,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from include.datafly_fullstory.landing import JSON_COLUMNS, STRING_COLUMNS, TIMESTAMP_COLUMNS
+
 # The bad-row kinds, each failing one validation rule (see validation.py).
 BAD_KINDS = (
     "null_event_id",
@@ -275,11 +277,9 @@ def generate_table(spec: LandingSpec) -> pa.Table:
     }
     _inject_bad_rows(rng, spec, table_cols)
     return pa.table({
-        **{k: pa.array(table_cols[k], type=pa.string()) for k in
-           ("event_id", "type", "event", "name", "anonymous_id", "user_id")},
-        **{k: pa.array(table_cols[k], type=pa.timestamp("ns", tz="UTC")) for k in
-           ("timestamp", "received_at", "sent_at")},
-        **{k: pa.array(table_cols[k], type=pa.string()) for k in ("context", "properties", "traits")},
+        **{k: pa.array(table_cols[k], type=pa.string()) for k in STRING_COLUMNS},
+        **{k: pa.array(table_cols[k], type=pa.timestamp("ns", tz="UTC")) for k in TIMESTAMP_COLUMNS},
+        **{k: pa.array(table_cols[k], type=pa.string()) for k in JSON_COLUMNS},
         "source_id": pa.array(np.where(np.arange(n) % 2 == 0, "web-shop", "web-blog"), type=pa.string()),
     })
 

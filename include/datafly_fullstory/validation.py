@@ -14,6 +14,7 @@ landing frame: GX fingerprints the batch by hashing every column, and the JSON c
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import threading
 import time
@@ -25,10 +26,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from include.datafly_fullstory.landing import JSON_COLUMNS, KNOWN_TYPES
 from include.datafly_fullstory.window import Window
-
-KNOWN_TYPES = ("page", "track", "identify", "group", "screen", "alias")
-JSON_COLUMNS = ("context", "properties", "traits")
 
 # rule name -> the reason a quarantined row carries for it
 RULES = {
@@ -45,11 +44,16 @@ RULES = {
     "traits_is_json_object": "traits is not a JSON object (broken JSON, an array or a scalar)",
     "identify_has_traits": "identify call without traits",
 }
-_HELPER_RULES = ("event_id_unique_in_window", "track_has_event_name", "context_is_json_object",
-                 "properties_is_json_object", "traits_is_json_object", "identify_has_traits")
+_HELPER_RULES = (
+    "event_id_unique_in_window",
+    "track_has_event_name",
+    "context_is_json_object",
+    "properties_is_json_object",
+    "traits_is_json_object",
+    "identify_has_traits",
+)
 _CHECKED_COLUMNS = ("event_id", "type", "anonymous_id", "timestamp")
 
-QUARANTINE_COLUMNS = ("failed_expectations", "reason")
 _RESULT_FORMAT = {
     "result_format": "COMPLETE",  # unexpected_index_list: the failing rows' index labels
     "exclude_unexpected_values": True,
@@ -61,6 +65,28 @@ _DATASOURCE, _ASSET, _BATCH, _SUITE = "datafly_landing", "window_frame", "whole_
 
 class ValidationError(RuntimeError):
     """Validation itself failed (not a row): GX raised while evaluating an expectation."""
+
+
+# -- GX's own logging --------------------------------------------------------------------------------
+
+_GX_LOGGER = "great_expectations"
+
+
+def _quiet_gx_logging() -> None:
+    """GX's loggers at WARNING: importing GX logs ~200 INFO lines ("Skipping registering function ...") and
+    creating a context a few more, which would fill every task log. Some GX modules set their logger to INFO
+    themselves, so this runs again after each import of GX. Other loggers (ours) keep their levels."""
+    logging.getLogger(_GX_LOGGER).setLevel(logging.WARNING)
+    for name, logger in list(logging.Logger.manager.loggerDict.items()):
+        if (
+            name.startswith(f"{_GX_LOGGER}.")
+            and isinstance(logger, logging.Logger)
+            and logging.NOTSET < logger.level < logging.WARNING
+        ):
+            logger.setLevel(logging.WARNING)
+
+
+_quiet_gx_logging()  # before GX is first imported: its import-time lines inherit WARNING
 
 
 # -- the window's seen event ids ---------------------------------------------------------------------
@@ -115,7 +141,10 @@ def _check_frame(df: pd.DataFrame, seen_ids: SeenEventIds) -> pd.DataFrame:
     checks = df[list(_CHECKED_COLUMNS)].reset_index(drop=True)
     checks["check_event_id_unique_in_window"] = seen_ids.first_copies(checks["event_id"])
     # conditional not-null as helpers: GX row_condition runs a pandas query per metric, ~10x the cost
-    for rule, kind, column in (("track_has_event_name", "track", "event"), ("identify_has_traits", "identify", "traits")):
+    for rule, kind, column in (
+        ("track_has_event_name", "track", "event"),
+        ("identify_has_traits", "identify", "traits"),
+    ):
         of_kind = df["type"].eq(kind).to_numpy(dtype=bool, na_value=False)
         checks[f"check_{rule}"] = ~of_kind | df[column].notna().to_numpy()
     for column in JSON_COLUMNS:
@@ -131,6 +160,8 @@ def build_suite(window: Window):
     import great_expectations as gx
     from great_expectations import expectations as gxe
 
+    _quiet_gx_logging()
+
     def named(rule: str, expectation):
         expectation.meta = {"name": rule}
         return expectation
@@ -140,12 +171,18 @@ def build_suite(window: Window):
         named("type_not_null", gxe.ExpectColumnValuesToNotBeNull(column="type")),
         named("type_known", gxe.ExpectColumnValuesToBeInSet(column="type", value_set=list(KNOWN_TYPES))),
         named("timestamp_not_null", gxe.ExpectColumnValuesToNotBeNull(column="timestamp")),
-        named("timestamp_in_window", gxe.ExpectColumnValuesToBeBetween(
-            column="timestamp", min_value=window.start, max_value=window.end, strict_max=True)),
+        named(
+            "timestamp_in_window",
+            gxe.ExpectColumnValuesToBeBetween(
+                column="timestamp", min_value=window.start, max_value=window.end, strict_max=True
+            ),
+        ),
         named("anonymous_id_not_null", gxe.ExpectColumnValuesToNotBeNull(column="anonymous_id")),
     ]
-    rules += [named(rule, gxe.ExpectColumnValuesToBeInSet(column=f"check_{rule}", value_set=[True]))
-              for rule in _HELPER_RULES]
+    rules += [
+        named(rule, gxe.ExpectColumnValuesToBeInSet(column=f"check_{rule}", value_set=[True]))
+        for rule in _HELPER_RULES
+    ]
     # expectations through the constructor: `add_expectation` would write through to a context's suite
     # of the same name, making it stale for its validation definition
     return gx.ExpectationSuite(name=_SUITE, expectations=rules)
@@ -162,6 +199,7 @@ def _batch_definition():
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
+    _quiet_gx_logging()
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     source = context.data_sources.add_or_update_pandas(_DATASOURCE)
@@ -182,7 +220,8 @@ def _validation_definition(window: Window):
     context, batch_definition = _batch_definition()
     suite = context.suites.add_or_update(build_suite(window))
     return context.validation_definitions.add_or_update(
-        gx.ValidationDefinition(name=_SUITE, data=batch_definition, suite=suite))
+        gx.ValidationDefinition(name=_SUITE, data=batch_definition, suite=suite)
+    )
 
 
 def _failures(result, n_rows: int) -> tuple[list[str], np.ndarray, dict]:
@@ -192,13 +231,18 @@ def _failures(result, n_rows: int) -> tuple[list[str], np.ndarray, dict]:
         config = item.expectation_config
         rule = config.meta["name"]
         if item.exception_info and item.exception_info.get("raised_exception"):
-            raise ValidationError(f"GX could not evaluate {rule}: {item.exception_info.get('exception_message')}")
+            raise ValidationError(
+                f"GX could not evaluate {rule}: {item.exception_info.get('exception_message')}"
+            )
         index = item.result.get("unexpected_index_list") or []
         matrix[np.asarray(index, dtype=np.int64), j] = True
         names.append(rule)
-        per_rule[rule] = {"expectation": config.type, "column": config.kwargs.get("column"),
-                          "unexpected": int(item.result.get("unexpected_count") or 0),
-                          "success": bool(item.success)}
+        per_rule[rule] = {
+            "expectation": config.type,
+            "column": config.kwargs.get("column"),
+            "unexpected": int(item.result.get("unexpected_count") or 0),
+            "success": bool(item.success),
+        }
     return names, matrix, per_rule
 
 
@@ -232,8 +276,13 @@ def validate_batch(df: pd.DataFrame, window: Window, seen_ids: SeenEventIds | No
     failed = matrix.any(axis=1)
     valid, rejected = _split(df, failed)
     quarantined = _quarantine_frame(rejected, names, matrix[failed])
-    summary = {"rows": len(df), "rows_failed": int(failed.sum()), "success": not failed.any(),
-               "expectations": per_rule, "seconds": {"checks": timer.checks, "gx": timer.gx}}
+    summary = {
+        "rows": len(df),
+        "rows_failed": int(failed.sum()),
+        "success": not failed.any(),
+        "expectations": per_rule,
+        "seconds": {"checks": timer.checks, "gx": timer.gx},
+    }
     return valid, quarantined, summary
 
 
@@ -271,8 +320,11 @@ def _quarantine_frame(rows: pd.DataFrame, names: list[str], matrix: np.ndarray) 
 def merge_summaries(total: dict | None, batch: dict) -> dict:
     """Add a batch summary into a running one (counts and seconds add; success is all-success)."""
     if total is None:
-        return {**batch, "expectations": {k: dict(v) for k, v in batch["expectations"].items()},
-                "seconds": dict(batch["seconds"])}
+        return {
+            **batch,
+            "expectations": {k: dict(v) for k, v in batch["expectations"].items()},
+            "seconds": dict(batch["seconds"]),
+        }
     total["rows"] += batch["rows"]
     total["rows_failed"] += batch["rows_failed"]
     total["success"] = total["success"] and batch["success"]
@@ -287,5 +339,10 @@ def merge_summaries(total: dict | None, batch: dict) -> dict:
 
 def empty_summary() -> dict:
     """The summary of a window with no rows: every rule passed on zero rows."""
-    return {"rows": 0, "rows_failed": 0, "success": True, "seconds": {"checks": 0.0, "gx": 0.0},
-            "expectations": {rule: {"unexpected": 0, "success": True} for rule in RULES}}
+    return {
+        "rows": 0,
+        "rows_failed": 0,
+        "success": True,
+        "seconds": {"checks": 0.0, "gx": 0.0},
+        "expectations": {rule: {"unexpected": 0, "success": True} for rule in RULES},
+    }

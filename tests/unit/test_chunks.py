@@ -11,7 +11,7 @@ import orjson
 import pyarrow as pa
 import pytest
 
-from include.datafly_fullstory import sample
+from include.datafly_fullstory import sample, validated
 from include.datafly_fullstory.chunks import ENVELOPE_BYTES, ChunkWriter, batch_body, idempotency_key
 from include.datafly_fullstory.mapping import MappingSettings, run_mapping
 from include.datafly_fullstory.outcomes import SCHEMA as OUTCOME_SCHEMA
@@ -31,9 +31,7 @@ def landing(rows: int, seed: int = 7) -> pa.Table:
 
 def store_with(tmp_path, table: pa.Table, parts: int = 2) -> RunStore:
     store = RunStore(str(tmp_path), "manual__2026-11-26T10:00:00+00:00")
-    size = -(-table.num_rows // parts)
-    for i in range(parts):
-        store.write_table(table.slice(i * size, size), "validated", f"part-{i:05d}.parquet")
+    validated.write_parts(store, table, -(-table.num_rows // parts))
     return store
 
 

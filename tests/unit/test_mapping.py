@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from include.datafly_fullstory.blueprint import load_blueprint
-from include.datafly_fullstory.mapping import NO_IDENTITY, BatchMapper, MappingSettings
+from include.datafly_fullstory.mapping import BatchMapper, MappingSettings
+from include.datafly_fullstory.mapping.verdicts import NO_IDENTITY
 
 NOW = datetime(2026, 11, 26, 10, 0, tzinfo=UTC)
 OLD = NOW - timedelta(hours=2)

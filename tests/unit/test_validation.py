@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+import subprocess
+import sys
+import textwrap
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
@@ -24,9 +29,18 @@ INSIDE = WINDOW.start + timedelta(minutes=10)
 
 
 def good(i: int, **overrides) -> dict:
-    row = {"event_id": f"evt-{i}", "type": "track", "event": "Order Completed", "anonymous_id": f"dfid-{i}",
-           "timestamp": INSIDE, "received_at": INSIDE, "context": '{"ip": "203.0.113.1"}',
-           "properties": '{"order_id": "O1"}', "traits": None, "_file": "/landing/p.parquet"}
+    row = {
+        "event_id": f"evt-{i}",
+        "type": "track",
+        "event": "Order Completed",
+        "anonymous_id": f"dfid-{i}",
+        "timestamp": INSIDE,
+        "received_at": INSIDE,
+        "context": '{"ip": "203.0.113.1"}',
+        "properties": '{"order_id": "O1"}',
+        "traits": None,
+        "_file": "/landing/p.parquet",
+    }
     row.update(overrides)
     return row
 
@@ -77,7 +91,9 @@ def test_rule_names_cover_the_suite_and_every_rule_is_a_gx_expectation():
 
 def test_build_suite_is_pure():
     def configs(suite):  # GX gives each added expectation a fresh random id
-        return [{k: v for k, v in e.configuration.to_json_dict().items() if k != "id"} for e in suite.expectations]
+        return [
+            {k: v for k, v in e.configuration.to_json_dict().items() if k != "id"} for e in suite.expectations
+        ]
 
     assert configs(build_suite(WINDOW)) == configs(build_suite(WINDOW))
 
@@ -86,15 +102,22 @@ def test_a_row_failing_several_rules_lists_them_all():
     df = frame([good(0, event_id=None, type="identify", event=None, traits=None, context="{oops")])
     _, quarantined, _ = validate_batch(df, WINDOW)
     assert quarantined["failed_expectations"].iloc[0] == [
-        "event_id_not_null", "context_is_json_object", "identify_has_traits"]
+        "event_id_not_null",
+        "context_is_json_object",
+        "identify_has_traits",
+    ]
     assert quarantined["reason"].iloc[0] == "; ".join(
-        RULES[r] for r in ("event_id_not_null", "context_is_json_object", "identify_has_traits"))
+        RULES[r] for r in ("event_id_not_null", "context_is_json_object", "identify_has_traits")
+    )
 
 
 def test_valid_json_objects_and_nulls_pass_and_other_types_need_no_event_name():
-    rows = [good(0, type="page", event=None, properties=None, context='{"page": {"url": "u"}, "a": [1, {}]}'),
-            good(1, type="identify", event=None, traits='{"email": "ada@example.com"}'),
-            good(2, type="alias", event=None), good(3, type="screen", context=None)]
+    rows = [
+        good(0, type="page", event=None, properties=None, context='{"page": {"url": "u"}, "a": [1, {}]}'),
+        good(1, type="identify", event=None, traits='{"email": "ada@example.com"}'),
+        good(2, type="alias", event=None),
+        good(3, type="screen", context=None),
+    ]
     valid, quarantined, summary = validate_batch(frame(rows), WINDOW)
     assert len(valid) == 4 and quarantined.empty and summary["success"]
 
@@ -102,7 +125,10 @@ def test_valid_json_objects_and_nulls_pass_and_other_types_need_no_event_name():
 @pytest.mark.parametrize("text", ["[1]", '"x"', "null", "1", "", "{", '{"a": }', "{'a': 1}", '{"a": 1} x'])
 def test_json_that_is_not_an_object_fails(text):
     assert validation.json_objects(pd.Series([text, '{"ok": true}', None], dtype="str")).tolist() == [
-        False, True, True]
+        False,
+        True,
+        True,
+    ]
 
 
 def test_duplicates_across_batches_keep_the_first_copy():
@@ -112,7 +138,10 @@ def test_duplicates_across_batches_keep_the_first_copy():
     valid1, quarantined1, _ = validate_batch(first, WINDOW, seen)
     valid2, quarantined2, summary2 = validate_batch(second, WINDOW, seen)
     assert valid1["_row"].tolist() == [0, 1]
-    assert quarantined1["failed_expectations"].tolist() == [["event_id_unique_in_window"], ["event_id_not_null"]]
+    assert quarantined1["failed_expectations"].tolist() == [
+        ["event_id_unique_in_window"],
+        ["event_id_not_null"],
+    ]
     assert valid2["_row"].tolist() == [5]
     assert quarantined2["_row"].tolist() == [4, 6, 7]
     assert summary2["expectations"]["event_id_unique_in_window"]["unexpected"] == 2
@@ -121,8 +150,10 @@ def test_duplicates_across_batches_keep_the_first_copy():
 
 def test_seen_ids_stay_sorted_and_exact_over_many_batches():
     seen = SeenEventIds()
-    firsts = [seen.first_copies(pd.Series([f"e{i % 700}" for i in range(k, k + 500)], dtype="str")).sum()
-              for k in range(0, 5000, 500)]
+    firsts = [
+        seen.first_copies(pd.Series([f"e{i % 700}" for i in range(k, k + 500)], dtype="str")).sum()
+        for k in range(0, 5000, 500)
+    ]
     assert sum(firsts) == 700 and len(seen) == 700
 
 
@@ -134,8 +165,11 @@ def test_summaries_add_up():
     assert total["expectations"]["type_known"]["unexpected"] == 2
     assert total["expectations"]["anonymous_id_not_null"]["unexpected"] == 1
     assert total["expectations"]["event_id_not_null"] == {
-        "expectation": "expect_column_values_to_not_be_null", "column": "event_id", "unexpected": 0,
-        "success": True}
+        "expectation": "expect_column_values_to_not_be_null",
+        "column": "event_id",
+        "unexpected": 0,
+        "success": True,
+    }
     assert a["rows"] == 2  # merging copies, never changes the first summary
 
 
@@ -160,7 +194,69 @@ def test_every_bad_row_kind_of_the_sample_landing_is_quarantined(tmp_path):
         assert len(valid) + len(bad) == len(df)
     bad = pd.concat(quarantined)
     assert total["rows"] == 8000 and total["rows_failed"] == len(bad) == 80
-    for rule in ("event_id_not_null", "event_id_unique_in_window", "type_known", "track_has_event_name",
-                 "properties_is_json_object", "identify_has_traits", "anonymous_id_not_null",
-                 "context_is_json_object"):
+    for rule in (
+        "event_id_not_null",
+        "event_id_unique_in_window",
+        "type_known",
+        "track_has_event_name",
+        "properties_is_json_object",
+        "identify_has_traits",
+        "anonymous_id_not_null",
+        "context_is_json_object",
+    ):
         assert total["expectations"][rule]["unexpected"] == 10, rule
+
+
+# ---- GX's own logging stays out of task logs ---------------------------------------------------------
+
+
+def _gx_records_below_warning(records) -> list[str]:
+    return [
+        f"{r.name}: {r.getMessage()}"
+        for r in records
+        if r.name.split(".")[0] == "great_expectations" and r.levelno < logging.WARNING
+    ]
+
+
+def test_gx_logs_nothing_below_warning_while_a_real_validation_quarantines(caplog):
+    # a new GX context inside the capture: creating one is where GX logs at INFO once it is imported
+    validation._validation_definition.cache_clear()
+    validation._batch_definition.cache_clear()
+    caplog.set_level(logging.INFO)  # the root logger, as a task's log handler sees it
+    valid, quarantined, summary = validate_batch(frame([good(0), good(1, type="pageview"), good(2)]), WINDOW)
+    assert valid["_row"].tolist() == [0, 2]
+    assert quarantined["_row"].tolist() == [1]
+    assert quarantined["failed_expectations"].iloc[0] == ["type_known"]
+    assert _gx_records_below_warning(caplog.records) == []
+    assert validation._batch_definition.cache_info().currsize == 1  # the context was created in the capture
+    logging.getLogger("include.datafly_fullstory.extract").info("our own line")  # ours are not silenced
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("include.")] == ["our own line"]
+    assert logging.getLogger("great_expectations").getEffectiveLevel() == logging.WARNING
+
+
+def test_a_fresh_process_importing_gx_logs_no_gx_info_lines():
+    """GX logs ~200 INFO lines ("Skipping registering function ...") while it is imported, which a test in
+    this process cannot see again: a fresh interpreter with INFO logging imports it and validates a row."""
+    script = textwrap.dedent("""
+        import logging, sys
+        from datetime import UTC, datetime
+        import pyarrow as pa
+        logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="LOG %(levelname)s %(name)s %(message)s")
+        from include.datafly_fullstory import validation
+        from include.datafly_fullstory.landing import FRAME_SCHEMA
+        from include.datafly_fullstory.window import Window
+        window = Window(datetime(2026, 11, 26, 8, tzinfo=UTC), datetime(2026, 11, 26, 9, tzinfo=UTC))
+        row = {"event_id": "e1", "type": "pageview", "anonymous_id": "a", "timestamp": window.start,
+               "received_at": window.start, "_row": 0, "_file": "f"}
+        _, quarantined, _ = validation.validate_batch(pa.Table.from_pylist([row], schema=FRAME_SCHEMA).to_pandas(), window)
+        logging.getLogger("include.datafly_fullstory.extract").info("quarantined %s", quarantined["_row"].tolist())
+    """)
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=240, check=True
+    ).stdout.splitlines()
+    records = [line.split(" ", 3)[1:] for line in out if line.startswith("LOG ")]
+    assert ["INFO", "include.datafly_fullstory.extract", "quarantined [0]"] in records
+    assert [
+        r for r in records if r[1].split(".")[0] == "great_expectations" and r[0] in ("DEBUG", "INFO")
+    ] == []

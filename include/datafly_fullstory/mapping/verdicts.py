@@ -1,0 +1,184 @@
+"""Row verdicts: which rows end in the mapping stage and why (skipped, filtered, rejected), decided for a whole
+batch at once. `Verdict` holds each row's outcome (the first rule to decide a row wins); the rule functions
+mark it: Datafly types without a mapping, the run's `event_types`, analytics consent, identity."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timedelta
+from typing import Any
+
+import numpy as np
+import orjson
+import pandas as pd
+
+from include.datafly_fullstory import outcomes
+from include.datafly_fullstory.blueprint import Blueprint
+from include.datafly_fullstory.landing import EVENT_TYPES
+from include.datafly_fullstory.mapping.columns import (
+    _column,
+    _getter,
+    _isin,
+    _iso_utc,
+    _text_lengths,
+    _timestamps_ns,
+)
+from include.datafly_fullstory.mapping.settings import MappingSettings
+
+SESSION_ID = re.compile(r"[^:\s]+:[^:\s]+")
+NO_IDENTITY = (
+    "no FullStory identification: the event has no user_id and no FullStory session id, and "
+    "FullStory's server API has no anonymous-id field (an event without user or session is refused). "
+    "Fix: pass the browser's FS('getSession', {format: 'id'}) into Signal as "
+    "context.fullstory.session_id, or identify the user"
+)
+
+
+class Verdict:
+    """Each row's mapping outcome (None = still going to a chunk); the first rule to decide a row wins."""
+
+    def __init__(self, n: int):
+        self.outcome = np.full(n, None, dtype=object)
+        self.reason = np.full(n, None, dtype=object)
+
+    def open(self) -> np.ndarray:
+        return pd.isna(self.outcome)
+
+    def mark(self, mask: np.ndarray, outcome: str, reason: str) -> None:
+        hit = np.asarray(mask, dtype=bool) & self.open()
+        self.outcome[hit] = outcome
+        self.reason[hit] = reason
+
+    def set(self, positions: np.ndarray, outcome: str, reasons: list[str]) -> None:
+        self.outcome[positions] = outcome
+        self.reason[positions] = np.array(reasons, dtype=object) if len(reasons) else reasons
+
+    def frame(self, rows: np.ndarray, event_ids: np.ndarray, kind: np.ndarray) -> pd.DataFrame:
+        decided = ~self.open()
+        return outcomes.frame(
+            rows[decided], event_ids[decided], self.outcome[decided], self.reason[decided], kind[decided]
+        )
+
+
+def skip_unmapped(bp: Blueprint, verdict: Verdict, dtype: np.ndarray, fs_names: np.ndarray) -> None:
+    for datafly_type in sorted(bp.unmapped_types):
+        verdict.mark(
+            dtype == datafly_type,
+            "skipped",
+            f"Datafly '{datafly_type}' calls have no FullStory mapping in blueprint {bp.label}",
+        )
+    known = _isin(dtype, [*EVENT_TYPES, "identify", *bp.unmapped_types])
+    verdict.mark(
+        ~known,
+        "skipped",
+        f"unknown Datafly type: not one of page, track, identify, {', '.join(sorted(bp.unmapped_types))}",
+    )
+    no_name = (dtype == "track") & pd.isna(fs_names)
+    verdict.mark(no_name, "skipped", "track call without an event name: FullStory events need a name")
+
+
+def filter_event_types(
+    settings: MappingSettings, verdict: Verdict, dtype: np.ndarray, fs_names: np.ndarray, event: np.ndarray
+) -> None:
+    wanted = settings.event_types
+    if not wanted:
+        return
+    keep = _isin(dtype, wanted) | _isin(fs_names, wanted) | _isin(event, wanted)
+    verdict.mark(
+        ~keep,
+        "filtered",
+        f"not in this run's event_types {list(wanted)}: neither its Datafly type "
+        "nor its FullStory event name is listed",
+    )
+
+
+def gate_consent(bp: Blueprint, settings: MappingSettings, verdict: Verdict, ctx: list) -> None:
+    """`analytics` consent gates every row, in both Datafly shapes; the first shape present decides."""
+    category = bp.consent_category
+    consent = _getter(bp.consent_paths, "scalar")
+    raw = pd.Series([consent(c) for c in ctx], dtype=object)
+    state = raw.map(bp.consent_values)  # True / False / NaN (absent or unreadable)
+    denied = (state == False).to_numpy()  # noqa: E712  (NaN must not count as a denial)
+    verdict.mark(
+        denied, "filtered", f"{category} consent denied (context.consent): FullStory may not receive this row"
+    )
+    if settings.require_explicit_consent:
+        verdict.mark(
+            state.isna().to_numpy(),
+            "filtered",
+            f"no {category} consent recorded and the run "
+            "requires explicit consent (require_explicit_consent)",
+        )
+
+
+def identity(
+    bp: Blueprint,
+    settings: MappingSettings,
+    reference_time: datetime,
+    df: pd.DataFrame,
+    ctx: list,
+    verdict: Verdict,
+    is_event: np.ndarray,
+) -> dict:
+    """Which identification each event carries: a valid FullStory session id wins (FullStory refuses
+    a user next to it), else `user.uid`; `use_most_recent` only for events in the last
+    `recent_session_minutes` before the run's window end (the reference time), whose session may still
+    be open when the run delivers them."""
+    paths = bp.identity
+    uid = _column(df, "user_id")
+    uid_len = _text_lengths(df["user_id"])
+    has_uid = uid_len > 0
+    session_id = _getter(paths["fullstory_session_id"], "text")
+    sid = pd.Series([session_id(c) for c in ctx], dtype="str")
+    has_sid = sid.str.fullmatch(SESSION_ID.pattern).fillna(False).to_numpy(dtype=bool)
+    bad_sid = sid.notna().to_numpy() & ~has_sid
+    verdict.mark(
+        is_event & ~has_sid & ~has_uid & bad_sid,
+        "skipped",
+        "the FullStory session id in the context is not of the form '<deviceId>:<sessionId>' and the "
+        "event has no user_id: nothing FullStory accepts identifies it",
+    )
+    verdict.mark(is_event & ~has_sid & ~has_uid, "skipped", NO_IDENTITY)
+    use_uid = has_uid & ~has_sid
+    too_long = use_uid & (uid_len > bp.limits["uid"])
+    verdict.mark(
+        is_event & too_long,
+        "rejected",
+        f"user_id is longer than FullStory's {bp.limits['uid']}-character uid limit",
+    )
+    ts = _timestamps_ns(df["timestamp"])
+    window = timedelta(minutes=settings.recent_session_minutes) // timedelta(microseconds=1) * 1000
+    ref_ns = int(reference_time.timestamp() * 1_000_000) * 1000
+    recent = (ts != np.iinfo(np.int64).min) & (np.abs(ref_ns - ts) <= window)
+    return {
+        "uid": np.where(use_uid, uid, None),
+        "sid": np.where(has_sid, sid.to_numpy(dtype=object, na_value=None), None),
+        "recent": use_uid & recent,
+        "ts": _iso_utc(ts),
+    }
+
+
+def _parse_json_column(values: np.ndarray, verdict: Verdict, column: str, pending: np.ndarray) -> list:
+    """Parsed JSON objects (None for null). Bad JSON or a non-object only rejects rows still pending."""
+    loads = orjson.loads
+    try:
+        parsed = [loads(v) if v is not None else None for v in values]
+    except orjson.JSONDecodeError:
+        parsed = [_loads_or_bad(v) for v in values]
+    bad = np.fromiter((p is not None and type(p) is not dict for p in parsed), dtype=bool, count=len(parsed))
+    if bad.any():
+        verdict.mark(bad & pending, "rejected", f"{column} is not a JSON object")
+        parsed = [None if b else p for p, b in zip(parsed, bad, strict=True)]
+    return parsed
+
+
+def _loads_or_bad(text: str | None) -> Any:
+    if text is None:
+        return None
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return _BAD_JSON
+
+
+_BAD_JSON = object()
