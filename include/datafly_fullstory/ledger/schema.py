@@ -4,8 +4,7 @@ read from them (the package docstring, `__init__.py`, describes them)."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import dataclass, fields
 
 import sqlalchemy as sa
 
@@ -163,9 +162,6 @@ class ChunkRow:
 
     def key_age(self, now: float) -> float | None:
         return None if self.first_post_at is None else now - self.first_post_at
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 _CHUNK_FIELDS = tuple(f.name for f in fields(ChunkRow))
