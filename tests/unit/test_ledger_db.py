@@ -1,4 +1,4 @@
-"""The ledger's database API (include/datafly_fullstory/ledger.py) on a real SQLite file and a real Postgres.
+"""The ledger's database API (include/datafly_fullstory/ledger/) on a real SQLite file and a real Postgres.
 
 Most tests run twice through `ledger_url` (tests/db_servers.py, a pytest plugin tests/conftest.py lists): on
 a fresh SQLite file and on a fresh database of the session's Postgres server.
