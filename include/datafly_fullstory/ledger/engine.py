@@ -97,7 +97,7 @@ def dispose_engines() -> None:
 
 def _batches(values: Sequence, size: int = _BATCH) -> Iterator[Sequence]:
     for i in range(0, len(values), size):
-        yield values[i:i + size]
+        yield values[i : i + size]
 
 
 # ---- the base of the ledger -----------------------------------------------------------------------------
@@ -137,12 +137,16 @@ class LedgerBase:
         Claims use a=kind, b=uid, t=event_time; settling a=state, b=reason; finishing a=state, b=code,
         c=message."""
         if self.backend == "postgresql":
-            conn.exec_driver_sql("CREATE TEMP TABLE IF NOT EXISTS dffs_batch (event_id text, a text, b text, c text, "
-                                 "t double precision)")
+            conn.exec_driver_sql(
+                "CREATE TEMP TABLE IF NOT EXISTS dffs_batch (event_id text, a text, b text, c text, "
+                "t double precision)"
+            )
             conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS dffs_batch_id ON dffs_batch (event_id)")
             conn.exec_driver_sql("TRUNCATE dffs_batch")
-            with conn.connection.driver_connection.cursor() as cursor, cursor.copy(
-                    "COPY dffs_batch (event_id, a, b, c, t) FROM STDIN") as copy:
+            with (
+                conn.connection.driver_connection.cursor() as cursor,
+                cursor.copy("COPY dffs_batch (event_id, a, b, c, t) FROM STDIN") as copy,
+            ):
                 for row in rows:
                     copy.write_row(row)
             conn.exec_driver_sql("ANALYZE dffs_batch")
@@ -165,8 +169,10 @@ class LedgerBase:
     def _batch_items(self, where: str) -> str:
         """SQLite: the rowids of dffs_items matching the batch by primary key, batch first (CROSS JOIN fixes
         that order in SQLite), plus `where` on `i`."""
-        return (f"SELECT i.rowid FROM dffs_batch b CROSS JOIN dffs_items i "
-                f"WHERE i.destination = :d AND i.event_id = b.event_id AND {where}")
+        return (
+            f"SELECT i.rowid FROM dffs_batch b CROSS JOIN dffs_items i "
+            f"WHERE i.destination = :d AND i.event_id = b.event_id AND {where}"
+        )
 
     def _update_from_batch(self, conn: Connection, set_sql: str, where: str, params: dict) -> int:
         """UPDATE the items matching the batch (see `_batch_items`); `set_sql` may read the batch's row as
@@ -175,10 +181,18 @@ class LedgerBase:
 
         if self.backend == "postgresql":  # UPDATE .. FROM joins by the primary key (seq scans are off)
             set_sql = re.sub(r"\{b\.(\w+)\}", r"b.\1", set_sql)
-            return conn.execute(sa.text(
-                f"UPDATE dffs_items AS i SET {set_sql} FROM dffs_batch b WHERE i.destination = :d "
-                f"AND i.event_id = b.event_id AND {where}"), params).rowcount
-        set_sql = re.sub(r"\{b\.(\w+)\}", r"(SELECT b.\1 FROM dffs_batch b WHERE b.event_id = dffs_items.event_id LIMIT 1)",
-                         set_sql)
-        return conn.execute(sa.text(f"UPDATE dffs_items SET {set_sql} WHERE rowid IN ({self._batch_items(where)})"),
-                            params).rowcount
+            return conn.execute(
+                sa.text(
+                    f"UPDATE dffs_items AS i SET {set_sql} FROM dffs_batch b WHERE i.destination = :d "
+                    f"AND i.event_id = b.event_id AND {where}"
+                ),
+                params,
+            ).rowcount
+        set_sql = re.sub(
+            r"\{b\.(\w+)\}",
+            r"(SELECT b.\1 FROM dffs_batch b WHERE b.event_id = dffs_items.event_id LIMIT 1)",
+            set_sql,
+        )
+        return conn.execute(
+            sa.text(f"UPDATE dffs_items SET {set_sql} WHERE rowid IN ({self._batch_items(where)})"), params
+        ).rowcount

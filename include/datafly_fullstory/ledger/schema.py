@@ -40,7 +40,8 @@ class ClaimLost(LedgerError):
 metadata = sa.MetaData()
 
 items = sa.Table(
-    "dffs_items", metadata,
+    "dffs_items",
+    metadata,
     sa.Column("destination", sa.String(300), primary_key=True),
     sa.Column("event_id", sa.String(512), primary_key=True),
     sa.Column("kind", sa.String(8), nullable=False),  # event | user (an identify call)
@@ -60,7 +61,8 @@ sa.Index("dffs_items_chunk", items.c.chunk_id)
 sa.Index("dffs_items_state", items.c.destination, items.c.state, items.c.event_time)
 
 chunks = sa.Table(
-    "dffs_chunks", metadata,
+    "dffs_chunks",
+    metadata,
     sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
     sa.Column("destination", sa.String(300), nullable=False),
     sa.Column("run_id", sa.String(300), nullable=False),
@@ -90,7 +92,8 @@ chunks = sa.Table(
 )
 
 runs = sa.Table(
-    "dffs_runs", metadata,
+    "dffs_runs",
+    metadata,
     sa.Column("destination", sa.String(300), primary_key=True),
     sa.Column("run_id", sa.String(300), primary_key=True),
     sa.Column("window_start", sa.String(40), nullable=False),
@@ -99,15 +102,20 @@ runs = sa.Table(
     sa.Column("started_at", sa.Float, nullable=False),
     sa.Column("finished_at", sa.Float),
     sa.Column("rows_read", sa.Integer),
-    sa.Column("delivered", sa.Integer), sa.Column("rejected", sa.Integer),
-    sa.Column("unknown", sa.Integer), sa.Column("quarantined", sa.Integer),
-    sa.Column("filtered", sa.Integer), sa.Column("skipped", sa.Integer),
-    sa.Column("pending", sa.Integer), sa.Column("late_rows", sa.Integer),
+    sa.Column("delivered", sa.Integer),
+    sa.Column("rejected", sa.Integer),
+    sa.Column("unknown", sa.Integer),
+    sa.Column("quarantined", sa.Integer),
+    sa.Column("filtered", sa.Integer),
+    sa.Column("skipped", sa.Integer),
+    sa.Column("pending", sa.Integer),
+    sa.Column("late_rows", sa.Integer),
     sa.Column("problems", sa.Text),
 )
 
 scans = sa.Table(
-    "dffs_scans", metadata,
+    "dffs_scans",
+    metadata,
     sa.Column("destination", sa.String(300), primary_key=True),
     sa.Column("file_uri", sa.String(1000), primary_key=True),
     sa.Column("size", sa.BigInteger, nullable=False),
@@ -207,8 +215,12 @@ class ClaimColumns:
 
     @classmethod
     def of(cls, new: Sequence[NewItem]) -> ClaimColumns:
-        return cls([n.event_id for n in new], [n.kind for n in new], [n.uid for n in new],
-                   [n.event_time for n in new])
+        return cls(
+            [n.event_id for n in new],
+            [n.kind for n in new],
+            [n.uid for n in new],
+            [n.event_time for n in new],
+        )
 
     def __len__(self) -> int:
         return len(self.event_id)
