@@ -55,13 +55,17 @@ def run_ledger(url: str, ids: list[str], chunk: int) -> dict[str, float]:
         print("  " + ", ".join(f"{op} {secs[op]:.2f}s" for op in ops), flush=True)
 
     led = lg.Ledger(url)
-    parts = [ids[i:i + chunk] for i in range(0, len(ids), chunk)]
+    parts = [ids[i : i + chunk] for i in range(0, len(ids), chunk)]
     step = 3600.0 / max(len(ids), 1)
 
     for p, part in enumerate(parts):  # the claim step, frame by frame (columns, as claims.py builds them)
         first = p * chunk
-        new = lg.ClaimColumns(part, ["event"] * len(part), [f"user-{(first + j) % 5000}" for j in range(len(part))],
-                              [START + (first + j) * step for j in range(len(part))])
+        new = lg.ClaimColumns(
+            part,
+            ["event"] * len(part),
+            [f"user-{(first + j) % 5000}" for j in range(len(part))],
+            [START + (first + j) * step for j in range(len(part))],
+        )
         t = time.perf_counter()
         led.insert_claims(DEST, RUN, new, window=WINDOW)
         secs["insert_claims"] += time.perf_counter() - t
@@ -74,9 +78,18 @@ def run_ledger(url: str, ids: list[str], chunk: int) -> dict[str, float]:
     chunk_ids = []
     t = time.perf_counter()
     for p, part in enumerate(parts):
-        row = led.register_chunk(DEST, RUN, name=f"events-{p:05d}", kind="events",
-                                 idempotency_key=f"{RUN}/events-{p:05d}", payload_uri=f"file:///bench/{p}.jsonl",
-                                 sha256="0" * 64, items_count=len(part), size=400 * len(part), event_ids=part)
+        row = led.register_chunk(
+            DEST,
+            RUN,
+            name=f"events-{p:05d}",
+            kind="events",
+            idempotency_key=f"{RUN}/events-{p:05d}",
+            payload_uri=f"file:///bench/{p}.jsonl",
+            sha256="0" * 64,
+            items_count=len(part),
+            size=400 * len(part),
+            event_ids=part,
+        )
         chunk_ids.append(row.id)
     secs["register_chunk"] = time.perf_counter() - t
     done("register_chunk")
@@ -122,8 +135,12 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000, help="events (default 1,000,000)")
     parser.add_argument("--chunk", type=int, default=50_000, help="items per frame and per chunk")
     parser.add_argument("--backends", default="sqlite,postgres", help="comma-separated: sqlite, postgres")
-    parser.add_argument("--baseline-seconds", type=float, default=None,
-                        help="end-to-end seconds for --rows measured elsewhere (skips the pipeline run)")
+    parser.add_argument(
+        "--baseline-seconds",
+        type=float,
+        default=None,
+        help="end-to-end seconds for --rows measured elsewhere (skips the pipeline run)",
+    )
     parser.add_argument("--no-baseline", action="store_true", help="ledger figures only")
     args = parser.parse_args()
     # SIGTERM unwinds like Ctrl-C, so the Postgres server started below is stopped on the way out.
@@ -132,8 +149,11 @@ def main() -> None:
 
     t = time.perf_counter()
     ids = event_ids(args.rows)
-    print(f"{args.rows:,} event ids generated in {time.perf_counter() - t:.1f}s (not counted); "
-          f"chunks of {args.chunk:,}", flush=True)
+    print(
+        f"{args.rows:,} event ids generated in {time.perf_counter() - t:.1f}s (not counted); "
+        f"chunks of {args.chunk:,}",
+        flush=True,
+    )
 
     results: dict[str, dict[str, float]] = {}
     work = Path(tempfile.mkdtemp(prefix="dffs-bench-ledger-"))
@@ -176,8 +196,10 @@ def main() -> None:
     print(f"\nend-to-end pipeline for {args.rows:,} rows: {baseline:.1f}s ({why or 'measured in this run'})")
     for n in names:
         share = 100 * totals[n] / baseline
-        print(f"ledger on {n:<9} {totals[n]:>8.1f}s = {share:5.1f}% of the end-to-end run "
-              f"({'under' if share < 10 else 'over'} the 10% goal)")
+        print(
+            f"ledger on {n:<9} {totals[n]:>8.1f}s = {share:5.1f}% of the end-to-end run "
+            f"({'under' if share < 10 else 'over'} the 10% goal)"
+        )
 
 
 if __name__ == "__main__":

@@ -54,8 +54,16 @@ class Run:
 
 
 class SyncDriver:
-    def __init__(self, *, landing: Path, state: Path, airflow_home: Path, emulator, max_items: int = 60,
-                 postgres_url: str | None = None):
+    def __init__(
+        self,
+        *,
+        landing: Path,
+        state: Path,
+        airflow_home: Path,
+        emulator,
+        max_items: int = 60,
+        postgres_url: str | None = None,
+    ):
         """`postgres_url`: keep the ledger in that Postgres database, reached as deployments do, through an
         Airflow connection named by `datafly_fullstory_ledger_conn_id` (else the SQLite default)."""
         import os
@@ -67,9 +75,15 @@ class SyncDriver:
             import sqlalchemy as sa
 
             url = sa.engine.make_url(postgres_url)
-            conn = {"conn_type": "postgres", "login": url.username, "password": url.password or "",
-                    "schema": url.database, "host": url.host or "", "port": url.port,
-                    "extra": {"host": url.query["host"]} if "host" in url.query else {}}
+            conn = {
+                "conn_type": "postgres",
+                "login": url.username,
+                "password": url.password or "",
+                "schema": url.database,
+                "host": url.host or "",
+                "port": url.port,
+                "extra": {"host": url.query["host"]} if "host" in url.query else {},
+            }
             os.environ["AIRFLOW_CONN_DFFS_LEDGER"] = json.dumps(conn)
             self.ledger_conn_id = "dffs_ledger"
             self.ledger_db_url = ledger_url({"conn_id": "dffs_ledger"})
@@ -79,13 +93,23 @@ class SyncDriver:
         """Point the fullstory_default connection at an emulator (its org is the run's destination)."""
         import os
 
-        conn = {"conn_type": "http", "host": emulator.base_url, "password": emulator.api_key,
-                "extra": {"org_id": emulator.org_id, "data_region": emulator.region}}
+        conn = {
+            "conn_type": "http",
+            "host": emulator.base_url,
+            "password": emulator.api_key,
+            "extra": {"org_id": emulator.org_id, "data_region": emulator.region},
+        }
         os.environ["AIRFLOW_CONN_FULLSTORY_DEFAULT"] = json.dumps(conn)
         self.destination = f"{emulator.org_id}@{emulator.region}"
 
-    def new_run(self, run_id: str, *, hour: datetime | None = None, window: tuple[datetime, datetime] | None = None,
-                **params) -> Run:
+    def new_run(
+        self,
+        run_id: str,
+        *,
+        hour: datetime | None = None,
+        window: tuple[datetime, datetime] | None = None,
+        **params,
+    ) -> Run:
         """A run as scheduled (`hour`: the data interval [hour, hour+1h)) or manual (`window` params)."""
         if window is not None:
             params = {"window_start": window[0].isoformat(), "window_end": window[1].isoformat(), **params}
@@ -121,9 +145,16 @@ class SyncDriver:
             kind, index = name.removeprefix("deliver_").rstrip("]").split("[")
             group = pipeline.group_chunks(run.xcom["map"]["chunks"], kind, GROUP_SIZE)[int(index)]
             operator = FullStoryDeliveryOperator(
-                task_id=f"deliver_{kind}", state_uri=run.plan["state_uri"], run_id=run.run_id, chunks=group,
-                dry_run=run.plan["dry_run"], ledger=run.plan["ledger"], destination=run.plan["destination"],
-                poll_interval=0.02, timeout=120)
+                task_id=f"deliver_{kind}",
+                state_uri=run.plan["state_uri"],
+                run_id=run.run_id,
+                chunks=group,
+                dry_run=run.plan["dry_run"],
+                ledger=run.plan["ledger"],
+                destination=run.plan["destination"],
+                poll_interval=0.02,
+                timeout=120,
+            )
             return operator.execute({"ti": _TI(f"deliver_{kind}", int(index))})
         if name == "summarise":
             stats = [v for k, v in run.xcom.items() if k.startswith("deliver_")]
@@ -136,7 +167,11 @@ class SyncDriver:
         task that raises ends the run there (its XCom stays unset)."""
         run.killed_in, run.error = None, None
         names = self.tasks(run)
-        at = names.index(start) if start else next((i for i, n in enumerate(names) if n not in run.done), len(names))
+        at = (
+            names.index(start)
+            if start
+            else next((i for i, n in enumerate(names) if n not in run.done), len(names))
+        )
         i = at
         while i < len(names):
             name = names[i]

@@ -37,7 +37,9 @@ ROWS = 900  # over three hours: about 300 a window, several chunks of 60 items
 
 @pytest.fixture(scope="module")
 def landing_table():
-    return generate_table(LandingSpec(rows=ROWS, start=H10, end=H10 + timedelta(hours=3), seed=5, bad_fraction=0.01))
+    return generate_table(
+        LandingSpec(rows=ROWS, start=H10, end=H10 + timedelta(hours=3), seed=5, bad_fraction=0.01)
+    )
 
 
 @pytest.fixture(params=["sqlite"])
@@ -50,8 +52,13 @@ def driver(request, tmp_path, landing_table, fullstory_emulator, monkeypatch):
     postgres_url = None
     if request.param == "postgres":
         postgres_url = request.getfixturevalue("postgres_server").new_database(f"eo_{uuid.uuid4().hex[:12]}")
-    d = SyncDriver(landing=tmp_path / "landing", state=tmp_path / "state", airflow_home=tmp_path,
-                   emulator=fullstory_emulator, postgres_url=postgres_url)
+    d = SyncDriver(
+        landing=tmp_path / "landing",
+        state=tmp_path / "state",
+        airflow_home=tmp_path,
+        emulator=fullstory_emulator,
+        postgres_url=postgres_url,
+    )
     yield d
     lg.dispose_engines()
 
@@ -92,8 +99,10 @@ def window_rows(table: pa.Table, start: datetime, end: datetime) -> pa.Table:
 def ledger_states(driver: SyncDriver, destination: str | None = None) -> dict[str, str]:
     engine = sa.create_engine(driver.ledger_db_url)
     with engine.connect() as conn:
-        rows = conn.execute(sa.text("select event_id, state from dffs_items where destination = :d"),
-                            {"d": destination or driver.destination}).all()
+        rows = conn.execute(
+            sa.text("select event_id, state from dffs_items where destination = :d"),
+            {"d": destination or driver.destination},
+        ).all()
     engine.dispose()
     return dict(rows)
 
@@ -106,19 +115,30 @@ def assert_no_duplicates(emulator, driver: SyncDriver) -> set[str]:
     assert not dups, f"{len(dups)} events imported twice, e.g. {dups[:3]}"
     engine = sa.create_engine(driver.ledger_db_url)
     with engine.connect() as conn:
-        sent = conn.execute(sa.text(
-            "select uid, state, count(distinct chunk_id) from dffs_items where destination = :d and kind = 'user' "
-            "and state in ('delivered', 'unknown') group by uid, state"), {"d": driver.destination}).all()
+        sent = conn.execute(
+            sa.text(
+                "select uid, state, count(distinct chunk_id) from dffs_items where destination = :d and kind = 'user' "
+                "and state in ('delivered', 'unknown') group by uid, state"
+            ),
+            {"d": driver.destination},
+        ).all()
     engine.dispose()
     delivered = Counter({uid: n for uid, state, n in sent if state == lg.DELIVERED})
     maybe = Counter({uid: n for uid, state, n in sent if state == lg.UNKNOWN})
-    wrong = [(u["uid"], u["updates"], delivered[u["uid"]]) for u in emulator.users()
-             if not delivered[u["uid"]] <= u["updates"] <= delivered[u["uid"]] + maybe[u["uid"]]]
-    assert not wrong, f"users updated other than once per delivered user line (uid, updates, lines): {wrong[:3]}"
+    wrong = [
+        (u["uid"], u["updates"], delivered[u["uid"]])
+        for u in emulator.users()
+        if not delivered[u["uid"]] <= u["updates"] <= delivered[u["uid"]] + maybe[u["uid"]]
+    ]
+    assert not wrong, (
+        f"users updated other than once per delivered user line (uid, updates, lines): {wrong[:3]}"
+    )
     return set(ids)
 
 
-def assert_exactly_once(driver: SyncDriver, emulator, table: pa.Table, start: datetime, end: datetime) -> dict:
+def assert_exactly_once(
+    driver: SyncDriver, emulator, table: pa.Table, start: datetime, end: datetime
+) -> dict:
     held = assert_no_duplicates(emulator, driver)
     states = ledger_states(driver)
     rows = window_rows(table, start, end)
@@ -163,8 +183,9 @@ FOLLOW_UPS = ["retry", "clear", "new_run", "force"]
 @pytest.mark.parametrize("later", [False, True], ids=["at-once", "after-25h"])
 @pytest.mark.parametrize("follow_up", FOLLOW_UPS)
 @pytest.mark.parametrize("kill", KILLS)
-def test_kill_then_follow_up_never_duplicates(kill, follow_up, later, driver, fullstory_emulator, landing_table,
-                                              monkeypatch):
+def test_kill_then_follow_up_never_duplicates(
+    kill, follow_up, later, driver, fullstory_emulator, landing_table, monkeypatch
+):
     kill_then_follow_up(kill, follow_up, later, driver, fullstory_emulator, landing_table, monkeypatch)
 
 
@@ -172,8 +193,9 @@ def test_kill_then_follow_up_never_duplicates(kill, follow_up, later, driver, fu
 @pytest.mark.parametrize("follow_up", FOLLOW_UPS)
 @pytest.mark.parametrize("kill", ["after_post", "after_job"])
 @pytest.mark.parametrize("driver", ["postgres"], indirect=True)
-def test_kill_then_follow_up_on_postgres(kill, follow_up, later, driver, fullstory_emulator, landing_table,
-                                         monkeypatch):
+def test_kill_then_follow_up_on_postgres(
+    kill, follow_up, later, driver, fullstory_emulator, landing_table, monkeypatch
+):
     assert driver.ledger_conn_id is not None
     kill_then_follow_up(kill, follow_up, later, driver, fullstory_emulator, landing_table, monkeypatch)
 
@@ -213,8 +235,9 @@ def kill_then_follow_up(kill, follow_up, later, driver, fullstory_emulator, land
 
 
 @both_ledgers
-def test_unknown_after_an_expired_key_fails_the_run_and_says_what_to_check(driver, fullstory_emulator,
-                                                                         landing_table, monkeypatch):
+def test_unknown_after_an_expired_key_fails_the_run_and_says_what_to_check(
+    driver, fullstory_emulator, landing_table, monkeypatch
+):
     faults = pytest.MonkeyPatch()
     kill_at(faults, "after_post")
     a = driver.go(driver.new_run("a", hour=H10))
@@ -238,8 +261,10 @@ def test_unknown_after_an_expired_key_fails_the_run_and_says_what_to_check(drive
 
 @both_ledgers
 def test_overlapping_runs_started_together_send_each_event_once(driver, fullstory_emulator, landing_table):
-    runs = [driver.new_run("short", window=(H10, H10 + timedelta(hours=1))),
-            driver.new_run("long", window=(H10, H10 + timedelta(hours=3)))]
+    runs = [
+        driver.new_run("short", window=(H10, H10 + timedelta(hours=1))),
+        driver.new_run("long", window=(H10, H10 + timedelta(hours=3))),
+    ]
     # Both plan, read and claim before either maps or sends: the race the ledger has to settle.
     for run in runs:
         for task in ("plan", "extract"):
@@ -267,7 +292,9 @@ def test_overlapping_runs_started_together_send_each_event_once(driver, fullstor
     # The hour both cover was claimed by one of them; the other reports those rows as the first one's.
     assert short["previously"]["pending_elsewhere"] + long_["previously"]["pending_elsewhere"] > 0
     delivered = {e for e, s in states.items() if s == lg.DELIVERED}
-    assert len(delivered) == short["rows"]["delivered"] + long_["rows"]["delivered"] - _counted_twice(driver, runs)
+    assert len(delivered) == short["rows"]["delivered"] + long_["rows"]["delivered"] - _counted_twice(
+        driver, runs
+    )
     # Once the other run has finished, a new run of the long window finds every row settled.
     again = driver.go(driver.new_run("again", window=(H10, H10 + timedelta(hours=3))))
     stats = again.xcom["summarise"]["stats"]
@@ -279,18 +306,26 @@ def _counted_twice(driver, runs) -> int:
     ids = []
     for run in runs:
         outcomes = pq.read_table(driver.store(run).path("outcomes.parquet"))
-        ids += outcomes.filter(pc.equal(outcomes.column("outcome"), "delivered")).column("event_id").to_pylist()
+        ids += (
+            outcomes.filter(pc.equal(outcomes.column("outcome"), "delivered")).column("event_id").to_pylist()
+        )
     return sum(n - 1 for n in Counter(ids).values() if n > 1)
 
 
 @both_ledgers
-def test_late_rows_are_delivered_once_by_the_next_scheduled_run(driver, fullstory_emulator, landing_table, tmp_path):
+def test_late_rows_are_delivered_once_by_the_next_scheduled_run(
+    driver, fullstory_emulator, landing_table, tmp_path
+):
     on_time = window_rows(landing_table, H10, H10 + timedelta(hours=1))
     late = on_time.slice(0, 40)
     on_time = on_time.slice(40)
     landing = tmp_path / "landing2"
-    write_landing(pa.concat_tables([on_time, window_rows(landing_table, H10 + timedelta(hours=1),
-                                                         H10 + timedelta(hours=3))]), landing)
+    write_landing(
+        pa.concat_tables(
+            [on_time, window_rows(landing_table, H10 + timedelta(hours=1), H10 + timedelta(hours=3))]
+        ),
+        landing,
+    )
     driver.landing = landing
     first = driver.go(driver.new_run("h10", hour=H10))
     assert first.xcom["summarise"]["stats"]["rows"]["read"] == on_time.num_rows
@@ -303,7 +338,9 @@ def test_late_rows_are_delivered_once_by_the_next_scheduled_run(driver, fullstor
     assert_outcomes_reconcile(driver, second)
     late_ids = set(late.column("event_id").to_pylist()) - {None}
     states = ledger_states(driver)
-    assert all(states[e] in (lg.DELIVERED, lg.FILTERED, lg.SKIPPED, lg.QUARANTINED, lg.INVALID) for e in late_ids)
+    assert all(
+        states[e] in (lg.DELIVERED, lg.FILTERED, lg.SKIPPED, lg.QUARANTINED, lg.INVALID) for e in late_ids
+    )
     held = assert_no_duplicates(fullstory_emulator, driver)
     assert {e for e in late_ids if states[e] == lg.DELIVERED and _kind(late, e) == "event"} <= held
     # The next run finds nothing new: unchanged files are not read again, known rows are not taken.
@@ -313,8 +350,9 @@ def test_late_rows_are_delivered_once_by_the_next_scheduled_run(driver, fullstor
     assert_no_duplicates(fullstory_emulator, driver)
 
 
-def test_a_second_org_gets_the_whole_window(driver, fullstory_emulator, fullstory_emulator_factory,
-                                            landing_table):
+def test_a_second_org_gets_the_whole_window(
+    driver, fullstory_emulator, fullstory_emulator_factory, landing_table
+):
     first = driver.go(driver.new_run("org1", hour=H10))
     delivered1 = first.xcom["summarise"]["stats"]["rows"]["delivered"]
     assert delivered1 > 0

@@ -1,4 +1,4 @@
-"""The ledger's database API (include/datafly_fullstory/ledger.py) on a real SQLite file and a real Postgres.
+"""The ledger's database API (include/datafly_fullstory/ledger/) on a real SQLite file and a real Postgres.
 
 Most tests run twice through `ledger_url` (tests/db_servers.py, a pytest plugin tests/conftest.py lists): on
 a fresh SQLite file and on a fresh database of the session's Postgres server.
@@ -35,9 +35,18 @@ def new(event_ids, event_time: float | None = EVENT_TIME) -> list[NewItem]:
 
 
 def register(led: Ledger, run: str, name: str, event_ids, *, key: str | None = None):
-    return led.register_chunk(DEST, run, name=name, kind="events", idempotency_key=key or f"{run}/{name}",
-                              payload_uri=f"file:///payloads/{run}/{name}.jsonl", sha256="ab" * 32,
-                              items_count=len(event_ids), size=100 * len(event_ids), event_ids=event_ids)
+    return led.register_chunk(
+        DEST,
+        run,
+        name=name,
+        kind="events",
+        idempotency_key=key or f"{run}/{name}",
+        payload_uri=f"file:///payloads/{run}/{name}.jsonl",
+        sha256="ab" * 32,
+        items_count=len(event_ids),
+        size=100 * len(event_ids),
+        event_ids=event_ids,
+    )
 
 
 def owners(led: Ledger, event_ids) -> dict[str, str]:
@@ -104,23 +113,32 @@ def test_take_over_is_a_compare_and_set(led, clock):
     assert led.take_over(DEST, "run-b", ids, claimed_before=T0, **take) == set()  # claimed at T0: not before
     assert set(owners(led, ids).values()) == {"run-a"}
 
-    got = led.take_over(DEST, "run-b", ids, from_run="run-a", claimed_before=T0 + 1, unsent_chunk_only=True,
-                        **take)
+    got = led.take_over(
+        DEST, "run-b", ids, from_run="run-a", claimed_before=T0 + 1, unsent_chunk_only=True, **take
+    )
     assert got == set(ids[3:6] + ids[8:])  # in no chunk or an abandoned one: not a POSTed or claimed one
     rows = led.lookup(DEST, ids)
-    assert all(rows[e].run_id == "run-b" and rows[e].chunk_id is None and rows[e].claimed_at == T0 + 100
-               for e in got)
+    assert all(
+        rows[e].run_id == "run-b" and rows[e].chunk_id is None and rows[e].claimed_at == T0 + 100 for e in got
+    )
     assert all(rows[e].run_id == "run-a" and rows[e].chunk_id == posted.id for e in ids[:3])
     assert all(rows[e].run_id == "run-a" and rows[e].chunk_id == pending.id for e in ids[6:8])
     clock.now += 1
     assert led.take_over(DEST, "run-c", ids, from_run="run-a", unsent_chunk_only=True, **take) == set()
 
     # A final state can be taken over too (a re-run of rejected items); code and message are cleared.
-    led.finish_chunk(posted.id, L.C_COMPLETED, [(ids[0], L.REJECTED, "bad", "no"),
-                                                (ids[1], L.DELIVERED, None, None)])
+    led.finish_chunk(
+        posted.id, L.C_COMPLETED, [(ids[0], L.REJECTED, "bad", "no"), (ids[1], L.DELIVERED, None, None)]
+    )
     assert led.take_over(DEST, "run-c", ids, from_states=[L.REJECTED], window=WINDOW) == {ids[0]}
     row = led.lookup(DEST, [ids[0]])[ids[0]]
-    assert (row.state, row.run_id, row.chunk_id, row.code, row.message) == (L.CLAIMED, "run-c", None, None, None)
+    assert (row.state, row.run_id, row.chunk_id, row.code, row.message) == (
+        L.CLAIMED,
+        "run-c",
+        None,
+        None,
+        None,
+    )
     assert led.lookup(DEST, [ids[1]])[ids[1]].state == L.DELIVERED
 
 
@@ -130,10 +148,22 @@ def test_settle_unsent_and_record_unclaimed(led, clock):
     led.insert_claims(DEST, "run-b", new(["ev-other"]), window=WINDOW)
     chunk = register(led, "run-a", "events-0", ids[:2])
     clock.now += 5
-    led.settle_unsent(DEST, "run-a", [(ids[0], L.FILTERED, "by a rule"), (ids[2], L.SKIPPED, None),
-                                      (ids[3], L.QUARANTINED, "x" * 5000), ("ev-other", L.INVALID, "not mine")])
+    led.settle_unsent(
+        DEST,
+        "run-a",
+        [
+            (ids[0], L.FILTERED, "by a rule"),
+            (ids[2], L.SKIPPED, None),
+            (ids[3], L.QUARANTINED, "x" * 5000),
+            ("ev-other", L.INVALID, "not mine"),
+        ],
+    )
     rows = led.lookup(DEST, [*ids, "ev-other"])
-    assert (rows[ids[0]].state, rows[ids[0]].message, rows[ids[0]].chunk_id) == (L.FILTERED, "by a rule", None)
+    assert (rows[ids[0]].state, rows[ids[0]].message, rows[ids[0]].chunk_id) == (
+        L.FILTERED,
+        "by a rule",
+        None,
+    )
     assert (rows[ids[2]].state, rows[ids[2]].message, rows[ids[2]].updated_at) == (L.SKIPPED, "", T0 + 5)
     assert rows[ids[3]].state == L.QUARANTINED and len(rows[ids[3]].message) == 2000
     assert rows[ids[1]].state == L.CLAIMED and rows[ids[1]].chunk_id == chunk.id
@@ -174,9 +204,13 @@ def test_stale_claims_and_orphaned_chunks_follow_the_clock(led, clock):
     assert led.stale_claims(DEST, since=500.0, claimed_before=clock.now - lease) == 6
     assert led.stale_claims(DEST, since=0.0, claimed_before=clock.now - lease) == 9  # + old[1:]
     assert led.stale_claims(OTHER_DEST, since=0.0, claimed_before=clock.now) == 0
-    assert [c.id for c in led.orphaned_chunks(DEST, since=500.0, idle_before=clock.now - lease)] == [posted.id]
-    assert {c.id for c in led.orphaned_chunks(DEST, since=0.0, idle_before=clock.now - lease)} == \
-        {posted.id, old_posted.id}
+    assert [c.id for c in led.orphaned_chunks(DEST, since=500.0, idle_before=clock.now - lease)] == [
+        posted.id
+    ]
+    assert {c.id for c in led.orphaned_chunks(DEST, since=0.0, idle_before=clock.now - lease)} == {
+        posted.id,
+        old_posted.id,
+    }
 
     led.update_chunk(posted.id, job_id="job-1", status=L.C_SUBMITTED)  # it moves again: not idle
     assert led.orphaned_chunks(DEST, since=500.0, idle_before=clock.now - lease) == []
@@ -192,8 +226,13 @@ def test_register_chunk_assigns_its_items(led, clock):
     ids = eids(10)
     led.insert_claims(DEST, "run-a", new(ids), window=WINDOW)
     chunk = register(led, "run-a", "events-0", ids)
-    assert (chunk.status, chunk.items, chunk.bytes, chunk.submissions, chunk.first_post_at) == \
-        (L.C_CLAIMED, 10, 1000, 0, None)
+    assert (chunk.status, chunk.items, chunk.bytes, chunk.submissions, chunk.first_post_at) == (
+        L.C_CLAIMED,
+        10,
+        1000,
+        0,
+        None,
+    )
     assert sorted(i.event_id for i in led.items_of_chunk(chunk.id)) == ids
     assert led.chunk(chunk.id) == chunk
     assert led.chunks_by_id([chunk.id, chunk.id]) == {chunk.id: chunk}
@@ -233,7 +272,12 @@ def test_reregistering_a_claimed_chunk_replaces_it(led, clock):
     clock.now += 1
     second = register(led, "run-a", "events-0", ids[3:], key="k2")
     assert second.id == first.id
-    assert (second.idempotency_key, second.items, second.status, second.updated_at) == ("k2", 7, L.C_CLAIMED, T0 + 1)
+    assert (second.idempotency_key, second.items, second.status, second.updated_at) == (
+        "k2",
+        7,
+        L.C_CLAIMED,
+        T0 + 1,
+    )
     assert sorted(i.event_id for i in led.items_of_chunk(first.id)) == ids[3:]
     assert all(led.lookup(DEST, ids[:3])[e].chunk_id is None for e in ids[:3])
     assert len(led.chunks_of_run(DEST, "run-a")) == 1
@@ -262,7 +306,12 @@ def test_begin_post_is_true_once(led, clock):
     assert led.begin_post(chunk.id) is True
     assert led.begin_post(chunk.id) is False
     row = led.chunk(chunk.id)
-    assert (row.status, row.first_post_at, row.last_post_at, row.submissions) == (L.C_POSTING, T0 + 7, T0 + 7, 1)
+    assert (row.status, row.first_post_at, row.last_post_at, row.submissions) == (
+        L.C_POSTING,
+        T0 + 7,
+        T0 + 7,
+        1,
+    )
     assert row.is_posted and row.key_age(T0 + 10) == 3
     clock.now += 5
     led.note_post(chunk.id)
@@ -304,7 +353,7 @@ def test_begin_post_races_have_one_winner(led):
     ids = eids(40)
     led.insert_claims(DEST, "run-a", new(ids), window=WINDOW)
     for n in range(4):
-        chunk = register(led, "run-a", f"events-{n}", ids[n * 10:(n + 1) * 10])
+        chunk = register(led, "run-a", f"events-{n}", ids[n * 10 : (n + 1) * 10])
         wins = _race([lambda cid=chunk.id: led.begin_post(cid)] * 6)
         assert wins.count(True) == 1, wins
         assert led.chunk(chunk.id).submissions == 1
@@ -315,10 +364,12 @@ def test_abandon_and_begin_post_race_has_one_winner(led):
     led.insert_claims(DEST, "run-a", new(ids), window=WINDOW)
     outcomes = set()
     for n in range(6):
-        chunk = register(led, "run-a", f"events-{n}", ids[n * 10:(n + 1) * 10])
+        chunk = register(led, "run-a", f"events-{n}", ids[n * 10 : (n + 1) * 10])
         far = L.wall_clock() + 3600
-        workers = [lambda cid=chunk.id: led.begin_post(cid),
-                   lambda cid=chunk.id, far=far: cid in led.abandon_stale_chunks([cid], updated_before=far)] * 3
+        workers = [
+            lambda cid=chunk.id: led.begin_post(cid),
+            lambda cid=chunk.id, far=far: cid in led.abandon_stale_chunks([cid], updated_before=far),
+        ] * 3
         results = _race(workers)
         posted, abandoned = results[0::2], results[1::2]
         status = led.chunk(chunk.id).status
@@ -349,14 +400,26 @@ def test_finish_chunk_writes_items_and_status_in_one_transaction(led, clock):
     assert led.chunk(chunk.id).status == L.C_SUBMITTED
 
     clock.now += 30
-    led.finish_chunk(chunk.id, L.C_COMPLETED, results, delivered_items=1498, rejected_items=1, unknown_items=1)
+    led.finish_chunk(
+        chunk.id, L.C_COMPLETED, results, delivered_items=1498, rejected_items=1, unknown_items=1
+    )
     rows = led.lookup(DEST, ids)
     assert sum(r.state == L.DELIVERED for r in rows.values()) == 1498
-    assert (rows[ids[-2]].state, rows[ids[-2]].code, rows[ids[-2]].message) == (L.REJECTED, "invalid_field", "bad")
+    assert (rows[ids[-2]].state, rows[ids[-2]].code, rows[ids[-2]].message) == (
+        L.REJECTED,
+        "invalid_field",
+        "bad",
+    )
     assert rows[ids[-1]].state == L.UNKNOWN
     row = led.chunk(chunk.id)
-    assert (row.status, row.finished_at, row.job_id, row.delivered_items, row.rejected_items, row.unknown_items) \
-        == (L.C_COMPLETED, T0 + 30, "job-1", 1498, 1, 1)
+    assert (
+        row.status,
+        row.finished_at,
+        row.job_id,
+        row.delivered_items,
+        row.rejected_items,
+        row.unknown_items,
+    ) == (L.C_COMPLETED, T0 + 30, "job-1", 1498, 1, 1)
     assert row.is_terminal
 
 
@@ -370,15 +433,26 @@ def test_start_run_twice_is_an_upsert(led, clock):
     led.start_run(DEST, "run-a", window=("w0", "w1"), scan_start="s1")
     clock.now += 60
     led.start_run(DEST, "run-b", window=WINDOW, scan_start="s2")
-    led.finish_run(DEST, "run-a", counts={"read": 10, "delivered": 7, "rejected": 1, "quarantined": 2},
-                   late_rows=3, problems=["p1", "p2"])
+    led.finish_run(
+        DEST,
+        "run-a",
+        counts={"read": 10, "delivered": 7, "rejected": 1, "quarantined": 2},
+        late_rows=3,
+        problems=["p1", "p2"],
+    )
     with led.engine.connect() as conn:
         rows = conn.execute(sa.select(L.runs).where(L.runs.c.run_id == "run-a")).all()
     assert len(rows) == 1
     row = rows[0]
     assert (row.window_start, row.window_end, row.scan_start) == ("w0", "w1", "s1")
-    assert (row.rows_read, row.delivered, row.rejected, row.quarantined, row.unknown, row.late_rows) == \
-        (10, 7, 1, 2, 0, 3)
+    assert (row.rows_read, row.delivered, row.rejected, row.quarantined, row.unknown, row.late_rows) == (
+        10,
+        7,
+        1,
+        2,
+        0,
+        3,
+    )
     assert row.problems == "p1; p2" and row.finished_at == T0 + 120
     assert led.last_run_started(DEST, before_run="run-c") == T0 + 120
     assert led.last_run_started(DEST, before_run="run-b") in (T0, T0 + 60)
@@ -474,7 +548,9 @@ def test_two_processes_claiming_in_opposite_orders(ledger_url):
     """Claims taken in the caller's order would deadlock on Postgres (DeadlockDetected): the ledger sorts."""
     ids = eids(20_000)
     Ledger(ledger_url)
-    results = _run_processes(_claim_in_process, [(ledger_url, "run-a", ids), (ledger_url, "run-b", ids[::-1])])
+    results = _run_processes(
+        _claim_in_process, [(ledger_url, "run-a", ids), (ledger_url, "run-b", ids[::-1])]
+    )
     assert [r[2] for r in results] == [None, None]
     assert sum(r[1] for r in results) == 20_000
 
@@ -521,8 +597,16 @@ def test_items_taken_over_cannot_be_posted_by_their_old_chunk(led, clock):
     stale = clock.now - L.DEFAULT_CLAIM_LEASE_S
     assert led.abandon_stale_chunks([chunk.id], updated_before=stale) == {chunk.id}
     register(led, "run-a", "events-0", ids)  # allowed: the chunk is `abandoned`, its items still run-a's
-    taken = led.take_over(DEST, "run-b", ids, from_states=[L.CLAIMED], from_run="run-a", claimed_before=stale,
-                          unsent_chunk_only=True, window=WINDOW)
+    taken = led.take_over(
+        DEST,
+        "run-b",
+        ids,
+        from_states=[L.CLAIMED],
+        from_run="run-a",
+        claimed_before=stale,
+        unsent_chunk_only=True,
+        window=WINDOW,
+    )
     posted = led.begin_post(chunk.id)
     assert not (taken and posted), f"run-b owns {len(taken)} items and run-a may still POST chunk {chunk.id}"
     assert posted and set(owners(led, ids).values()) == {"run-a"}
@@ -553,8 +637,10 @@ class ItemPlans:
         if not (text.upper().startswith("UPDATE DFFS_ITEMS") and "event_id" in text.split(" WHERE ")[-1]):
             return
         raw = cursor.connection.cursor()
-        raw.execute(("EXPLAIN " if self.postgres else "EXPLAIN QUERY PLAN ") + statement,
-                    parameters[0] if executemany else parameters)
+        raw.execute(
+            ("EXPLAIN " if self.postgres else "EXPLAIN QUERY PLAN ") + statement,
+            parameters[0] if executemany else parameters,
+        )
         self.plans.append((text, " / ".join(" ".join(str(row[-1]).split()) for row in raw.fetchall())))
         raw.close()
         if self.stop:
