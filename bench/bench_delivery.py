@@ -51,8 +51,10 @@ def write_run(state: Path, run_id: str, total: int, chunk: int) -> tuple[list[st
     format owners (tests/run_helpers.py). Returns the chunk names and the ledger location."""
     store = RunStore(str(state), run_id)
     location = {"url": f"sqlite:///{state / (run_id + '-ledger.sqlite')}"}
-    parts = {f"events-{c:05d}": [event(i) for i in range(start, min(total, start + chunk))]
-             for c, start in enumerate(range(0, total, chunk))}
+    parts = {
+        f"events-{c:05d}": [event(i) for i in range(start, min(total, start + chunk))]
+        for c, start in enumerate(range(0, total, chunk))
+    }
     entries = write_run_folder(store, Ledger(location["url"]), parts)
     return [e["name"] for e in entries], location
 

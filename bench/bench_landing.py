@@ -99,9 +99,16 @@ def child_validate(landing: str, hours: int, batch_size: int) -> dict:
         validate += time.perf_counter() - begun
         summary = validation.merge_summaries(summary, batch)
         rows += len(frame)
-    return {"rows": rows, "seconds": time.perf_counter() - started, "validate_s": validate,
-            "gx_s": summary["seconds"]["gx"], "checks_s": summary["seconds"]["checks"], "gx_setup_s": gx_setup,
-            "quarantined": summary["rows_failed"], "rss_after_imports_mb": rss_imports}
+    return {
+        "rows": rows,
+        "seconds": time.perf_counter() - started,
+        "validate_s": validate,
+        "gx_s": summary["seconds"]["gx"],
+        "checks_s": summary["seconds"]["checks"],
+        "gx_setup_s": gx_setup,
+        "quarantined": summary["rows_failed"],
+        "rss_after_imports_mb": rss_imports,
+    }
 
 
 def child_extract(landing: str, hours: int, batch_size: int) -> dict:
@@ -114,19 +121,38 @@ def child_extract(landing: str, hours: int, batch_size: int) -> dict:
     rss_imports = _rss_mb("VmRSS")
     with tempfile.TemporaryDirectory(prefix="dffs-bench-state-") as state:
         started = time.perf_counter()
-        result = run_extract(landing, Window(START, START + timedelta(hours=hours)), RunStore(state, "bench"),
-                             batch_size=batch_size)
+        result = run_extract(
+            landing,
+            Window(START, START + timedelta(hours=hours)),
+            RunStore(state, "bench"),
+            batch_size=batch_size,
+        )
         seconds = time.perf_counter() - started
-    return {"rows": result["rows_read"], "seconds": seconds, "gx_s": result["validation"]["seconds"]["gx"],
-            "parts": len(result["parts"]), "rss_after_imports_mb": rss_imports}
+    return {
+        "rows": result["rows_read"],
+        "seconds": seconds,
+        "gx_s": result["validation"]["seconds"]["gx"],
+        "parts": len(result["parts"]),
+        "rss_after_imports_mb": rss_imports,
+    }
 
 
 CHILDREN = {"read": child_read, "validate": child_validate, "extract": child_extract}
 
 
 def measure(kind: str, landing: Path, hours: int, batch_size: int) -> dict:
-    command = [sys.executable, __file__, "--child", kind, "--landing", str(landing), "--hours", str(hours),
-               "--batch-size", str(batch_size)]
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        kind,
+        "--landing",
+        str(landing),
+        "--hours",
+        str(hours),
+        "--batch-size",
+        str(batch_size),
+    ]
     out = subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -151,29 +177,43 @@ def main() -> None:
     small, small_hours = landing_for(args.rows)
     print(f"batch size {args.batch_size:,} rows; each figure from a fresh process")
     read = measure("read", small, small_hours, args.batch_size)
-    print(f"read      {read['rows']:>11,} rows  {read['rows'] / read['seconds']:>10,.0f} rows/s  "
-          f"peak RSS {read['peak_rss_mb']:,.0f} MB (after imports {read['rss_after_imports_mb']:,.0f} MB)")
+    print(
+        f"read      {read['rows']:>11,} rows  {read['rows'] / read['seconds']:>10,.0f} rows/s  "
+        f"peak RSS {read['peak_rss_mb']:,.0f} MB (after imports {read['rss_after_imports_mb']:,.0f} MB)"
+    )
     if args.big_rows:
         big, big_hours = landing_for(args.big_rows)
         big_read = measure("read", big, big_hours, args.batch_size)
-        print(f"read      {big_read['rows']:>11,} rows  {big_read['rows'] / big_read['seconds']:>10,.0f} rows/s  "
-              f"peak RSS {big_read['peak_rss_mb']:,.0f} MB")
-        print(f"  window x{big_read['rows'] / read['rows']:.0f} -> peak RSS x"
-              f"{big_read['peak_rss_mb'] / read['peak_rss_mb']:.2f} (bounded by the batch size, not the window)")
+        print(
+            f"read      {big_read['rows']:>11,} rows  {big_read['rows'] / big_read['seconds']:>10,.0f} rows/s  "
+            f"peak RSS {big_read['peak_rss_mb']:,.0f} MB"
+        )
+        print(
+            f"  window x{big_read['rows'] / read['rows']:.0f} -> peak RSS x"
+            f"{big_read['peak_rss_mb'] / read['peak_rss_mb']:.2f} (bounded by the batch size, not the window)"
+        )
         half = measure("read", big, big_hours, args.batch_size // 2)
         print(f"  same window, batch size {args.batch_size // 2:,}: peak RSS {half['peak_rss_mb']:,.0f} MB")
     val = measure("validate", small, small_hours, args.batch_size)
-    print(f"read+validate {val['rows']:>7,} rows  {val['rows'] / val['seconds']:>10,.0f} rows/s  "
-          f"({val['seconds']:.2f} s; {val['quarantined']:,} quarantined; peak RSS {val['peak_rss_mb']:,.0f} MB)")
-    print(f"  validate {val['validate_s']:.2f} s = GX {val['gx_s']:.2f} s + helper checks {val['checks_s']:.2f} s "
-          f"+ split into valid / quarantined")
-    print(f"  baseline: reading the same rows alone took {read['seconds']:.2f} s ->  GX / read = "
-          f"{val['gx_s'] / read['seconds']:.2f},  validate / read = {val['validate_s'] / read['seconds']:.2f}  "
-          f"(one-off GX import + context per worker process: {val['gx_setup_s']:.1f} s)")
+    print(
+        f"read+validate {val['rows']:>7,} rows  {val['rows'] / val['seconds']:>10,.0f} rows/s  "
+        f"({val['seconds']:.2f} s; {val['quarantined']:,} quarantined; peak RSS {val['peak_rss_mb']:,.0f} MB)"
+    )
+    print(
+        f"  validate {val['validate_s']:.2f} s = GX {val['gx_s']:.2f} s + helper checks {val['checks_s']:.2f} s "
+        f"+ split into valid / quarantined"
+    )
+    print(
+        f"  baseline: reading the same rows alone took {read['seconds']:.2f} s ->  GX / read = "
+        f"{val['gx_s'] / read['seconds']:.2f},  validate / read = {val['validate_s'] / read['seconds']:.2f}  "
+        f"(one-off GX import + context per worker process: {val['gx_setup_s']:.1f} s)"
+    )
     ext = measure("extract", small, small_hours, args.batch_size)
-    print(f"extract   {ext['rows']:>11,} rows  {ext['rows'] / ext['seconds']:>10,.0f} rows/s  "
-          f"({ext['seconds']:.1f} s, GX {ext['gx_s'] / ext['seconds']:.0%} of the stage, {ext['parts']} parts, "
-          f"peak RSS {ext['peak_rss_mb']:,.0f} MB)")
+    print(
+        f"extract   {ext['rows']:>11,} rows  {ext['rows'] / ext['seconds']:>10,.0f} rows/s  "
+        f"({ext['seconds']:.1f} s, GX {ext['gx_s'] / ext['seconds']:.0%} of the stage, {ext['parts']} parts, "
+        f"peak RSS {ext['peak_rss_mb']:,.0f} MB)"
+    )
 
 
 if __name__ == "__main__":

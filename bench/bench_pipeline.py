@@ -53,18 +53,30 @@ def main() -> None:
     with EmulatorProcess(job_seconds=0.2, rate=100_000, burst=100_000) as emulator:
         from fullstory_provider.hooks import FullStoryHook
 
-        plan = plan_run(params={"lookback_hours": 0}, run_id="bench", landing_uri=str(work / "landing"),
-                        state_uri=str(work / "state"), airflow_home=str(work), data_interval_start=window.start,
-                        data_interval_end=window.end, destination=f"{emulator.org_id}@{emulator.region}")
+        plan = plan_run(
+            params={"lookback_hours": 0},
+            run_id="bench",
+            landing_uri=str(work / "landing"),
+            state_uri=str(work / "state"),
+            airflow_home=str(work),
+            data_interval_start=window.start,
+            data_interval_end=window.end,
+            destination=f"{emulator.org_id}@{emulator.region}",
+        )
         ledger_url, store = plan.ledger["url"], plan.store
         t0 = time.perf_counter()
         extracted = extract_stage(plan, ledger_url)  # read, validate, claim in the ledger
         t1 = time.perf_counter()
         mapped = map_stage(plan, extracted, ledger_url)  # map, register chunks in the ledger
         t2 = time.perf_counter()
-        os.environ["AIRFLOW_CONN_BENCH_FULLSTORY"] = json.dumps({
-            "conn_type": "http", "host": emulator.base_url, "password": emulator.api_key,
-            "extra": {"org_id": emulator.org_id}})
+        os.environ["AIRFLOW_CONN_BENCH_FULLSTORY"] = json.dumps(
+            {
+                "conn_type": "http",
+                "host": emulator.base_url,
+                "password": emulator.api_key,
+                "extra": {"org_id": emulator.org_id},
+            }
+        )
         hook = FullStoryHook("bench_fullstory")
         emu_cpu_before = cpu_seconds(emulator.pid)
         names = [c["name"] for c in mapped["chunks"]]
@@ -83,14 +95,22 @@ def main() -> None:
     rows = extracted["rows_read"]
     items = mapped["events_mapped"] + mapped["users_mapped"]
     print(f"\n{'stage':<22}{'seconds':>9}{'rows/s':>12}")
-    for name, secs in (("extract+validate+claim", t1 - t0), ("map + register", t2 - t1), ("deliver", t3 - t2),
-                       ("total", t3 - t0)):
+    for name, secs in (
+        ("extract+validate+claim", t1 - t0),
+        ("map + register", t2 - t1),
+        ("deliver", t3 - t2),
+        ("total", t3 - t0),
+    ):
         print(f"{name:<22}{secs:>9.1f}{rows / secs:>12,.0f}")
-    print(f"\nitems delivered: {items:,} ({mapped['events_mapped']:,} events, {mapped['users_mapped']:,} users) "
-          f"in {len(names)} batch jobs; emulator holds {held:,} events")
+    print(
+        f"\nitems delivered: {items:,} ({mapped['events_mapped']:,} events, {mapped['users_mapped']:,} users) "
+        f"in {len(names)} batch jobs; emulator holds {held:,} events"
+    )
     print(f"delivery: {items / (t3 - t2):,.0f} items/s; {report.submitted} chunks submitted")
-    print(f"emulator CPU while delivering: {emu_cpu:.1f}s of {t3 - t2:.1f}s wall = {emu_cpu / (t3 - t2):.2f} "
-          f"(1.0 would mean the emulator was the bottleneck); of the whole run: {emu_cpu / (t3 - t0):.2f}")
+    print(
+        f"emulator CPU while delivering: {emu_cpu:.1f}s of {t3 - t2:.1f}s wall = {emu_cpu / (t3 - t2):.2f} "
+        f"(1.0 would mean the emulator was the bottleneck); of the whole run: {emu_cpu / (t3 - t0):.2f}"
+    )
 
 
 if __name__ == "__main__":

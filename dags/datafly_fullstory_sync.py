@@ -41,49 +41,121 @@ FULLSTORY_SYNC = Asset(name="datafly_fullstory_sync", uri="fullstory://server-ap
 CHUNKS_PER_DELIVERY_TASK = 4
 
 PARAMS = {
-    "window_start": Param(None, type=["null", "string"], format="date-time", title="Window start",
-                          description="Reprocess this window instead of the run's hour (ISO-8601, UTC). "
-                                      "Give window_end too."),
-    "window_end": Param(None, type=["null", "string"], format="date-time", title="Window end",
-                        description="End of the reprocessed window, exclusive (ISO-8601, UTC)."),
-    "dry_run": Param(False, type="boolean", title="Dry run",
-                     description="Read, validate, map and write payloads and outcomes; send nothing."),
-    "event_types": Param([], type="array", items={"type": "string"}, title="Event types",
-                         description="Only these Datafly types (page, track, identify) or FullStory event "
-                                     "names (purchase, page_view, ...); empty means all."),
-    "force": Param(False, type="boolean", title="Force replay",
-                   description="Replay the window's delivered chunks: their recorded bytes under their recorded "
-                               "idempotency keys, so FullStory answers from its record and imports nothing twice. "
-                               "Refused when a chunk was first sent more than 23 h ago."),
-    "allow_duplicates": Param(False, type="boolean", title="Allow duplicates (re-import)",
-                              description="Send every row of the window again in new chunks, whatever the ledger "
-                                          "says: FullStory then holds rows delivered before twice. Only for a "
-                                          "person who checked FullStory."),
-    "lookback_hours": Param(None, type=["null", "number"], minimum=0, maximum=336, title="Look-back hours",
-                            description="Also deliver rows that landed late for this many hours before the "
-                                        "window (default 24 for scheduled runs, 0 with window_start/window_end)."),
-    "replay_dead_letters": Param(False, type="boolean", title="Replay dead letters",
-                                 description="Also re-send the fixable items FullStory rejected in earlier "
-                                             "runs of this window."),
-    "fullstory_conn_id": Param("fullstory_default", type="string", title="FullStory connection",
-                               description="The Airflow connection holding the Server API key and org."),
-    "max_rejected_ratio": Param(0.05, type="number", minimum=0, maximum=1, title="Max rejected share",
-                                description="Fail the run when more than this share of its rows is rejected, by "
-                                            "FullStory or before sending (see the dead letters)."),
-    "max_quarantined_ratio": Param(0.10, type="number", minimum=0, maximum=1, title="Max quarantined share",
-                                   description="Fail the run when validation quarantines more than this share."),
-    "max_skipped_ratio": Param(0.60, type="number", minimum=0, maximum=1, title="Max skipped share",
-                               description="Fail the run when more than this share is skipped (no FullStory "
-                                           "identification, unknown type, ...)."),
-    "max_filtered_ratio": Param(1.0, type="number", minimum=0, maximum=1, title="Max filtered share",
-                                description="Fail the run when more than this share is filtered (consent, "
-                                            "event_types); 1 never fails."),
-    "max_unknown_rows": Param(0, type="integer", minimum=0, title="Max rows of unknown fate",
-                              description="Fail the run when more rows than this were sent but their fate is "
-                                          "unknown (a lost answer whose key expired): a person checks FullStory."),
-    "require_explicit_consent": Param(False, type="boolean", title="Require explicit consent",
-                                      description="Send only events with explicit analytics consent "
-                                                  "(absent consent counts as granted otherwise)."),
+    "window_start": Param(
+        None,
+        type=["null", "string"],
+        format="date-time",
+        title="Window start",
+        description="Reprocess this window instead of the run's hour (ISO-8601, UTC). Give window_end too.",
+    ),
+    "window_end": Param(
+        None,
+        type=["null", "string"],
+        format="date-time",
+        title="Window end",
+        description="End of the reprocessed window, exclusive (ISO-8601, UTC).",
+    ),
+    "dry_run": Param(
+        False,
+        type="boolean",
+        title="Dry run",
+        description="Read, validate, map and write payloads and outcomes; send nothing.",
+    ),
+    "event_types": Param(
+        [],
+        type="array",
+        items={"type": "string"},
+        title="Event types",
+        description="Only these Datafly types (page, track, identify) or FullStory event "
+        "names (purchase, page_view, ...); empty means all.",
+    ),
+    "force": Param(
+        False,
+        type="boolean",
+        title="Force replay",
+        description="Replay the window's delivered chunks: their recorded bytes under their recorded "
+        "idempotency keys, so FullStory answers from its record and imports nothing twice. "
+        "Refused when a chunk was first sent more than 23 h ago.",
+    ),
+    "allow_duplicates": Param(
+        False,
+        type="boolean",
+        title="Allow duplicates (re-import)",
+        description="Send every row of the window again in new chunks, whatever the ledger "
+        "says: FullStory then holds rows delivered before twice. Only for a "
+        "person who checked FullStory.",
+    ),
+    "lookback_hours": Param(
+        None,
+        type=["null", "number"],
+        minimum=0,
+        maximum=336,
+        title="Look-back hours",
+        description="Also deliver rows that landed late for this many hours before the "
+        "window (default 24 for scheduled runs, 0 with window_start/window_end).",
+    ),
+    "replay_dead_letters": Param(
+        False,
+        type="boolean",
+        title="Replay dead letters",
+        description="Also re-send the fixable items FullStory rejected in earlier runs of this window.",
+    ),
+    "fullstory_conn_id": Param(
+        "fullstory_default",
+        type="string",
+        title="FullStory connection",
+        description="The Airflow connection holding the Server API key and org.",
+    ),
+    "max_rejected_ratio": Param(
+        0.05,
+        type="number",
+        minimum=0,
+        maximum=1,
+        title="Max rejected share",
+        description="Fail the run when more than this share of its rows is rejected, by "
+        "FullStory or before sending (see the dead letters).",
+    ),
+    "max_quarantined_ratio": Param(
+        0.10,
+        type="number",
+        minimum=0,
+        maximum=1,
+        title="Max quarantined share",
+        description="Fail the run when validation quarantines more than this share.",
+    ),
+    "max_skipped_ratio": Param(
+        0.60,
+        type="number",
+        minimum=0,
+        maximum=1,
+        title="Max skipped share",
+        description="Fail the run when more than this share is skipped (no FullStory "
+        "identification, unknown type, ...).",
+    ),
+    "max_filtered_ratio": Param(
+        1.0,
+        type="number",
+        minimum=0,
+        maximum=1,
+        title="Max filtered share",
+        description="Fail the run when more than this share is filtered (consent, "
+        "event_types); 1 never fails.",
+    ),
+    "max_unknown_rows": Param(
+        0,
+        type="integer",
+        minimum=0,
+        title="Max rows of unknown fate",
+        description="Fail the run when more rows than this were sent but their fate is "
+        "unknown (a lost answer whose key expired): a person checks FullStory.",
+    ),
+    "require_explicit_consent": Param(
+        False,
+        type="boolean",
+        title="Require explicit consent",
+        description="Send only events with explicit analytics consent "
+        "(absent consent counts as granted otherwise).",
+    ),
 }
 
 
@@ -92,8 +164,12 @@ PARAMS = {
     schedule=CronDataIntervalTimetable("@hourly", timezone="UTC"),
     catchup=False,
     max_active_runs=3,
-    default_args={"owner": "data-eng", "retries": 2, "retry_delay": timedelta(minutes=2),
-                  "retry_exponential_backoff": True},
+    default_args={
+        "owner": "data-eng",
+        "retries": 2,
+        "retry_delay": timedelta(minutes=2),
+        "retry_exponential_backoff": True,
+    },
     params=PARAMS,
     tags=["datafly", "fullstory", "sync"],
     doc_md=__doc__,
@@ -118,7 +194,9 @@ def datafly_fullstory_sync():
             data_interval_start=context.get("data_interval_start"),
             data_interval_end=context.get("data_interval_end"),
             run_after=context["dag_run"].run_after,
-            destination=connection_destination(params.get("fullstory_conn_id"), dry_run=params.get("dry_run")),
+            destination=connection_destination(
+                params.get("fullstory_conn_id"), dry_run=params.get("dry_run")
+            ),
             ledger_conn_id=Variable.get("datafly_fullstory_ledger_conn_id", default=None),
             executor=conf.get("core", "executor", fallback=None),
         ).to_xcom()
@@ -153,8 +231,12 @@ def datafly_fullstory_sync():
         # Pulled here, not passed as arguments: a stage that failed has no XCom, and the run should end
         # at once saying so instead of retrying this task.
         stages = [context["ti"].xcom_pull(task_ids=name) for name in STAGES]
-        run_stats = _fail_fast(summarise_run, *stages, [*_values(users), *_values(events)],
-                               ledger_url((stages[0] or {}).get("ledger")))
+        run_stats = _fail_fast(
+            summarise_run,
+            *stages,
+            [*_values(users), *_values(events)],
+            ledger_url((stages[0] or {}).get("ledger")),
+        )
         context["outlet_events"][FULLSTORY_SYNC].extra = run_stats.asset_metadata()
         print(run_stats.asstr())
         _fail_fast(run_stats.raise_on_problems)
@@ -173,10 +255,11 @@ def datafly_fullstory_sync():
         "pool": "fullstory_api",
     }
     users = FullStoryDeliveryOperator.partial(task_id="deliver_users", **delivery).expand(
-        chunks=chunk_groups.override(task_id="users_chunk_groups")(mapped, "users"))
+        chunks=chunk_groups.override(task_id="users_chunk_groups")(mapped, "users")
+    )
     events = FullStoryDeliveryOperator.partial(
-        task_id="deliver_events", trigger_rule="none_failed", **delivery).expand(
-        chunks=chunk_groups.override(task_id="events_chunk_groups")(mapped, "events"))
+        task_id="deliver_events", trigger_rule="none_failed", **delivery
+    ).expand(chunks=chunk_groups.override(task_id="events_chunk_groups")(mapped, "events"))
     users >> events
     summarise(users.output, events.output)
 

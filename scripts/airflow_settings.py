@@ -38,7 +38,9 @@ def load_settings(path: Path) -> dict[str, list[dict[str, Any]]]:
             raise SettingsError(f"{path}: airflow.pools[{i}] needs pool_name and a pool_slot > 0")
     for i, var in enumerate(out["variables"]):
         if not var.get("variable_name") or var.get("variable_value") in (None, ""):
-            raise SettingsError(f"{path}: airflow.variables[{i}] needs variable_name and a non-empty variable_value")
+            raise SettingsError(
+                f"{path}: airflow.variables[{i}] needs variable_name and a non-empty variable_value"
+            )
     return out
 
 
@@ -74,8 +76,13 @@ def apply_settings(path: Path) -> dict[str, int]:
             conn.port = spec.get("conn_port") or None
             conn.set_extra(_extra_json(spec.get("conn_extra")))
         for spec in settings["pools"]:
-            Pool.create_or_update_pool(spec["pool_name"], spec["pool_slot"], spec.get("pool_description") or "",
-                                       include_deferred=False, session=session)
+            Pool.create_or_update_pool(
+                spec["pool_name"],
+                spec["pool_slot"],
+                spec.get("pool_description") or "",
+                include_deferred=False,
+                session=session,
+            )
         for spec in settings["variables"]:
             Variable.set(spec["variable_name"], str(spec["variable_value"]), session=session)
     return {key: len(items) for key, items in settings.items()}
@@ -84,8 +91,10 @@ def apply_settings(path: Path) -> dict[str, int]:
 def main(argv: list[str]) -> int:
     path = Path(argv[1]) if len(argv) > 1 else ROOT / "airflow_settings.yaml"
     counts = apply_settings(path)
-    print(f"applied {path.name}: {counts['connections']} connections, {counts['pools']} pools, "
-          f"{counts['variables']} variables")
+    print(
+        f"applied {path.name}: {counts['connections']} connections, {counts['pools']} pools, "
+        f"{counts['variables']} variables"
+    )
     return 0
 
 

@@ -27,14 +27,16 @@ PORT = int(os.environ.get("DEMO_EMULATOR_PORT", "8089"))
 
 def airflow_env() -> dict[str, str]:
     env = dict(os.environ)
-    env.update({
-        "AIRFLOW_HOME": str(HOME),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
-        "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{HOME / 'airflow.db'}",
-        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "plugins")]),
-    })
+    env.update(
+        {
+            "AIRFLOW_HOME": str(HOME),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+            "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{HOME / 'airflow.db'}",
+            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "plugins")]),
+        }
+    )
     return env
 
 
@@ -73,16 +75,23 @@ def main() -> int:
     with EmulatorProcess(port=PORT) as emulator:
         print(f"FullStory emulator: {emulator.base_url} (region na1)")
         if PORT != 8089:  # airflow_settings.yaml points at 8089; an env connection wins over the DB's
-            env["AIRFLOW_CONN_FULLSTORY_DEFAULT"] = json.dumps({
-                "conn_type": "http", "host": emulator.base_url, "password": emulator.api_key,
-                "extra": {"org_id": emulator.org_id, "data_region": "na1"}})
+            env["AIRFLOW_CONN_FULLSTORY_DEFAULT"] = json.dumps(
+                {
+                    "conn_type": "http",
+                    "host": emulator.base_url,
+                    "password": emulator.api_key,
+                    "extra": {"org_id": emulator.org_id, "data_region": "na1"},
+                }
+            )
         for hour in range(HOURS):
             window_end = start + timedelta(hours=hour + 1)
             began = time.monotonic()
             # With an hourly data-interval timetable, a run at T covers the hour that ended at T.
             run([airflow, "dags", "test", DAG_ID, window_end.isoformat()], env, quiet=True, timeout=900)
-            print(f"  ran window {window_end - timedelta(hours=1):%H:%M}-{window_end:%H:%M} UTC "
-                  f"in {time.monotonic() - began:.1f}s")
+            print(
+                f"  ran window {window_end - timedelta(hours=1):%H:%M}-{window_end:%H:%M} UTC "
+                f"in {time.monotonic() - began:.1f}s"
+            )
         held = emulator.state()
     print_stats_table(HOURS)
     print(f"Emulator holds {held.get('events', '?')} events and {held.get('users', '?')} users.")
@@ -94,23 +103,50 @@ def print_stats_table(hours: int) -> None:
 
     runs = HOME / "state" / "runs"
     # The state folder is this demo's alone: every run in it is one of its windows.
-    rows = sorted((orjson.loads(p.read_bytes()) for p in runs.glob("*/stats.json")), key=lambda s: s["window_start"])
-    header = ("window (UTC)", "read", "delivered", "rejected", "quarantined", "filtered", "skipped",
-              "events", "users", "requests", "batches", "secs")
+    rows = sorted(
+        (orjson.loads(p.read_bytes()) for p in runs.glob("*/stats.json")), key=lambda s: s["window_start"]
+    )
+    header = (
+        "window (UTC)",
+        "read",
+        "delivered",
+        "rejected",
+        "quarantined",
+        "filtered",
+        "skipped",
+        "events",
+        "users",
+        "requests",
+        "batches",
+        "secs",
+    )
     print("\n" + " | ".join(header))
     print("-+-".join("-" * len(h) for h in header))
     for s in rows:
         r = s["rows"]
-        cells = (f"{s['window_start'][11:16]}-{s['window_end'][11:16]}", r["read"], r["delivered"], r["rejected"],
-                 r["quarantined"], r["filtered"], r["skipped"], s["events"]["delivered"], s["users"]["delivered"],
-                 s["http"]["requests"], s["batches"], f"{s['duration_s']:.1f}")
+        cells = (
+            f"{s['window_start'][11:16]}-{s['window_end'][11:16]}",
+            r["read"],
+            r["delivered"],
+            r["rejected"],
+            r["quarantined"],
+            r["filtered"],
+            r["skipped"],
+            s["events"]["delivered"],
+            s["users"]["delivered"],
+            s["http"]["requests"],
+            s["batches"],
+            f"{s['duration_s']:.1f}",
+        )
         print(" | ".join(str(c).rjust(len(h)) for c, h in zip(cells, header, strict=True)))
     if len(rows) < hours:
         raise SystemExit(f"demo: expected {hours} runs' stats under {runs}, found {len(rows)}")
     print_reasons(Path(rows[-1]["artifacts"]))
     print(f"\nRun artifacts (outcomes, quarantine, dead letters, payloads): {runs}")
-    print(f"Delivery ledger (what reached FullStory, per org; SQL in docs/exactly-once.md): "
-          f"{runs.parent / 'ledger.sqlite'}")
+    print(
+        f"Delivery ledger (what reached FullStory, per org; SQL in docs/exactly-once.md): "
+        f"{runs.parent / 'ledger.sqlite'}"
+    )
 
 
 def print_reasons(run_dir: Path) -> None:

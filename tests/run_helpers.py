@@ -22,8 +22,15 @@ DESTINATION = "o-LOCAL-na1@na1"
 WINDOW = {"start": "2026-03-01T10:00:00+00:00", "end": "2026-03-01T11:00:00+00:00"}
 
 
-def write_run(store: RunStore, ledger: lg.Ledger, chunks: Mapping[str, Sequence[dict]], *,
-              destination: str = DESTINATION, rows_per_item: int = 1, first_row: int = 0) -> list[dict]:
+def write_run(
+    store: RunStore,
+    ledger: lg.Ledger,
+    chunks: Mapping[str, Sequence[dict]],
+    *,
+    destination: str = DESTINATION,
+    rows_per_item: int = 1,
+    first_row: int = 0,
+) -> list[dict]:
     """Write `chunks` ({"users-00000": [item, ...], "events-00000": [...]}) as the run's payloads, claim
     their rows in the ledger, register the chunks and write the manifest. Event items get the
     `datafly_event_id` property the mapping puts there (`ev-<row>` of their first row) unless they have
@@ -40,21 +47,26 @@ def write_run(store: RunStore, ledger: lg.Ledger, chunks: Mapping[str, Sequence[
             if kind == "events":
                 props = dict(item.get("properties") or {})
                 props.setdefault("datafly_event_id", event_ids[i * rows_per_item])
-                event_ids[i * rows_per_item:(i + 1) * rows_per_item] = props["datafly_event_id"]
+                event_ids[i * rows_per_item : (i + 1) * rows_per_item] = props["datafly_event_id"]
                 item["properties"] = props
             lines.append(orjson.dumps(item))
         if kind == "events" and rows_per_item > 1:
             raise ValueError("an event line carries one row")
-        writer = ChunkWriter(store, kind, max_items=MAX_BATCH_ITEMS, max_bytes=8 * 1024 * 1024,
-                             first_number=int(number))
+        writer = ChunkWriter(
+            store, kind, max_items=MAX_BATCH_ITEMS, max_bytes=8 * 1024 * 1024, first_number=int(number)
+        )
         writer.add(lines, np.repeat(np.arange(n), rows_per_item), rows, event_ids)
         writer.flush()
         entry = writer.chunks[0]
-        entry["idempotency_key"] = idempotency_key(store.run_id, Window.from_dict(WINDOW), kind, entry["name"],
-                                                   entry["sha256"])
-        ledger.insert_claims(destination, store.run_id,
-                             [lg.NewItem(str(e), "user" if kind == "users" else "event") for e in dict.fromkeys(event_ids)],
-                             window=(WINDOW["start"], WINDOW["end"]))
+        entry["idempotency_key"] = idempotency_key(
+            store.run_id, Window.from_dict(WINDOW), kind, entry["name"], entry["sha256"]
+        )
+        ledger.insert_claims(
+            destination,
+            store.run_id,
+            [lg.NewItem(str(e), "user" if kind == "users" else "event") for e in dict.fromkeys(event_ids)],
+            window=(WINDOW["start"], WINDOW["end"]),
+        )
         entries.append(entry)
         row += n * rows_per_item
     entries = claims.register_chunks(store, ledger, destination, entries)

@@ -83,7 +83,9 @@ class Blueprint:
 
     def track_names(self) -> dict[str, EventMapping]:
         """Normalised track event name -> mapping, for every spelling."""
-        return {normalise_event_name(e): m for m in self.events if m.datafly_type == "track" for e in m.events}
+        return {
+            normalise_event_name(e): m for m in self.events if m.datafly_type == "track" for e in m.events
+        }
 
     def type_mappings(self) -> dict[str, EventMapping]:
         """Datafly type -> mapping, for mappings matched on the type alone (page)."""
@@ -120,17 +122,23 @@ def blueprint_from_dict(data: Any, source: str = "<dict>") -> Blueprint:
         item_source_keys=tuple(items.names("source_keys")),
         item_count_property=items.property_name("count_property"),
         item_fields=tuple(_item_field(items, i) for i in range(len(items.list("fields")))),
-        identity={key: tuple(_path(p) for p in identity.names(key))
-                  for key in ("fullstory_session_id", "user_agent", "ip", "locale", "page_url")},
+        identity={
+            key: tuple(_path(p) for p in identity.names(key))
+            for key in ("fullstory_session_id", "user_agent", "ip", "locale", "page_url")
+        },
         anonymous_id_property=identity.property_name("anonymous_id_property"),
         locale_property=identity.property_name("locale_property"),
         event_id_property=identity.property_name("event_id_property"),
         user_fields={key: tuple(doc.child("user_fields").names(key)) for key in ("display_name", "email")},
         consent_category=consent.text("category"),
         consent_paths=tuple(_path(p) for p in consent.names("paths")),
-        consent_values={**{v: False for v in consent.list("denied_values")},
-                        **{v: True for v in consent.list("granted_values")}},
-        reserved_names={k: doc.child("reserved_names").property_name(k) for k in doc.child("reserved_names").keys()},
+        consent_values={
+            **{v: False for v in consent.list("denied_values")},
+            **{v: True for v in consent.list("granted_values")},
+        },
+        reserved_names={
+            k: doc.child("reserved_names").property_name(k) for k in doc.child("reserved_names").keys()
+        },
         reserved_suffixes=tuple(doc.names("reserved_suffixes")),
         limits={k: doc.child("limits").positive_int(k) for k in LIMIT_KEYS},
         source=source,
@@ -171,8 +179,13 @@ def _item_field(items: _Doc, index: int) -> ItemField:
     if type_name not in ITEM_TYPES:
         raise entry.error("type", f"is {type_name!r}; item arrays are one of {sorted(ITEM_TYPES)}")
     lift_as = entry.data.get("lift_as")
-    return ItemField(property=entry.property_name("property"), sources=tuple(entry.names("from")),
-                     type=type_name, fill=entry.data.get("fill"), lift_as=None if lift_as is None else str(lift_as))
+    return ItemField(
+        property=entry.property_name("property"),
+        sources=tuple(entry.names("from")),
+        type=type_name,
+        fill=entry.data.get("fill"),
+        lift_as=None if lift_as is None else str(lift_as),
+    )
 
 
 def _check_unique_names(bp: Blueprint, source: str) -> None:
@@ -181,8 +194,10 @@ def _check_unique_names(bp: Blueprint, source: str) -> None:
         for event in mapping.events:
             key = normalise_event_name(event)
             if seen.setdefault(key, mapping.fullstory_name) != mapping.fullstory_name:
-                raise BlueprintError(f"{source}: events.{mapping.fullstory_name}.match.events: {event!r} is "
-                                     f"already mapped by events.{seen[key]}")
+                raise BlueprintError(
+                    f"{source}: events.{mapping.fullstory_name}.match.events: {event!r} is "
+                    f"already mapped by events.{seen[key]}"
+                )
     types = [m.datafly_type for m in bp.events if not m.events]
     if len(types) != len(set(types)):
         raise BlueprintError(f"{source}: events: two mappings match the same Datafly type {types}")

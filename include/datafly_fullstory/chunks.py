@@ -101,14 +101,16 @@ class ChunkWriter:
             take = min(self.max_items - len(pending.lines), fits, len(lines) - pos)
             if take <= 0:
                 if not pending.lines:
-                    raise ValueError(f"a {self.kind} line of {sizes[pos] - 1} bytes exceeds max_bytes={self.max_bytes}")
+                    raise ValueError(
+                        f"a {self.kind} line of {sizes[pos] - 1} bytes exceeds max_bytes={self.max_bytes}"
+                    )
                 self.flush()
                 continue
             lo, hi = np.searchsorted(line_of, [pos, pos + take])
             pending.items.append(line_of[lo:hi] - pos + len(pending.lines))
             pending.rows.append(rows[lo:hi])
             pending.event_ids.append(event_ids[lo:hi])
-            pending.lines.extend(lines[pos:pos + take])
+            pending.lines.extend(lines[pos : pos + take])
             pending.body_bytes += int(cumulative[pos + take] - cumulative[pos])
             pos += take
             if len(pending.lines) >= self.max_items or pos < len(lines):
@@ -121,15 +123,25 @@ class ChunkWriter:
             return
         name = f"{self.kind}-{self.first_number + len(self.chunks):05d}"
         data = b"\n".join(pending.lines) + b"\n"
-        index = pa.table({
-            "item_index": pa.array(np.concatenate(pending.items), type=pa.int32()),
-            "row": pa.array(np.concatenate(pending.rows), type=pa.int64()),
-            "event_id": pa.array(np.concatenate(pending.event_ids), type=pa.string()),
-        }, schema=INDEX_SCHEMA)
+        index = pa.table(
+            {
+                "item_index": pa.array(np.concatenate(pending.items), type=pa.int32()),
+                "row": pa.array(np.concatenate(pending.rows), type=pa.int64()),
+                "event_id": pa.array(np.concatenate(pending.event_ids), type=pa.string()),
+            },
+            schema=INDEX_SCHEMA,
+        )
         self.store.write_bytes(data, PAYLOADS, f"{name}.jsonl")
         self.store.write_table(index, PAYLOADS, f"{name}.index.parquet")
-        self.chunks.append({"name": name, "kind": self.kind, "items": len(pending.lines), "bytes": len(data),
-                            "sha256": hashlib.sha256(data).hexdigest()})
+        self.chunks.append(
+            {
+                "name": name,
+                "kind": self.kind,
+                "items": len(pending.lines),
+                "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
+        )
         self._pending = self._empty()
 
     @staticmethod
@@ -158,10 +170,17 @@ class Chunk:
     @classmethod
     def from_entry(cls, entry: Mapping[str, Any]) -> Chunk:
         name = str(entry["name"])
-        return cls(name=name, kind=str(entry["kind"]), ledger_chunk_id=entry.get("ledger_chunk_id"),
-                   payload_uri=entry.get("payload_uri"), index=entry.get("index") or f"{PAYLOADS}/{name}.index.parquet",
-                   sha256=entry.get("sha256"), idempotency_key=entry.get("idempotency_key"),
-                   mode=entry.get("mode", "deliver"), origin_run=entry.get("origin_run"))
+        return cls(
+            name=name,
+            kind=str(entry["kind"]),
+            ledger_chunk_id=entry.get("ledger_chunk_id"),
+            payload_uri=entry.get("payload_uri"),
+            index=entry.get("index") or f"{PAYLOADS}/{name}.index.parquet",
+            sha256=entry.get("sha256"),
+            idempotency_key=entry.get("idempotency_key"),
+            mode=entry.get("mode", "deliver"),
+            origin_run=entry.get("origin_run"),
+        )
 
 
 def write_manifest(store: RunStore, chunks: list[dict[str, Any]], **fields: Any) -> None:
@@ -219,21 +238,36 @@ def payload_uri(store: RunStore, name: str) -> str:
 
 def chunk_event_ids(store: RunStore, name: str) -> list[str]:
     """The event ids one of this run's new chunks carries (every row of its index)."""
-    return store.read_table(PAYLOADS, f"{name}.index.parquet", columns=["event_id"]).column("event_id").to_pylist()
+    return (
+        store.read_table(PAYLOADS, f"{name}.index.parquet", columns=["event_id"])
+        .column("event_id")
+        .to_pylist()
+    )
 
 
-def write_resume_index(store: RunStore, name: str, payload_uri: str, rows: list[tuple[int, str]]) -> tuple[str, int]:
+def write_resume_index(
+    store: RunStore, name: str, payload_uri: str, rows: list[tuple[int, str]]
+) -> tuple[str, int]:
     """This run's rows (row, event_id) of an earlier run's chunk, placed on the chunk's lines by its
     original index; rows the chunk does not carry are left out. Returns the index path (relative to the
     run folder) and how many rows it holds."""
     original = read_index_uri(index_uri_of(payload_uri))
-    position = dict(zip(original.column("event_id").to_pylist(), original.column("item_index").to_pylist(),
-                        strict=True))
+    position = dict(
+        zip(original.column("event_id").to_pylist(), original.column("item_index").to_pylist(), strict=True)
+    )
     kept = [(r, e) for r, e in rows if e in position]
-    store.write_table(pa.table({"item_index": pa.array([position[e] for _, e in kept], pa.int32()),
-                                "row": pa.array([r for r, _ in kept], pa.int64()),
-                                "event_id": pa.array([e for _, e in kept], pa.string())},
-                               schema=INDEX_SCHEMA), RESUME, f"{name}.index.parquet")
+    store.write_table(
+        pa.table(
+            {
+                "item_index": pa.array([position[e] for _, e in kept], pa.int32()),
+                "row": pa.array([r for r, _ in kept], pa.int64()),
+                "event_id": pa.array([e for _, e in kept], pa.string()),
+            },
+            schema=INDEX_SCHEMA,
+        ),
+        RESUME,
+        f"{name}.index.parquet",
+    )
     return f"{RESUME}/{name}.index.parquet", len(kept)
 
 

@@ -74,13 +74,23 @@ def new_items(frame: pd.DataFrame) -> lg.ClaimColumns:
     frame = frame[has_id]
     ts = frame["timestamp"]
     seconds = (ts.astype("int64") / 1e9).where(ts.notna(), None) if len(ts) else ts
-    return lg.ClaimColumns(frame["event_id"].astype(str).tolist(), row_kinds(frame).tolist(),
-                           frame["user_id"].astype(object).where(frame["user_id"].notna(), None).tolist(),
-                           [None if v is None or v != v else float(v) for v in seconds.tolist()])
+    return lg.ClaimColumns(
+        frame["event_id"].astype(str).tolist(),
+        row_kinds(frame).tolist(),
+        frame["user_id"].astype(object).where(frame["user_id"].notna(), None).tolist(),
+        [None if v is None or v != v else float(v) for v in seconds.tolist()],
+    )
 
 
-def claim_rows(store: RunStore, ledger: lg.Ledger, destination: str, window: tuple[str, str],
-               options: ClaimOptions, *, orphans_since: float | None = None) -> ClaimReport:
+def claim_rows(
+    store: RunStore,
+    ledger: lg.Ledger,
+    destination: str,
+    window: tuple[str, str],
+    options: ClaimOptions,
+    *,
+    orphans_since: float | None = None,
+) -> ClaimReport:
     """Claim the run's validated rows (see the module docstring). Re-running it is safe: a run's own
     claims stay its own."""
     report = ClaimReport()
@@ -102,7 +112,9 @@ def claim_rows(store: RunStore, ledger: lg.Ledger, destination: str, window: tup
         outcomes.write_outcomes(store, "ledger", pd.concat(decided, ignore_index=True))
     now = lg.wall_clock()
     if orphans_since is not None:
-        for chunk in ledger.orphaned_chunks(destination, since=orphans_since, idle_before=now - options.lease_s):
+        for chunk in ledger.orphaned_chunks(
+            destination, since=orphans_since, idle_before=now - options.lease_s
+        ):
             report._resume.setdefault(chunk.id, [])
     _write_resume(store, ledger, report, options, now)
     return report
@@ -132,14 +144,23 @@ def _claim_frame(ledger, destination, run_id, window, options, frame, report):
         elif state == lg.CLAIMED and item.run_id == run_id:
             keep[pos] = True
         elif state == lg.CLAIMED:
-            chunk_idle = status is None or status == lg.C_ABANDONED or (item.chunk_updated_at or 0) < stale_before
-            if options.allow_duplicates or (item.claimed_at < stale_before and chunk_idle) or status == lg.C_ABANDONED:
+            chunk_idle = (
+                status is None or status == lg.C_ABANDONED or (item.chunk_updated_at or 0) < stale_before
+            )
+            if (
+                options.allow_duplicates
+                or (item.claimed_at < stale_before and chunk_idle)
+                or status == lg.C_ABANDONED
+            ):
                 if item.chunk_id is not None:
                     abandon.add(item.chunk_id)
                 take[((lg.CLAIMED,), item.run_id, True)].append(event_id)
             else:
-                verdicts[event_id] = ("pending", f"claimed by run {item.run_id}, which has not sent it yet; "
-                                                 "that run delivers it (its outcome is in that run's stats)")
+                verdicts[event_id] = (
+                    "pending",
+                    f"claimed by run {item.run_id}, which has not sent it yet; "
+                    "that run delivers it (its outcome is in that run's stats)",
+                )
         elif state in lg.UNSENT_STATES or options.allow_duplicates:
             take[((state,), None, False)].append(event_id)
         elif options.force and state in (lg.DELIVERED, lg.REJECTED) and item.chunk_id is not None:
@@ -150,20 +171,31 @@ def _claim_frame(ledger, destination, run_id, window, options, frame, report):
         else:
             verdicts[event_id] = _earlier(item)
     if abandon:
-        ledger.abandon_stale_chunks(abandon, updated_before=float("inf") if options.allow_duplicates
-                                    else stale_before)
+        ledger.abandon_stale_chunks(
+            abandon, updated_before=float("inf") if options.allow_duplicates else stale_before
+        )
     owned: set[str] = set()
     for (states, from_run, unsent_only), group in take.items():
-        got = ledger.take_over(destination, run_id, group, from_states=states, from_run=from_run,
-                               unsent_chunk_only=unsent_only, window=window)
+        got = ledger.take_over(
+            destination,
+            run_id,
+            group,
+            from_states=states,
+            from_run=from_run,
+            unsent_chunk_only=unsent_only,
+            window=window,
+        )
         owned |= got
         if from_run is not None:
             report.taken_over += len(got)
         lost = [e for e in group if e not in got]
         if lost:  # another run changed them in the meantime: report what the ledger holds now
             for event_id, item in ledger.lookup(destination, lost).items():
-                verdicts[event_id] = _earlier(item) if item.state in lg.SENT_STATES else (
-                    "pending", f"claimed by run {item.run_id} while this run was claiming it")
+                verdicts[event_id] = (
+                    _earlier(item)
+                    if item.state in lg.SENT_STATES
+                    else ("pending", f"claimed by run {item.run_id} while this run was claiming it")
+                )
     if owned:
         keep |= np.fromiter((e in owned for e in ids), dtype=bool, count=len(ids))
     report.claimed += int(keep.sum())
@@ -175,25 +207,35 @@ def _claim_frame(ledger, destination, run_id, window, options, frame, report):
     if not verdicts:
         return keep, None
     at = [pos for pos, e in enumerate(ids) if e in verdicts and not keep[pos]]
-    return keep, outcomes.frame(row_of[at], [ids[p] for p in at], [verdicts[ids[p]][0] for p in at],
-                                [verdicts[ids[p]][1] for p in at], row_kinds(frame)[at])
+    return keep, outcomes.frame(
+        row_of[at],
+        [ids[p] for p in at],
+        [verdicts[ids[p]][0] for p in at],
+        [verdicts[ids[p]][1] for p in at],
+        row_kinds(frame)[at],
+    )
 
 
 def _earlier(item: lg.ItemRow) -> tuple[str, str]:
     if item.state == lg.DELIVERED:
         return "delivered", f"delivered earlier by run {item.run_id} (not sent again)"
     if item.state == lg.REJECTED:
-        return "rejected", (f"rejected earlier by run {item.run_id}: {item.code or ''}: {item.message or ''} "
-                            "(fix the cause, then run the window with replay_dead_letters)")
+        return "rejected", (
+            f"rejected earlier by run {item.run_id}: {item.code or ''}: {item.message or ''} "
+            "(fix the cause, then run the window with replay_dead_letters)"
+        )
     return "unknown", item.message or f"sent by run {item.run_id}; whether FullStory imported it is unknown"
 
 
-def _write_resume(store: RunStore, ledger: lg.Ledger, report: ClaimReport, options: ClaimOptions,
-                  now: float) -> None:
+def _write_resume(
+    store: RunStore, ledger: lg.Ledger, report: ClaimReport, options: ClaimOptions, now: float
+) -> None:
     """`resume/chunks.json`: chunks of the ledger this run delivers again (resume) or replays (force)."""
     entries = []
-    wanted = {**{c: ("resume", rows) for c, rows in report._resume.items()},
-              **{c: ("replay", rows) for c, rows in report._replay.items()}}
+    wanted = {
+        **{c: ("resume", rows) for c, rows in report._resume.items()},
+        **{c: ("replay", rows) for c, rows in report._replay.items()},
+    }
     rows_of = ledger.chunks_by_id(wanted)
     for chunk_id in sorted(wanted):
         mode, rows = wanted[chunk_id]
@@ -202,10 +244,21 @@ def _write_resume(store: RunStore, ledger: lg.Ledger, report: ClaimReport, optio
             _check_replayable(chunk, now)
         name = f"{chunk.kind}-c{chunk.id:08d}"
         index, kept = chunks.write_resume_index(store, name, chunk.payload_uri, rows)
-        entries.append({"name": name, "kind": chunk.kind, "items": chunk.items, "bytes": chunk.bytes,
-                        "sha256": chunk.sha256, "idempotency_key": chunk.idempotency_key,
-                        "payload_uri": chunk.payload_uri, "index": index,
-                        "ledger_chunk_id": chunk.id, "mode": mode, "origin_run": chunk.run_id})
+        entries.append(
+            {
+                "name": name,
+                "kind": chunk.kind,
+                "items": chunk.items,
+                "bytes": chunk.bytes,
+                "sha256": chunk.sha256,
+                "idempotency_key": chunk.idempotency_key,
+                "payload_uri": chunk.payload_uri,
+                "index": index,
+                "ledger_chunk_id": chunk.id,
+                "mode": mode,
+                "origin_run": chunk.run_id,
+            }
+        )
         if mode == "replay":
             report.replay_chunks += 1
         elif kept:
@@ -220,8 +273,11 @@ def _check_force(store: RunStore, ledger: lg.Ledger, destination: str) -> None:
     sent: set[int] = set()
     for part in validated.parts(store):
         ids = validated.read_part(store, part, columns=["event_id"]).column("event_id").to_pylist()
-        sent |= {item.chunk_id for item in ledger.lookup(destination, [i for i in ids if i]).values()
-                 if item.state in (lg.DELIVERED, lg.REJECTED) and item.chunk_id is not None}
+        sent |= {
+            item.chunk_id
+            for item in ledger.lookup(destination, [i for i in ids if i]).values()
+            if item.state in (lg.DELIVERED, lg.REJECTED) and item.chunk_id is not None
+        }
     now = lg.wall_clock()
     for chunk in ledger.chunks_by_id(sent).values():
         _check_replayable(chunk, now)
@@ -235,7 +291,8 @@ def _check_replayable(chunk: lg.ChunkRow, now: float) -> None:
             f"force: chunk {chunk.name} of run {chunk.run_id} was first sent at {when} "
             f"({(age or 0) / 3600:.1f} h ago). FullStory forgets an Idempotency-Key after 24 h, so sending it "
             "again now would import its events a second time. Nothing was sent. To send these rows again "
-            "anyway, run with allow_duplicates (FullStory then holds them twice).")
+            "anyway, run with allow_duplicates (FullStory then holds them twice)."
+        )
 
 
 def register_chunks(store: RunStore, ledger: lg.Ledger, destination: str, new: list[dict]) -> list[dict]:
@@ -244,10 +301,18 @@ def register_chunks(store: RunStore, ledger: lg.Ledger, destination: str, new: l
     registered = []
     for entry in new:
         payload_uri = chunks.payload_uri(store, entry["name"])
-        row = ledger.register_chunk(destination, store.run_id, name=entry["name"], kind=entry["kind"],
-                                    idempotency_key=entry["idempotency_key"], payload_uri=payload_uri,
-                                    sha256=entry["sha256"], items_count=entry["items"], size=entry["bytes"],
-                                    event_ids=chunks.chunk_event_ids(store, entry["name"]))
+        row = ledger.register_chunk(
+            destination,
+            store.run_id,
+            name=entry["name"],
+            kind=entry["kind"],
+            idempotency_key=entry["idempotency_key"],
+            payload_uri=payload_uri,
+            sha256=entry["sha256"],
+            items_count=entry["items"],
+            size=entry["bytes"],
+            event_ids=chunks.chunk_event_ids(store, entry["name"]),
+        )
         registered.append({**entry, "payload_uri": payload_uri, "ledger_chunk_id": row.id, "mode": "deliver"})
     return registered
 
@@ -260,5 +325,6 @@ def record_quarantine(store: RunStore, ledger: lg.Ledger, destination: str, wind
     table = store.read_table("quarantine.parquet", columns=["event_id", "type", "user_id", "timestamp"])
     table = table.filter(pc.is_valid(table.column("event_id")))
     if table.num_rows:
-        ledger.record_unclaimed(destination, store.run_id, new_items(table.to_pandas()), lg.QUARANTINED,
-                                window=window)
+        ledger.record_unclaimed(
+            destination, store.run_id, new_items(table.to_pandas()), lg.QUARANTINED, window=window
+        )

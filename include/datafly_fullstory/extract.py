@@ -37,8 +37,14 @@ from include.datafly_fullstory.window import Window
 log = logging.getLogger(__name__)
 
 QUARANTINE_SCHEMA = FRAME_SCHEMA.append(pa.field("failed_expectations", pa.list_(pa.string()))).append(
-    pa.field("reason", pa.string()))
-_OUTPUTS = ((validated.FOLDER,), ("quarantine.parquet",), ("validation.json",), ("outcomes", "quarantine.parquet"))
+    pa.field("reason", pa.string())
+)
+_OUTPUTS = (
+    (validated.FOLDER,),
+    ("quarantine.parquet",),
+    ("validation.json",),
+    ("outcomes", "quarantine.parquet"),
+)
 
 
 class _ParquetSink:
@@ -96,9 +102,13 @@ def _table(df: pd.DataFrame, schema: pa.Schema) -> pa.Table:
 
 def quarantine_outcomes(quarantined: pd.DataFrame) -> pd.DataFrame:
     """One `quarantined` outcome per failing row; an identify row's outcome is a user outcome."""
-    return outcomes.frame(quarantined["_row"].to_numpy(), quarantined["event_id"].to_numpy(), "quarantined",
-                          quarantined["reason"].to_numpy(),
-                          np.where(quarantined["type"].to_numpy() == "identify", "user", "event"))
+    return outcomes.frame(
+        quarantined["_row"].to_numpy(),
+        quarantined["event_id"].to_numpy(),
+        "quarantined",
+        quarantined["reason"].to_numpy(),
+        np.where(quarantined["type"].to_numpy() == "identify", "user", "event"),
+    )
 
 
 @dataclass
@@ -112,9 +122,17 @@ class LookBack:
     new_rows: Callable[[pd.DataFrame], pd.DataFrame]
 
 
-def run_extract(landing_uri: str, window: Window, store: RunStore, *, batch_size: int = DEFAULT_BATCH_SIZE,
-                storage_options: dict | None = None, partition_slack: timedelta = DEFAULT_PARTITION_SLACK,
-                filesystem=None, lookback: LookBack | None = None) -> dict:
+def run_extract(
+    landing_uri: str,
+    window: Window,
+    store: RunStore,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    storage_options: dict | None = None,
+    partition_slack: timedelta = DEFAULT_PARTITION_SLACK,
+    filesystem=None,
+    lookback: LookBack | None = None,
+) -> dict:
     """Read and validate the window (and, with `lookback`, the late rows before it); returns
     `{"rows_read", "rows_valid", "rows_quarantined", "parts", "validation", "files", "late"}` (small and
     JSON-serialisable, for XCom). Rows of the window come first (`_row` 0..), late rows after them.
@@ -142,9 +160,18 @@ def run_extract(landing_uri: str, window: Window, store: RunStore, *, batch_size
                     quarantine.write(_table(failed, QUARANTINE_SCHEMA))
                     outcome_frames.append(quarantine_outcomes(failed))
 
-        take(iter_window_batches(landing_uri, window, batch_size=batch_size, partition_slack=partition_slack,
-                                 storage_options=storage_options, filesystem=filesystem, files_read=files),
-             window)
+        take(
+            iter_window_batches(
+                landing_uri,
+                window,
+                batch_size=batch_size,
+                partition_slack=partition_slack,
+                storage_options=storage_options,
+                filesystem=filesystem,
+                files_read=files,
+            ),
+            window,
+        )
         if lookback is not None:
             began = time.monotonic()
 
@@ -153,9 +180,16 @@ def run_extract(landing_uri: str, window: Window, store: RunStore, *, batch_size
                 late["files_skipped"] = len(candidates) - len(chosen)
                 return chosen
 
-            frames = iter_window_batches(landing_uri, lookback.window, batch_size=batch_size,
-                                         partition_slack=partition_slack, storage_options=storage_options,
-                                         filesystem=filesystem, select_files=select, files_read=late_files)
+            frames = iter_window_batches(
+                landing_uri,
+                lookback.window,
+                batch_size=batch_size,
+                partition_slack=partition_slack,
+                storage_options=storage_options,
+                filesystem=filesystem,
+                select_files=select,
+                files_read=late_files,
+            )
             take(_renumbered(frames, lookback.new_rows, counts, late), lookback.window)
             late["files_read"] = len(late_files)
             late["seconds"] = round(time.monotonic() - began, 3)
@@ -163,16 +197,29 @@ def run_extract(landing_uri: str, window: Window, store: RunStore, *, batch_size
     outcomes.write_outcomes(store, "quarantine", pd.concat(outcome_frames) if outcome_frames else empty)
     summary = {**(summary or empty_summary()), "window": window.as_dict()}
     store.write_json(summary, "validation.json")
-    log.info("extract %s..%s: %d read (%d late), %d valid, %d quarantined in %d part(s)",
-             window.start.isoformat(), window.end.isoformat(), counts["rows_read"], late["rows"],
-             counts["rows_valid"], counts["rows_quarantined"], len(parts))
-    return {**counts, "parts": parts, "validation": summary, "late": late,
-            "files": [[f.uri, f.size, f.mtime] for f in files],
-            "late_files": [[f.uri, f.size, f.mtime] for f in late_files]}
+    log.info(
+        "extract %s..%s: %d read (%d late), %d valid, %d quarantined in %d part(s)",
+        window.start.isoformat(),
+        window.end.isoformat(),
+        counts["rows_read"],
+        late["rows"],
+        counts["rows_valid"],
+        counts["rows_quarantined"],
+        len(parts),
+    )
+    return {
+        **counts,
+        "parts": parts,
+        "validation": summary,
+        "late": late,
+        "files": [[f.uri, f.size, f.mtime] for f in files],
+        "late_files": [[f.uri, f.size, f.mtime] for f in late_files],
+    }
 
 
-def _renumbered(frames: Iterable[pd.DataFrame], new_rows: Callable[[pd.DataFrame], pd.DataFrame],
-                counts: dict, late: dict) -> Iterator[pd.DataFrame]:
+def _renumbered(
+    frames: Iterable[pd.DataFrame], new_rows: Callable[[pd.DataFrame], pd.DataFrame], counts: dict, late: dict
+) -> Iterator[pd.DataFrame]:
     """Late rows the ledger does not know, numbered on from the window's rows (`_row` stays 0..n-1)."""
     next_row = None
     for frame in frames:

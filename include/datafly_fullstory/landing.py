@@ -144,23 +144,27 @@ def _hidden(relative: str) -> bool:
     return any(part.startswith((".", "_")) for part in PurePosixPath(relative).parts)
 
 
-def list_landing_files(landing_uri: str, *, storage_options: dict | None = None,
-                       filesystem=None) -> list[LandingFile]:
+def list_landing_files(
+    landing_uri: str, *, storage_options: dict | None = None, filesystem=None
+) -> list[LandingFile]:
     """Every data file under the landing, sorted by path (this order defines `_row`)."""
     landing = _open_landing(landing_uri, storage_options, filesystem)
     info = landing.fs.get_file_info(landing.root)
     if info.type == pafs.FileType.NotFound:
-        raise LandingInputError(f"landing {landing_uri} does not exist: check the Airflow Variable "
-                           "datafly_landing_uri (and the credentials in storage_options)")
+        raise LandingInputError(
+            f"landing {landing_uri} does not exist: check the Airflow Variable "
+            "datafly_landing_uri (and the credentials in storage_options)"
+        )
     if info.type == pafs.FileType.File:
         return [LandingFile(landing.root, landing.uri(landing.root), None, *_size_mtime(info))]
     infos = landing.fs.get_file_info(pafs.FileSelector(landing.root, recursive=True))
     files = []
     for item in infos:
-        relative = item.path[len(landing.root):].lstrip("/")
+        relative = item.path[len(landing.root) :].lstrip("/")
         if item.type == pafs.FileType.File and not _hidden(relative):
-            files.append(LandingFile(item.path, landing.uri(item.path), _partition_span(relative),
-                                     *_size_mtime(item)))
+            files.append(
+                LandingFile(item.path, landing.uri(item.path), _partition_span(relative), *_size_mtime(item))
+            )
     return sorted(files, key=lambda f: f.path)
 
 
@@ -175,8 +179,14 @@ def _window_files(landing_uri: str, window: Window, slack: timedelta, storage_op
     return [f for f in files if f.partition is None or (f.partition[0] < high and f.partition[1] > low)]
 
 
-def list_window_files(landing_uri: str, window: Window, *, partition_slack: timedelta = DEFAULT_PARTITION_SLACK,
-                      storage_options: dict | None = None, filesystem=None) -> list[str]:
+def list_window_files(
+    landing_uri: str,
+    window: Window,
+    *,
+    partition_slack: timedelta = DEFAULT_PARTITION_SLACK,
+    storage_options: dict | None = None,
+    filesystem=None,
+) -> list[str]:
     """The URIs of the files a window reads, after partition pruning, in `_row` order."""
     return [f.uri for f in _window_files(landing_uri, window, partition_slack, storage_options, filesystem)]
 
@@ -187,8 +197,13 @@ def list_window_files(landing_uri: str, window: Window, *, partition_slack: time
 def _is_text(t: pa.DataType) -> bool:
     if pa.types.is_dictionary(t):
         return _is_text(t.value_type)
-    return (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
-            or pa.types.is_binary(t) or pa.types.is_large_binary(t))
+    return (
+        pa.types.is_string(t)
+        or pa.types.is_large_string(t)
+        or pa.types.is_string_view(t)
+        or pa.types.is_binary(t)
+        or pa.types.is_large_binary(t)
+    )
 
 
 def _column_kind(column: str, t: pa.DataType) -> str | None:
@@ -206,7 +221,9 @@ def _column_kind(column: str, t: pa.DataType) -> str | None:
     if column in JSON_COLUMNS:
         if _is_text(t):
             return "text"
-        nested = pa.types.is_struct(t) or pa.types.is_map(t) or pa.types.is_list(t) or pa.types.is_large_list(t)
+        nested = (
+            pa.types.is_struct(t) or pa.types.is_map(t) or pa.types.is_list(t) or pa.types.is_large_list(t)
+        )
         return "nested" if nested else None
     return "text" if _is_text(t) or pa.types.is_integer(t) else None
 
@@ -217,8 +234,12 @@ def _plan_file(file: LandingFile, fs: pafs.FileSystem) -> _FilePlan:
         dataset = ds.dataset(file.path, filesystem=fs, format="parquet")
         schema = dataset.schema
     except (pa.ArrowException, OSError) as exc:
-        raise _read_error(f"cannot open {file.uri} as Parquet ({exc}). Re-export the file, or move it out "
-                          "of the landing; the run stops before anything is sent.", exc, file.uri) from exc
+        raise _read_error(
+            f"cannot open {file.uri} as Parquet ({exc}). Re-export the file, or move it out "
+            "of the landing; the run stops before anything is sent.",
+            exc,
+            file.uri,
+        ) from exc
     types = {name: schema.field(name).type for name in schema.names if name in CANONICAL_COLUMNS}
     missing = [c for c in REQUIRED_COLUMNS if c not in types]
     kinds = {c: _column_kind(c, t) for c, t in types.items()}
@@ -229,8 +250,10 @@ def _plan_file(file: LandingFile, fs: pafs.FileSystem) -> _FilePlan:
             problems.append(f"required column(s) missing: {', '.join(missing)}")
         if unusable:
             problems.append(f"column(s) of a type the landing cannot use: {', '.join(unusable)}")
-        raise LandingInputError(f"{file.uri}: {'; '.join(problems)}. Found columns: {', '.join(schema.names)}. "
-                           "Fix the export (see docs/landing.md for the columns and types) and re-run.")
+        raise LandingInputError(
+            f"{file.uri}: {'; '.join(problems)}. Found columns: {', '.join(schema.names)}. "
+            "Fix the export (see docs/landing.md for the columns and types) and re-run."
+        )
     return _FilePlan(file, dataset, kinds, types)
 
 
@@ -307,16 +330,19 @@ def _json_text(arr: pa.Array) -> pa.Array:
     nested columns; string JSON columns (the usual case) pass through untouched."""
     dumps, option = orjson.dumps, orjson.OPT_NON_STR_KEYS
     values = arr.to_pylist(maps_as_pydicts="lossy")
-    return pa.array([None if v is None else dumps(v, default=str, option=option).decode() for v in values],
-                    type=pa.string())
+    return pa.array(
+        [None if v is None else dumps(v, default=str, option=option).decode() for v in values],
+        type=pa.string(),
+    )
 
 
 def _to_text(arr: pa.Array, column: str, file: LandingFile) -> pa.Array:
     try:
         return arr.cast(pa.string())
     except pa.ArrowInvalid as exc:
-        raise LandingInputError(f"{file.uri}: column {column} is not valid UTF-8 text ({exc}); re-export it as "
-                           "a string column") from exc
+        raise LandingInputError(
+            f"{file.uri}: column {column} is not valid UTF-8 text ({exc}); re-export it as a string column"
+        ) from exc
 
 
 def _convert(batch: pa.RecordBatch, plan: _FilePlan, column: str, kind: str | None) -> pa.Array:
@@ -335,23 +361,30 @@ def _convert(batch: pa.RecordBatch, plan: _FilePlan, column: str, kind: str | No
 # -- reading -----------------------------------------------------------------------------------------
 
 
-def _frame(batch: pa.RecordBatch, plan: _FilePlan, window: Window, orphans_here: bool,
-           first_row: int) -> pd.DataFrame | None:
+def _frame(
+    batch: pa.RecordBatch, plan: _FilePlan, window: Window, orphans_here: bool, first_row: int
+) -> pd.DataFrame | None:
     ts = _convert(batch, plan, "timestamp", plan.kinds.get("timestamp"))
     received = _convert(batch, plan, "received_at", plan.kinds.get("received_at"))
     mask, timeless = _in_window(ts, received, window)
     if orphans_here:
         mask = pc.or_(mask, timeless)
     elif plan.file.partition is None and (lost := pc.sum(timeless).as_py()):
-        log.warning("%s: %d row(s) have neither timestamp nor received_at and belong to no window; "
-                    "fix the export (received_at is required)", plan.file.uri, lost)
+        log.warning(
+            "%s: %d row(s) have neither timestamp nor received_at and belong to no window; "
+            "fix the export (received_at is required)",
+            plan.file.uri,
+            lost,
+        )
     if not pc.any(mask).as_py():
         return None
     batch, ts, received = batch.filter(mask), ts.filter(mask), received.filter(mask)
     n = batch.num_rows
     converted = {"timestamp": ts, "received_at": received}
-    arrays = [converted[c] if c in converted else _convert(batch, plan, c, plan.kinds.get(c))
-              for c in CANONICAL_COLUMNS]
+    arrays = [
+        converted[c] if c in converted else _convert(batch, plan, c, plan.kinds.get(c))
+        for c in CANONICAL_COLUMNS
+    ]
     rows = np.arange(first_row, first_row + n, dtype=np.int64)
     arrays += [pa.array(rows), pa.repeat(pa.scalar(plan.file.uri), n).cast(pa.string())]
     frame = pa.Table.from_arrays(arrays, schema=FRAME_SCHEMA).to_pandas()
@@ -361,15 +394,21 @@ def _frame(batch: pa.RecordBatch, plan: _FilePlan, window: Window, orphans_here:
 
 def _scan(plan: _FilePlan, window: Window, batch_size: int) -> Iterator[pa.RecordBatch]:
     scanner = plan.dataset.scanner(
-        columns=list(plan.kinds), filter=_pushdown_filter(plan, window),
-        batch_size=batch_size, batch_readahead=1, fragment_readahead=1,
+        columns=list(plan.kinds),
+        filter=_pushdown_filter(plan, window),
+        batch_size=batch_size,
+        batch_readahead=1,
+        fragment_readahead=1,
     )
     try:
         yield from scanner.to_batches()
     except (pa.ArrowException, OSError) as exc:
-        raise _read_error(f"cannot read {plan.file.uri} ({exc}): the file is corrupt or truncated. "
-                          "Re-export it, or move it out of the landing; nothing was sent.", exc,
-                          plan.file.uri) from exc
+        raise _read_error(
+            f"cannot read {plan.file.uri} ({exc}): the file is corrupt or truncated. "
+            "Re-export it, or move it out of the landing; nothing was sent.",
+            exc,
+            plan.file.uri,
+        ) from exc
 
 
 def _orphans_here(file: LandingFile, window: Window) -> bool:
@@ -377,9 +416,15 @@ def _orphans_here(file: LandingFile, window: Window) -> bool:
     return file.partition is not None and window.start <= file.partition[0] < window.end
 
 
-def plan_window(landing_uri: str, window: Window, *, partition_slack: timedelta = DEFAULT_PARTITION_SLACK,
-                storage_options: dict | None = None, filesystem=None,
-                select_files: Callable[[list[LandingFile]], list[LandingFile]] | None = None) -> list[_FilePlan]:
+def plan_window(
+    landing_uri: str,
+    window: Window,
+    *,
+    partition_slack: timedelta = DEFAULT_PARTITION_SLACK,
+    storage_options: dict | None = None,
+    filesystem=None,
+    select_files: Callable[[list[LandingFile]], list[LandingFile]] | None = None,
+) -> list[_FilePlan]:
     """Open every file of the window (footers only) before any row is read, so a corrupt file or a bad
     schema stops the run before anything else happens. `select_files` may drop files from the list
     (the look-back skips files it has read before)."""
@@ -387,25 +432,43 @@ def plan_window(landing_uri: str, window: Window, *, partition_slack: timedelta 
     files = _window_files(landing_uri, window, partition_slack, storage_options, filesystem)
     if select_files is not None:
         files = select_files(files)
-    log.info("window %s..%s reads %d file(s) under %s%s", window.start.isoformat(), window.end.isoformat(),
-             len(files), landing_uri, "".join(f"\n  {f.uri}" for f in files[:20]))
+    log.info(
+        "window %s..%s reads %d file(s) under %s%s",
+        window.start.isoformat(),
+        window.end.isoformat(),
+        len(files),
+        landing_uri,
+        "".join(f"\n  {f.uri}" for f in files[:20]),
+    )
     return [_plan_file(f, landing.fs) for f in files]
 
 
-def iter_window_batches(landing_uri: str, window: Window, *, batch_size: int = DEFAULT_BATCH_SIZE,
-                        partition_slack: timedelta = DEFAULT_PARTITION_SLACK,
-                        storage_options: dict | None = None, filesystem=None,
-                        select_files: Callable[[list[LandingFile]], list[LandingFile]] | None = None,
-                        first_row: int = 0, files_read: list[LandingFile] | None = None,
-                        ) -> Iterator[pd.DataFrame]:
+def iter_window_batches(
+    landing_uri: str,
+    window: Window,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    partition_slack: timedelta = DEFAULT_PARTITION_SLACK,
+    storage_options: dict | None = None,
+    filesystem=None,
+    select_files: Callable[[list[LandingFile]], list[LandingFile]] | None = None,
+    first_row: int = 0,
+    files_read: list[LandingFile] | None = None,
+) -> Iterator[pd.DataFrame]:
     """The window's rows as landing frames (contracts.md "Landing frame") of at most `batch_size` rows.
 
     Memory is bounded by the batch size (plus one Parquet row group), not by the window. `_row` counts
     the window's rows across files in path order, from `first_row`; the frame index equals `_row`. The
     files read are appended to `files_read` when given.
     """
-    plans = plan_window(landing_uri, window, partition_slack=partition_slack,
-                        storage_options=storage_options, filesystem=filesystem, select_files=select_files)
+    plans = plan_window(
+        landing_uri,
+        window,
+        partition_slack=partition_slack,
+        storage_options=storage_options,
+        filesystem=filesystem,
+        select_files=select_files,
+    )
     if files_read is not None:
         files_read.extend(plan.file for plan in plans)
     next_row = first_row
@@ -416,4 +479,9 @@ def iter_window_batches(landing_uri: str, window: Window, *, batch_size: int = D
             if frame is not None:
                 next_row += len(frame)
                 yield frame
-    log.info("window %s..%s: %d row(s) read", window.start.isoformat(), window.end.isoformat(), next_row - first_row)
+    log.info(
+        "window %s..%s: %d row(s) read",
+        window.start.isoformat(),
+        window.end.isoformat(),
+        next_row - first_row,
+    )

@@ -36,8 +36,17 @@ SCHEMA = pa.schema(
 def frame(row, event_id, outcome, reason, kind=None, chunk=None) -> pd.DataFrame:
     """An outcome frame in SCHEMA's column order: `row` and `event_id` are arrays of equal length; the other
     fields are an array of that length or one value for every row. Every stage builds its outcomes here."""
-    return pd.DataFrame({"row": row, "event_id": event_id, "outcome": outcome, "reason": reason,
-                         "kind": kind, "chunk": chunk}, columns=SCHEMA.names)
+    return pd.DataFrame(
+        {
+            "row": row,
+            "event_id": event_id,
+            "outcome": outcome,
+            "reason": reason,
+            "kind": kind,
+            "chunk": chunk,
+        },
+        columns=SCHEMA.names,
+    )
 
 
 def to_table(df: pd.DataFrame) -> pa.Table:
@@ -128,12 +137,17 @@ def _pending(table: pa.Table, rows_read: int, reason: str) -> pa.Table:
     rows = table.column("row").to_numpy()
     have[rows[(rows >= 0) & (rows < rows_read)]] = True
     missing = np.flatnonzero(~have)
-    return pa.table({"row": pa.array(missing, pa.int64()),
-                     "event_id": pa.nulls(len(missing), pa.string()),
-                     "outcome": pa.array(["pending"] * len(missing), pa.string()),
-                     "reason": pa.array([reason] * len(missing), pa.string()),
-                     "kind": pa.nulls(len(missing), pa.string()),
-                     "chunk": pa.nulls(len(missing), pa.string())}, schema=SCHEMA)
+    return pa.table(
+        {
+            "row": pa.array(missing, pa.int64()),
+            "event_id": pa.nulls(len(missing), pa.string()),
+            "outcome": pa.array(["pending"] * len(missing), pa.string()),
+            "reason": pa.array([reason] * len(missing), pa.string()),
+            "kind": pa.nulls(len(missing), pa.string()),
+            "chunk": pa.nulls(len(missing), pa.string()),
+        },
+        schema=SCHEMA,
+    )
 
 
 def count_by_outcome(table: pa.Table) -> dict[str, int]:

@@ -29,7 +29,7 @@ def group_chunks(chunks: Iterable[Mapping[str, Any]], kind: str, group_size: int
     """Chunk names of one kind, in groups: one mapped delivery task per group."""
     names = [c["name"] for c in chunks if c["kind"] == kind]
     size = max(1, int(group_size))
-    return [names[i:i + size] for i in range(0, len(names), size)]
+    return [names[i : i + size] for i in range(0, len(names), size)]
 
 
 # ---- stages --------------------------------------------------------------------------------------------
@@ -63,16 +63,29 @@ def extract_stage(plan: RunPlan, ledger_url: str | None = None) -> dict[str, Any
     if scan_start < window.start:
         lookback = _lookback(ledger, destination, Window(scan_start, window.start), lease)
     extracted = run_extract(plan.landing_uri, window, store, lookback=lookback)
-    options = claims.ClaimOptions(force=plan.force, replay_dead_letters=plan.replay_dead_letters,
-                                  allow_duplicates=plan.allow_duplicates, lease_s=lease)
-    report = claims.claim_rows(store, ledger, destination, span, options,
-                               orphans_since=scan_start.timestamp() if lookback else None)
+    options = claims.ClaimOptions(
+        force=plan.force,
+        replay_dead_letters=plan.replay_dead_letters,
+        allow_duplicates=plan.allow_duplicates,
+        lease_s=lease,
+    )
+    report = claims.claim_rows(
+        store, ledger, destination, span, options, orphans_since=scan_start.timestamp() if lookback else None
+    )
     claims.record_quarantine(store, ledger, destination, span)
-    ledger.record_scans(destination, plan.run_id, [tuple(f) for f in extracted["files"]],
-                        (window.start.timestamp(), window.end.timestamp()))
+    ledger.record_scans(
+        destination,
+        plan.run_id,
+        [tuple(f) for f in extracted["files"]],
+        (window.start.timestamp(), window.end.timestamp()),
+    )
     if lookback is not None:
-        ledger.record_scans(destination, plan.run_id, [tuple(f) for f in extracted["late_files"]],
-                            (scan_start.timestamp(), window.start.timestamp()))
+        ledger.record_scans(
+            destination,
+            plan.run_id,
+            [tuple(f) for f in extracted["late_files"]],
+            (scan_start.timestamp(), window.start.timestamp()),
+        )
         extracted["late"]["beyond_lookback"] = _beyond_lookback(ledger, plan, scan_start)
     return {**extracted, "claims": report.as_dict()}
 
@@ -101,9 +114,18 @@ def _lookback(ledger, destination: str, window: Window, lease: float):
         if stale:
             return files
         seen = ledger.scans(destination, [f.uri for f in files])
-        return [f for f in files if not ((s := seen.get(f.uri)) is not None and s.size == f.size and f.mtime
-                                         and s.mtime == f.mtime and s.covered_start <= needed(f)[0]
-                                         and s.covered_end >= needed(f)[1])]
+        return [
+            f
+            for f in files
+            if not (
+                (s := seen.get(f.uri)) is not None
+                and s.size == f.size
+                and f.mtime
+                and s.mtime == f.mtime
+                and s.covered_start <= needed(f)[0]
+                and s.covered_end >= needed(f)[1]
+            )
+        ]
 
     def new_rows(frame):
         ids = frame["event_id"].dropna().astype(str).tolist()
@@ -113,9 +135,15 @@ def _lookback(ledger, destination: str, window: Window, lease: float):
             known = ledger.known(destination, ids)
             return frame[~frame["event_id"].isin(known)]
         found = ledger.lookup(destination, ids)
-        drop = {e for e, item in found.items() if not (
-            item.state == lg.CLAIMED and item.claimed_at < cutoff
-            and item.chunk_status in (None, lg.C_CLAIMED, lg.C_ABANDONED))}
+        drop = {
+            e
+            for e, item in found.items()
+            if not (
+                item.state == lg.CLAIMED
+                and item.claimed_at < cutoff
+                and item.chunk_status in (None, lg.C_CLAIMED, lg.C_ABANDONED)
+            )
+        }
         return frame[~frame["event_id"].isin(drop)]
 
     return LookBack(window, select_files, new_rows)
@@ -129,8 +157,11 @@ def _beyond_lookback(ledger, plan: RunPlan, scan_start: datetime) -> dict[str, A
     since = ledger.last_run_started(plan.destination, before_run=plan.run_id)
     if since is None:
         return {"files": 0, "examples": []}
-    files = [f for f in list_landing_files(plan.landing_uri)
-             if f.partition is not None and f.partition[1] <= scan_start and f.mtime > since]
+    files = [
+        f
+        for f in list_landing_files(plan.landing_uri)
+        if f.partition is not None and f.partition[1] <= scan_start and f.mtime > since
+    ]
     return {"files": len(files), "examples": [f.uri for f in files[:5]]}
 
 
@@ -152,13 +183,21 @@ def map_stage(plan: RunPlan, extracted: Mapping[str, Any], ledger_url: str | Non
     destination = plan.destination
     sent = ledger.abandon_unsent_chunks(destination, plan.run_id)
     first = 1 + max((int(c.name.rsplit("-", 1)[1]) for c in sent), default=-1)
-    summary = run_mapping(store, load_blueprint(), settings, reference_time=window.end, window=window,
-                          keep=[c.name for c in sent], first_number=first)
+    summary = run_mapping(
+        store,
+        load_blueprint(),
+        settings,
+        reference_time=window.end,
+        window=window,
+        keep=[c.name for c in sent],
+        first_number=first,
+    )
     registered = claims.register_chunks(store, ledger, destination, summary["chunks"])
     _settle_mapping_outcomes(store, ledger, destination)
     chunks = registered + chunk_files.resume_entries(store)
-    chunk_files.write_manifest(store, chunks, **{k: v for k, v in chunk_files.read_manifest(store).items()
-                                                 if k != "chunks"})
+    chunk_files.write_manifest(
+        store, chunks, **{k: v for k, v in chunk_files.read_manifest(store).items() if k != "chunks"}
+    )
     return {**summary, "chunks": chunks}
 
 
@@ -173,9 +212,15 @@ def _settle_mapping_outcomes(store: RunStore, ledger, destination: str) -> None:
     if table is None:
         return
     table = table.filter(pc.is_valid(table.column("event_id")))
-    ledger.settle_unsent(destination, store.run_id, (
-        (e, _UNSENT[o], r) for e, o, r in zip(*(table.column(c).to_pylist() for c in table.column_names),
-                                               strict=True) if o in _UNSENT))
+    ledger.settle_unsent(
+        destination,
+        store.run_id,
+        (
+            (e, _UNSENT[o], r)
+            for e, o, r in zip(*(table.column(c).to_pylist() for c in table.column_names), strict=True)
+            if o in _UNSENT
+        ),
+    )
 
 
 # ---- summary -------------------------------------------------------------------------------------------
@@ -199,12 +244,16 @@ def summarise_run(
     pending_reason = None
     if unfinished:
         why = stops.read_stops(store)
-        pending_reason = (f"delivery stopped before {len(unfinished)} chunk(s) finished "
-                          f"({', '.join(unfinished[:5])}{' ...' if len(unfinished) > 5 else ''})"
-                          + (f": {'; '.join(why)}" if why else "")
-                          + ". Fix the cause and clear the failed delivery task(s) to resume.")
+        pending_reason = (
+            f"delivery stopped before {len(unfinished)} chunk(s) finished "
+            f"({', '.join(unfinished[:5])}{' ...' if len(unfinished) > 5 else ''})"
+            + (f": {'; '.join(why)}" if why else "")
+            + ". Fix the cause and clear the failed delivery task(s) to resume."
+        )
     rows_read = int(extracted["rows_read"])
-    counts = outcomes.count_by_outcome(outcomes.merge_outcomes(store, rows_read, pending_reason=pending_reason))
+    counts = outcomes.count_by_outcome(
+        outcomes.merge_outcomes(store, rows_read, pending_reason=pending_reason)
+    )
 
     run_stats = RunStats()
     for part in delivery_stats:
@@ -222,12 +271,19 @@ def summarise_run(
     run_stats.previously = dict(extracted.get("claims", {}))
     run_stats.late = {**extracted.get("late", {}), "lookback_hours": plan.lookback_hours}
     run_stats.dead_letters = dead_letters.merge(store)
-    run_stats.problems = ([pending_reason] if pending_reason else []) + run_stats.threshold_problems(plan.thresholds)
+    run_stats.problems = ([pending_reason] if pending_reason else []) + run_stats.threshold_problems(
+        plan.thresholds
+    )
     store.write_json(run_stats.asdict(), "stats.json")
     ledger = _ledger(plan, ledger_url)
     if ledger is not None:
-        ledger.finish_run(plan.destination, plan.run_id, counts=run_stats.rows,
-                          late_rows=int(run_stats.late.get("rows", 0)), problems=run_stats.problems)
+        ledger.finish_run(
+            plan.destination,
+            plan.run_id,
+            counts=run_stats.rows,
+            late_rows=int(run_stats.late.get("rows", 0)),
+            problems=run_stats.problems,
+        )
     return run_stats
 
 

@@ -79,14 +79,16 @@ class RunPlan:
     def from_xcom(cls, data: RunPlan | Mapping[str, Any]) -> RunPlan:
         if isinstance(data, RunPlan):
             return data
-        return cls(**{
-            **data,
-            "window": Window.from_dict(data["window"]),
-            "scan_start": parse_instant(data["scan_start"], "scan_start"),
-            "ledger": dict(data["ledger"]),
-            "thresholds": dict(data.get("thresholds") or {}),
-            "mapping": dict(data.get("mapping") or {}),
-        })
+        return cls(
+            **{
+                **data,
+                "window": Window.from_dict(data["window"]),
+                "scan_start": parse_instant(data["scan_start"], "scan_start"),
+                "ledger": dict(data["ledger"]),
+                "thresholds": dict(data.get("thresholds") or {}),
+                "mapping": dict(data.get("mapping") or {}),
+            }
+        )
 
 
 def plan_run(
@@ -118,8 +120,10 @@ def plan_run(
         raise ParamError(f"param lookback_hours={lookback!r} must be between 0 and {MAX_LOOKBACK_HOURS}")
     dry_run = bool(params.get("dry_run", False))
     if not dry_run and not destination:
-        raise ParamError("no FullStory destination: the connection's org id and region are needed to keep "
-                         "exactly once per org")
+        raise ParamError(
+            "no FullStory destination: the connection's org id and region are needed to keep "
+            "exactly once per org"
+        )
     state = resolve_uri(state_uri, airflow_home, default="state")
     return RunPlan(
         run_id=run_id,
@@ -165,8 +169,9 @@ def resolve_uri(value: str | None, airflow_home: str, *, default: str | None = N
     under AIRFLOW_HOME (so one airflow_settings.yaml serves a laptop and an Astro image)."""
     value = (value or default or "").strip()
     if not value:
-        raise ParamError("no landing URI: set the Airflow Variable datafly_landing_uri "
-                         "(a folder, s3:// or gs:// URI)")
+        raise ParamError(
+            "no landing URI: set the Airflow Variable datafly_landing_uri (a folder, s3:// or gs:// URI)"
+        )
     if "://" in value:
         return value
     path = Path(os.path.expanduser(value))
@@ -186,7 +191,8 @@ def ledger_location(state_uri: str, airflow_home: str, *, conn_id: str | None, e
         raise ParamError(
             f"the executor is {executor.rsplit('.', 1)[-1]}, but the delivery ledger is the SQLite default, which "
             "serves one machine: tasks on other workers would not see each other's claims and could send "
-            "an event twice. Set the Airflow Variable datafly_fullstory_ledger_conn_id to a Postgres connection")
+            "an event twice. Set the Airflow Variable datafly_fullstory_ledger_conn_id to a Postgres connection"
+        )
     if "://" not in state_uri or state_uri.startswith("file://"):
         folder = Path(state_uri.removeprefix("file://"))
     else:

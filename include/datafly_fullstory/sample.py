@@ -45,8 +45,14 @@ MIX = {
     "other_types": 0.05,
 }
 
-CUSTOM_EVENTS = ("Product Added", "Checkout Started", "Newsletter Subscribed", "Search Performed",
-                 "add_to_cart", "Video Played")
+CUSTOM_EVENTS = (
+    "Product Added",
+    "Checkout Started",
+    "Newsletter Subscribed",
+    "Search Performed",
+    "add_to_cart",
+    "Video Played",
+)
 CATEGORIES = ("Shoes", "Outerwear", "Accessories", "Kitchen", "Garden", "Toys")
 LOCALES = ("en-US", "en-GB", "de-DE", "fr-FR", "nl-NL", None)
 USER_AGENTS = (
@@ -74,15 +80,17 @@ def _products(rng: np.random.Generator, n: int = 240) -> list[dict]:
     out = []
     for i in range(n):
         cat = CATEGORIES[i % len(CATEGORIES)]
-        out.append({
-            "product_id": f"P{1000 + i}",
-            "sku": f"SKU-{cat[:3].upper()}-{i:04d}",
-            "name": f"{cat} item {i}",
-            "category": cat,
-            "brand": ("Acme", "Northwind", "Globex")[i % 3],
-            "variant": ("red", "blue", "green", None)[i % 4],
-            "price": round(float(rng.uniform(4, 400)), 2),
-        })
+        out.append(
+            {
+                "product_id": f"P{1000 + i}",
+                "sku": f"SKU-{cat[:3].upper()}-{i:04d}",
+                "name": f"{cat} item {i}",
+                "category": cat,
+                "brand": ("Acme", "Northwind", "Globex")[i % 3],
+                "variant": ("red", "blue", "green", None)[i % 4],
+                "price": round(float(rng.uniform(4, 400)), 2),
+            }
+        )
     return out
 
 
@@ -106,9 +114,16 @@ def _context_pool(rng: np.random.Generator, pages: list[dict], n: int = 600) -> 
         shape = i % 4
         is_denied = i % 29 == 3
         if shape == 0:
-            ctx["consent"] = {"canonical": {"essential": True, "functional": True, "analytics": not is_denied,
-                                            "marketing": bool(i % 2), "personalization": False},
-                              "categories": ["C0001", "C0002"] + ([] if is_denied else ["C0003"])}
+            ctx["consent"] = {
+                "canonical": {
+                    "essential": True,
+                    "functional": True,
+                    "analytics": not is_denied,
+                    "marketing": bool(i % 2),
+                    "personalization": False,
+                },
+                "categories": ["C0001", "C0002"] + ([] if is_denied else ["C0003"]),
+            }
         elif shape == 1:
             ctx["consent"] = {"analytics": not is_denied, "marketing": False}
         else:
@@ -119,14 +134,18 @@ def _context_pool(rng: np.random.Generator, pages: list[dict], n: int = 600) -> 
 
 
 def _page_pool(n: int = 300) -> list[dict]:
-    paths = ["/", "/sale", "/cart", "/checkout", "/account"] + [f"/p/{c.lower()}/{i}" for i in range(60)
-                                                                for c in CATEGORIES[:4]]
+    paths = ["/", "/sale", "/cart", "/checkout", "/account"] + [
+        f"/p/{c.lower()}/{i}" for i in range(60) for c in CATEGORIES[:4]
+    ]
     out = []
     for i in range(n):
         path = paths[i % len(paths)]
-        page = {"url": f"https://shop.example.com{path}" + ("?utm_source=mail" if i % 9 == 0 else ""),
-                "path": path, "title": f"Example Shop - {path.strip('/') or 'home'}",
-                "referrer": "https://www.google.com/" if i % 4 == 0 else ""}
+        page = {
+            "url": f"https://shop.example.com{path}" + ("?utm_source=mail" if i % 9 == 0 else ""),
+            "path": path,
+            "title": f"Example Shop - {path.strip('/') or 'home'}",
+            "referrer": "https://www.google.com/" if i % 4 == 0 else "",
+        }
         if i % 9 == 0:
             page["search"] = "?utm_source=mail"
         out.append(page)
@@ -143,15 +162,36 @@ def _order_pool(rng: np.random.Generator, products: list[dict], n: int = 300) ->
         tax, shipping = round(subtotal * 0.2, 2), (0.0 if subtotal > 100 else 4.95)
         order_id = f"ORD-{i:06d}"
         if i % 3 == 2:  # GA4
-            props = {"transaction_id": order_id, "value": subtotal, "currency": "EUR", "tax": tax,
-                     "shipping": shipping, "items": [{"item_id": p["product_id"], "item_name": p["name"],
-                                                      "item_category": p["category"], "price": p["price"],
-                                                      "quantity": q} for p, q in zip(picks, qty, strict=True)]}
+            props = {
+                "transaction_id": order_id,
+                "value": subtotal,
+                "currency": "EUR",
+                "tax": tax,
+                "shipping": shipping,
+                "items": [
+                    {
+                        "item_id": p["product_id"],
+                        "item_name": p["name"],
+                        "item_category": p["category"],
+                        "price": p["price"],
+                        "quantity": q,
+                    }
+                    for p, q in zip(picks, qty, strict=True)
+                ],
+            }
             name = "purchase"
         else:
-            props = {"order_id": order_id, "checkout_id": f"CHK-{i:06d}", "total": round(subtotal + tax + shipping, 2),
-                     "revenue": subtotal, "tax": tax, "shipping": shipping, "discount": 0.0 if i % 4 else 5.0,
-                     "currency": "USD", "products": [dict(p, quantity=q) for p, q in zip(picks, qty, strict=True)]}
+            props = {
+                "order_id": order_id,
+                "checkout_id": f"CHK-{i:06d}",
+                "total": round(subtotal + tax + shipping, 2),
+                "revenue": subtotal,
+                "tax": tax,
+                "shipping": shipping,
+                "discount": 0.0 if i % 4 else 5.0,
+                "currency": "USD",
+                "products": [dict(p, quantity=q) for p, q in zip(picks, qty, strict=True)],
+            }
             if i % 4 == 0:
                 props["coupon"] = "WELCOME5"
             name = "Order Completed" if i % 3 == 0 else "order_completed"
@@ -163,12 +203,28 @@ def _product_viewed_pool(products: list[dict]) -> list[tuple[str, str]]:
     out = []
     for i, p in enumerate(products):
         if i % 3 == 2:
-            props = {"currency": "EUR", "value": p["price"], "items": [{"item_id": p["product_id"],
-                     "item_name": p["name"], "item_category": p["category"], "price": p["price"], "quantity": 1}]}
+            props = {
+                "currency": "EUR",
+                "value": p["price"],
+                "items": [
+                    {
+                        "item_id": p["product_id"],
+                        "item_name": p["name"],
+                        "item_category": p["category"],
+                        "price": p["price"],
+                        "quantity": 1,
+                    }
+                ],
+            }
             out.append(("view_item", _dumps(props)))
         else:
-            props = dict(p, currency="USD", url=f"https://shop.example.com/p/{p['product_id']}",
-                         image_url=f"https://cdn.example.com/{p['sku']}.jpg", position=i % 12)
+            props = dict(
+                p,
+                currency="USD",
+                url=f"https://shop.example.com/p/{p['product_id']}",
+                image_url=f"https://cdn.example.com/{p['sku']}.jpg",
+                position=i % 12,
+            )
             out.append(("Product Viewed" if i % 3 == 0 else "product_viewed", _dumps(props)))
     return out
 
@@ -177,8 +233,13 @@ def _custom_pool(n: int = 120) -> list[tuple[str, str]]:
     out = []
     for i in range(n):
         name = CUSTOM_EVENTS[i % len(CUSTOM_EVENTS)]
-        props = {"source": "web", "step": i % 4 + 1, "query": f"winter boots {i}" if "Search" in name else None,
-                 "Video Length (s)": 30 + i if "Video" in name else None, "is_logged_in": bool(i % 2)}
+        props = {
+            "source": "web",
+            "step": i % 4 + 1,
+            "query": f"winter boots {i}" if "Search" in name else None,
+            "Video Length (s)": 30 + i if "Video" in name else None,
+            "is_logged_in": bool(i % 2),
+        }
         out.append((name, _dumps({k: v for k, v in props.items() if v is not None})))
     return out
 
@@ -186,10 +247,17 @@ def _custom_pool(n: int = 120) -> list[tuple[str, str]]:
 def _traits_pool(n_users: int) -> list[str]:
     out = []
     for i in range(n_users):
-        first, last = ("Ada", "Grace", "Alan", "Edsger", "Barbara")[i % 5], ("Lovelace", "Hopper", "Turing")[i % 3]
-        traits: dict = {"email": f"user{i}@example.com", "plan": ("free", "pro", "enterprise")[i % 3],
-                        "createdAt": f"2025-{i % 12 + 1:02d}-15T10:00:00Z", "logins": i % 40,
-                        "company": {"name": f"Company {i % 50}", "size": 10 + i % 500}}
+        first, last = (
+            ("Ada", "Grace", "Alan", "Edsger", "Barbara")[i % 5],
+            ("Lovelace", "Hopper", "Turing")[i % 3],
+        )
+        traits: dict = {
+            "email": f"user{i}@example.com",
+            "plan": ("free", "pro", "enterprise")[i % 3],
+            "createdAt": f"2025-{i % 12 + 1:02d}-15T10:00:00Z",
+            "logins": i % 40,
+            "company": {"name": f"Company {i % 50}", "size": 10 + i % 500},
+        }
         naming = i % 3
         if naming == 0:
             traits.update(firstName=first, lastName=last, displayName=f"{first} {last}")
@@ -228,7 +296,9 @@ def generate_table(spec: LandingSpec) -> pa.Table:
     ctx_idx = rng.integers(0, len(contexts), size=n)
     is_page = family == 0
     type_col[is_page] = "page"
-    page_props = np.array([_dumps({k: v for k, v in p.items() if k != "search"}) for p in pages], dtype=object)
+    page_props = np.array(
+        [_dumps({k: v for k, v in p.items() if k != "search"}) for p in pages], dtype=object
+    )
     props_col[is_page] = page_props[page_idx[is_page]]
     page_names = np.array([p["title"].split(" - ")[-1].title() for p in pages], dtype=object)
     name_col[is_page] = page_names[page_idx[is_page]]
@@ -270,18 +340,28 @@ def generate_table(spec: LandingSpec) -> pa.Table:
 
     context_arr = np.array(contexts, dtype=object)[ctx_idx]
     table_cols = {
-        "event_id": event_id, "type": type_col, "event": event_col, "name": name_col,
-        "anonymous_id": anon, "user_id": user_id,
-        "timestamp": ts, "received_at": received, "sent_at": sent,
-        "context": context_arr, "properties": props_col, "traits": traits_col,
+        "event_id": event_id,
+        "type": type_col,
+        "event": event_col,
+        "name": name_col,
+        "anonymous_id": anon,
+        "user_id": user_id,
+        "timestamp": ts,
+        "received_at": received,
+        "sent_at": sent,
+        "context": context_arr,
+        "properties": props_col,
+        "traits": traits_col,
     }
     _inject_bad_rows(rng, spec, table_cols)
-    return pa.table({
-        **{k: pa.array(table_cols[k], type=pa.string()) for k in STRING_COLUMNS},
-        **{k: pa.array(table_cols[k], type=pa.timestamp("ns", tz="UTC")) for k in TIMESTAMP_COLUMNS},
-        **{k: pa.array(table_cols[k], type=pa.string()) for k in JSON_COLUMNS},
-        "source_id": pa.array(np.where(np.arange(n) % 2 == 0, "web-shop", "web-blog"), type=pa.string()),
-    })
+    return pa.table(
+        {
+            **{k: pa.array(table_cols[k], type=pa.string()) for k in STRING_COLUMNS},
+            **{k: pa.array(table_cols[k], type=pa.timestamp("ns", tz="UTC")) for k in TIMESTAMP_COLUMNS},
+            **{k: pa.array(table_cols[k], type=pa.string()) for k in JSON_COLUMNS},
+            "source_id": pa.array(np.where(np.arange(n) % 2 == 0, "web-shop", "web-blog"), type=pa.string()),
+        }
+    )
 
 
 def _inject_bad_rows(rng: np.random.Generator, spec: LandingSpec, cols: dict) -> None:
@@ -348,11 +428,21 @@ def _split(table: pa.Table, parts: int) -> list[pa.Table]:
     return [table.slice(i, size) for i in range(0, table.num_rows, size)]
 
 
-def generate_landing(out_dir: str | Path, rows: int, start: datetime, hours: int = 1, *, seed: int = 7,
-                     layout: str = "hive", bad_fraction: float = 0.004, files_per_hour: int = 1) -> list[Path]:
+def generate_landing(
+    out_dir: str | Path,
+    rows: int,
+    start: datetime,
+    hours: int = 1,
+    *,
+    seed: int = 7,
+    layout: str = "hive",
+    bad_fraction: float = 0.004,
+    files_per_hour: int = 1,
+) -> list[Path]:
     """Generate and write a landing of `rows` rows spread over `hours` hours from `start`."""
-    spec = LandingSpec(rows=rows, start=start, end=start + timedelta(hours=hours), seed=seed,
-                       bad_fraction=bad_fraction)
+    spec = LandingSpec(
+        rows=rows, start=start, end=start + timedelta(hours=hours), seed=seed, bad_fraction=bad_fraction
+    )
     return write_landing(generate_table(spec), out_dir, layout=layout, files_per_hour=files_per_hour)
 
 
@@ -367,8 +457,15 @@ def _main() -> None:
     parser.add_argument("--bad-fraction", type=float, default=0.004)
     args = parser.parse_args()
     start = datetime.fromisoformat(args.start.replace("Z", "+00:00")).astimezone(UTC)
-    files = generate_landing(args.out_dir, args.rows, start, args.hours, seed=args.seed, layout=args.layout,
-                             bad_fraction=args.bad_fraction)
+    files = generate_landing(
+        args.out_dir,
+        args.rows,
+        start,
+        args.hours,
+        seed=args.seed,
+        layout=args.layout,
+        bad_fraction=args.bad_fraction,
+    )
     print(f"wrote {args.rows} rows in {len(files)} files under {args.out_dir}")
 
 

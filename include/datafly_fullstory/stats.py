@@ -26,8 +26,19 @@ THRESHOLDS: dict[str, tuple[str, float, str]] = {
     "max_unknown_rows": ("unknown", 0, "of unknown fate (sent, answer lost)"),
 }
 # What one delivery task reports about its chunks (DeliveryReport), in the order the summary names them.
-DELIVERY_FIGURES = ("chunks", "already_complete", "resumed", "submitted", "reposted", "replayed", "refused",
-                    "abandoned", "unknown_items", "unmatched_errors", "dry_run_rows")
+DELIVERY_FIGURES = (
+    "chunks",
+    "already_complete",
+    "resumed",
+    "submitted",
+    "reposted",
+    "replayed",
+    "refused",
+    "abandoned",
+    "unknown_items",
+    "unmatched_errors",
+    "dry_run_rows",
+)
 
 
 def _items() -> dict[str, int]:
@@ -78,30 +89,56 @@ class RunStats:
     def asstr(self) -> str:
         """One readable line for the task log."""
         rows, http = self.rows, self.http
-        head = (f"window {self.window_start} -> {self.window_end}{' (dry run)' if self.dry_run else ''}: "
-                if self.window_start else "")
-        counts = (f"read {rows.get('read', 0)}, "
-                  + ", ".join(f"{o} {rows.get(o, 0)}" for o in ROW_OUTCOMES[:5])
-                  + "".join(f", {o} {rows[o]}" for o in ("unknown", "pending", "dry_run") if rows.get(o))
-                  + (f" ({self.late['rows']} late)" if self.late.get("rows") else "")
-                  + "; ") if rows.get("read") else ""
-        items = "" if rows.get("read") else (
-            f"events {self.events['delivered']} delivered / {self.events['rejected']} rejected, "
-            f"users {self.users['delivered']} delivered / {self.users['rejected']} rejected; ")
+        head = (
+            f"window {self.window_start} -> {self.window_end}{' (dry run)' if self.dry_run else ''}: "
+            if self.window_start
+            else ""
+        )
+        counts = (
+            (
+                f"read {rows.get('read', 0)}, "
+                + ", ".join(f"{o} {rows.get(o, 0)}" for o in ROW_OUTCOMES[:5])
+                + "".join(f", {o} {rows[o]}" for o in ("unknown", "pending", "dry_run") if rows.get(o))
+                + (f" ({self.late['rows']} late)" if self.late.get("rows") else "")
+                + "; "
+            )
+            if rows.get("read")
+            else ""
+        )
+        items = (
+            ""
+            if rows.get("read")
+            else (
+                f"events {self.events['delivered']} delivered / {self.events['rejected']} rejected, "
+                f"users {self.users['delivered']} delivered / {self.users['rejected']} rejected; "
+            )
+        )
         chunks = ""
         if self.delivery.get("chunks"):
-            parts = [f"{self.delivery[k]} {k.replace('_', ' ')}" for k in DELIVERY_FIGURES[1:8]
-                     if self.delivery.get(k)]
-            chunks = f"{self.delivery['chunks']} chunk(s)" + (f" ({', '.join(parts)})" if parts else "") + ", "
-        return (f"{head}{counts}{items}{chunks}{self.batches} batches, {http.get('requests', 0)} requests "
-                f"({http.get('retries', 0)} retries), {self.bytes_sent} bytes in {self.duration_s:.1f}s")
+            parts = [
+                f"{self.delivery[k]} {k.replace('_', ' ')}"
+                for k in DELIVERY_FIGURES[1:8]
+                if self.delivery.get(k)
+            ]
+            chunks = (
+                f"{self.delivery['chunks']} chunk(s)" + (f" ({', '.join(parts)})" if parts else "") + ", "
+            )
+        return (
+            f"{head}{counts}{items}{chunks}{self.batches} batches, {http.get('requests', 0)} requests "
+            f"({http.get('retries', 0)} retries), {self.bytes_sent} bytes in {self.duration_s:.1f}s"
+        )
 
     __str__ = asstr
 
     def asset_metadata(self) -> dict[str, Any]:
         """What the sync's Asset event carries."""
-        return {"window_start": self.window_start, "window_end": self.window_end, "rows": dict(self.rows),
-                "dry_run": self.dry_run, "artifacts": self.artifacts}
+        return {
+            "window_start": self.window_start,
+            "window_end": self.window_end,
+            "rows": dict(self.rows),
+            "dry_run": self.dry_run,
+            "artifacts": self.artifacts,
+        }
 
     # ---- problems ------------------------------------------------------------------------------------
 
@@ -123,12 +160,16 @@ class RunStats:
             count, limit = self.rows.get(outcome, 0), float(thresholds.get(name, default))
             if name.endswith("_rows"):
                 if count > limit:
-                    problems.append(f"{count} row(s) {words}: above {name}={limit:g}. Each one's outcome says "
-                                    f"what to check (outcomes.parquet in {self.artifacts})")
+                    problems.append(
+                        f"{count} row(s) {words}: above {name}={limit:g}. Each one's outcome says "
+                        f"what to check (outcomes.parquet in {self.artifacts})"
+                    )
             elif read and count / read > limit:
                 where = "dead_letters.parquet" if outcome == "rejected" else "outcomes.parquet"
-                problems.append(f"{count} of {read} rows ({count / read:.1%}) {words}: above {name}={limit:.1%}. "
-                                f"See {where} in {self.artifacts}")
+                problems.append(
+                    f"{count} of {read} rows ({count / read:.1%}) {words}: above {name}={limit:.1%}. "
+                    f"See {where} in {self.artifacts}"
+                )
         return problems
 
 

@@ -32,8 +32,10 @@ def write_part(store: RunStore, number: int, table: pa.Table) -> str:
 
 def write_parts(store: RunStore, table: pa.Table, part_rows: int) -> list[str]:
     """`table` as consecutive parts of `part_rows` rows (tests and benchmarks start from here)."""
-    return [write_part(store, i, table.slice(start, part_rows))
-            for i, start in enumerate(range(0, table.num_rows, part_rows))]
+    return [
+        write_part(store, i, table.slice(start, part_rows))
+        for i, start in enumerate(range(0, table.num_rows, part_rows))
+    ]
 
 
 def parts(store: RunStore) -> list[str]:

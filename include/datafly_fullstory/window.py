@@ -70,9 +70,15 @@ def resolve_window(
         if not (window_start and window_end):
             raise WindowError("give both window_start and window_end, or neither")
         return Window(parse_instant(window_start, "window_start"), parse_instant(window_end, "window_end"))
-    if data_interval_start is not None and data_interval_end is not None and data_interval_end > data_interval_start:
-        return Window(parse_instant(data_interval_start, "data_interval_start"),
-                      parse_instant(data_interval_end, "data_interval_end"))
+    if (
+        data_interval_start is not None
+        and data_interval_end is not None
+        and data_interval_end > data_interval_start
+    ):
+        return Window(
+            parse_instant(data_interval_start, "data_interval_start"),
+            parse_instant(data_interval_end, "data_interval_end"),
+        )
     if run_after is None:
         raise WindowError("no window: no window_start/window_end params, no data interval and no run_after")
     end = parse_instant(run_after, "run_after").replace(minute=0, second=0, microsecond=0)

@@ -27,8 +27,9 @@ ROWS = 2400
 
 @pytest.fixture(scope="module")
 def landing(tmp_path_factory):
-    table = generate_table(LandingSpec(rows=ROWS, start=START, end=START + timedelta(hours=HOURS), seed=31,
-                                       bad_fraction=0.01))
+    table = generate_table(
+        LandingSpec(rows=ROWS, start=START, end=START + timedelta(hours=HOURS), seed=31, bad_fraction=0.01)
+    )
     folder = tmp_path_factory.mktemp("landing")
     write_landing(table, folder)
     return folder, table
@@ -53,9 +54,12 @@ def env(monkeypatch, tmp_path, landing, fullstory_emulator):
     """Connection and variables as users set them, pointing at the emulator and a fresh state store."""
 
     def configure(api_key=None):
-        conn = {"conn_type": "http", "host": fullstory_emulator.base_url,
-                "password": api_key or fullstory_emulator.api_key,
-                "extra": {"org_id": fullstory_emulator.org_id, "data_region": "na1"}}
+        conn = {
+            "conn_type": "http",
+            "host": fullstory_emulator.base_url,
+            "password": api_key or fullstory_emulator.api_key,
+            "extra": {"org_id": fullstory_emulator.org_id, "data_region": "na1"},
+        }
         monkeypatch.setenv("AIRFLOW_CONN_FULLSTORY_DEFAULT", json.dumps(conn))
 
     configure()
@@ -68,8 +72,12 @@ def run_window(dag, hour: int, hours: int = 1, **conf):
     """One dag.test() run of the window [START+hour, START+hour+hours)."""
     if hours == 1 and not conf:  # as scheduled: the data interval is the hour that ended at the logical date
         return dag.test(logical_date=START + timedelta(hours=hour + 1), run_conf=dict(dag.default_conf))
-    conf = {**dag.default_conf, "window_start": (START + timedelta(hours=hour)).isoformat(),
-            "window_end": (START + timedelta(hours=hour + hours)).isoformat(), **conf}
+    conf = {
+        **dag.default_conf,
+        "window_start": (START + timedelta(hours=hour)).isoformat(),
+        "window_end": (START + timedelta(hours=hour + hours)).isoformat(),
+        **conf,
+    }
     return dag.test(run_conf=conf)
 
 
@@ -135,7 +143,9 @@ def test_rerun_sends_nothing_and_force_replays_with_the_same_keys(dag, env, land
     assert again.state == "success" and fullstory_emulator.requests()["total"] == posts  # nothing sent
     assert stats2["rows"]["delivered"] == stats1["rows"]["delivered"]
     assert stats2["previously"]["already_delivered"] == stats1["rows"]["delivered"]
-    reasons = outcomes2.filter(pc.equal(outcomes2.column("outcome"), "delivered")).column("reason").to_pylist()
+    reasons = (
+        outcomes2.filter(pc.equal(outcomes2.column("outcome"), "delivered")).column("reason").to_pylist()
+    )
     assert all(f"delivered earlier by run {first.run_id}" in r for r in reasons)
 
     forced = run_window(dag, 0, hours=2, force=True)
@@ -165,13 +175,17 @@ def test_rejections_wait_in_dead_letters_and_replay_once_fixed(dag, env, landing
     replay = run_window(dag, 1, replay_dead_letters=True)
     stats2, outcomes2, _ = artifacts(state_dir, replay.run_id)
     assert replay.state == "success"
-    assert stats2["previously"]["replayed_dead_letters"] == rejected and stats2["events"]["delivered"] == rejected
+    assert (
+        stats2["previously"]["replayed_dead_letters"] == rejected
+        and stats2["events"]["delivered"] == rejected
+    )
     assert stats2["rows"]["rejected"] == 0
     held = {e["properties"]["datafly_event_id"] for e in fullstory_emulator.events(name="purchase")}
     dead_ids = set(dead.column("event_ids").combine_chunks().flatten().to_pylist())
     assert dead_ids and dead_ids <= held  # the dead letters became deliveries
-    assert len(fullstory_emulator.events()) == len(set(e["properties"]["datafly_event_id"]
-                                                       for e in fullstory_emulator.events()))
+    assert len(fullstory_emulator.events()) == len(
+        set(e["properties"]["datafly_event_id"] for e in fullstory_emulator.events())
+    )
 
 
 def test_dry_run_sends_nothing_and_records_every_row(dag, env, landing, fullstory_emulator):
@@ -182,8 +196,12 @@ def test_dry_run_sends_nothing_and_records_every_row(dag, env, landing, fullstor
     assert fullstory_emulator.requests()["total"] == 0
     assert_reconciled(stats, outcomes, landing[1], 2)
     assert stats["rows"]["dry_run"] > 0 and stats["rows"]["delivered"] == 0
-    names = {orjson.loads(line)["name"] for c in store.list("payloads", suffix=".jsonl") if c.startswith("events")
-             for line in store.iter_lines("payloads", c)}
+    names = {
+        orjson.loads(line)["name"]
+        for c in store.list("payloads", suffix=".jsonl")
+        if c.startswith("events")
+        for line in store.iter_lines("payloads", c)
+    }
     assert names <= {"page_view", "purchase"} and "page_view" in names
 
 
@@ -227,8 +245,12 @@ def test_landing_and_state_on_an_object_store(dag, env, landing, fullstory_emula
     server.start()
     try:
         host, port = server.get_host_and_port()
-        for key, value in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-                           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        for key, value in {
+            "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }.items():
             monkeypatch.setenv(key, value)
         fs = fsspec.filesystem("s3", skip_instance_cache=True)
         fs.mkdir("datafly")
@@ -249,15 +271,18 @@ def test_landing_and_state_on_an_object_store(dag, env, landing, fullstory_emula
 
         ledger = Path(os.environ["AIRFLOW_HOME"]) / "datafly_fullstory" / "ledger.sqlite"
         with sa.create_engine(f"sqlite:///{ledger}").connect() as conn:
-            held = conn.execute(sa.text("select count(*) from dffs_items where state = 'delivered' and run_id = :r"),
-                                {"r": dr.run_id}).scalar()
+            held = conn.execute(
+                sa.text("select count(*) from dffs_items where state = 'delivered' and run_id = :r"),
+                {"r": dr.run_id},
+            ).scalar()
         assert held == stats["rows"]["delivered"]
     finally:
         server.stop()
 
 
-def test_a_corrupt_landing_file_fails_at_once_naming_the_file(dag, env, landing, fullstory_emulator, tmp_path,
-                                                              monkeypatch):
+def test_a_corrupt_landing_file_fails_at_once_naming_the_file(
+    dag, env, landing, fullstory_emulator, tmp_path, monkeypatch
+):
     import shutil
 
     broken = tmp_path / "broken-landing"

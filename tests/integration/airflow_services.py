@@ -61,12 +61,16 @@ class AirflowServices:
         writer at a time: a command that met the scheduler's write lock ("database is locked") is tried
         again, at most `attempts` times; any other failure raises at once."""
         for attempt in range(1, attempts + 1):
-            result = subprocess.run([AIRFLOW, *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+            result = subprocess.run(
+                [AIRFLOW, *args], env=self.env, capture_output=True, text=True, timeout=timeout
+            )
             if result.returncode == 0:
                 return result.stdout
             if "database is locked" not in result.stderr or attempt == attempts:
-                raise RuntimeError(f"airflow {' '.join(args)} failed ({result.returncode}):\n"
-                                   f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+                raise RuntimeError(
+                    f"airflow {' '.join(args)} failed ({result.returncode}):\n"
+                    f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+                )
             time.sleep(2 * attempt)
         raise AssertionError("unreachable")
 
@@ -74,14 +78,23 @@ class AirflowServices:
         self.home.mkdir(parents=True, exist_ok=True)
         self.cli("db", "migrate", timeout=180)
         # The pool, connection and variables as a plain-Airflow user applies them (env vars still win).
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "airflow_settings.py")], env=self.env, check=True,
-                       capture_output=True, timeout=120)
+        subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "airflow_settings.py")],
+            env=self.env,
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
         for name in ("api-server", "dag-processor", "scheduler"):
             log = self.home / f"{name}.log"
             self.logs[name] = log
             self.processes[name] = subprocess.Popen(
-                [AIRFLOW, name], env=self.env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                start_new_session=True)
+                [AIRFLOW, name],
+                env=self.env,
+                stdout=log.open("wb"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.wait_for(self._api_up, 90, "the api-server to listen")
         return self
 
@@ -126,8 +139,11 @@ class AirflowServices:
         return self.query("select run_id, run_type, state from dag_run where dag_id = ? order by id", dag_id)
 
     def wait_for_dag(self, dag_id: str, timeout: float = 120) -> None:
-        self.wait_for(lambda: (self._check_alive(), self.query(
-            "select 1 from dag where dag_id = ?", dag_id))[1], timeout, f"the DAG {dag_id} to be parsed")
+        self.wait_for(
+            lambda: (self._check_alive(), self.query("select 1 from dag where dag_id = ?", dag_id))[1],
+            timeout,
+            f"the DAG {dag_id} to be parsed",
+        )
 
     def wait_for_runs(self, dag_id: str, run_ids: set[str], timeout: float) -> dict[str, str]:
         def finished():

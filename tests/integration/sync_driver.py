@@ -128,12 +128,18 @@ class SyncDriver:
 
     def execute(self, run: Run, name: str) -> Any:
         if name == "plan":
-            plan = plan_run(params=run.params, run_id=run.run_id, landing_uri=str(self.landing),
-                                     state_uri=str(self.state), airflow_home=str(self.home),
-                                     data_interval_start=run.interval[0] if run.interval else None,
-                                     data_interval_end=run.interval[1] if run.interval else None,
-                                     run_after=datetime.now().astimezone(), destination=self.destination,
-                                     ledger_conn_id=self.ledger_conn_id)
+            plan = plan_run(
+                params=run.params,
+                run_id=run.run_id,
+                landing_uri=str(self.landing),
+                state_uri=str(self.state),
+                airflow_home=str(self.home),
+                data_interval_start=run.interval[0] if run.interval else None,
+                data_interval_end=run.interval[1] if run.interval else None,
+                run_after=datetime.now().astimezone(),
+                destination=self.destination,
+                ledger_conn_id=self.ledger_conn_id,
+            )
             # several chunks per window
             return dataclasses.replace(plan, mapping={**plan.mapping, "max_items": self.max_items}).to_xcom()
         url = ledger_url(run.plan["ledger"])

@@ -75,8 +75,17 @@ def use_connection(monkeypatch, emu, *, key=None, org=None, region=None, **extra
     return conn
 
 
-def make_run(tmp_path, ledger, events_per_chunk=(50,), users=5, bad=0, *, destination=DESTINATION,
-             run_id=RUN_ID, first_row=0) -> tuple[RunStore, list[str]]:
+def make_run(
+    tmp_path,
+    ledger,
+    events_per_chunk=(50,),
+    users=5,
+    bad=0,
+    *,
+    destination=DESTINATION,
+    run_id=RUN_ID,
+    first_row=0,
+) -> tuple[RunStore, list[str]]:
     """A run folder and its ledger records as the mapping stage leaves them: users-00000 (rows 0..users-1,
     `ev-<row>`), then events-0000N, each event carrying `datafly_event_id` = `ev-<row>`."""
     store = RunStore(str(tmp_path / "state"), run_id)
@@ -99,8 +108,12 @@ def operator(store, ledger, chunks, **kwargs):
     kwargs.setdefault("timeout", 60)
     kwargs.setdefault("destination", DESTINATION)
     return FullStoryDeliveryOperator(
-        task_id="deliver", state_uri=store.state_uri, run_id=store.run_id, chunks=chunks,
-        ledger={"url": ledger.url}, **kwargs
+        task_id="deliver",
+        state_uri=store.state_uri,
+        run_id=store.run_id,
+        chunks=chunks,
+        ledger={"url": ledger.url},
+        **kwargs,
     )
 
 
@@ -111,8 +124,10 @@ def deliver(store, ledger, chunks, **kwargs):
 
 
 def outcomes(store, chunk) -> list[tuple[int, str, str]]:
-    return [(o["row"], o["event_id"], o["outcome"])
-            for o in store.read_table("outcomes", f"delivery-{chunk}.parquet").to_pylist()]
+    return [
+        (o["row"], o["event_id"], o["outcome"])
+        for o in store.read_table("outcomes", f"delivery-{chunk}.parquet").to_pylist()
+    ]
 
 
 def all_delivered(rows) -> list[tuple[int, str, str]]:
@@ -169,7 +184,11 @@ def test_delivers_users_then_events(fullstory_emulator, monkeypatch, tmp_path, l
     for name, n in zip(chunks, (5, 40, 30, 20), strict=True):
         record = chunk_row(ledger, name)
         assert (record.status, record.job_status, record.submissions, record.delivered_items) == (
-            "completed", "COMPLETED", 1, n)
+            "completed",
+            "COMPLETED",
+            1,
+            n,
+        )
         assert record.job_id and record.idempotency_key.startswith(f"dffs-{name.split('-')[0]}-")
         assert outcomes(store, name) == all_delivered(range(row, row + n))
         row += n
@@ -178,10 +197,14 @@ def test_delivers_users_then_events(fullstory_emulator, monkeypatch, tmp_path, l
     json.dumps(stats)  # an XCom value
 
 
-def test_per_item_rejections_become_dead_letters_and_outcomes(fullstory_emulator, monkeypatch, tmp_path, ledger):
+def test_per_item_rejections_become_dead_letters_and_outcomes(
+    fullstory_emulator, monkeypatch, tmp_path, ledger
+):
     emu = fullstory_emulator
     use_connection(monkeypatch, emu)
-    emu.set_faults(reject_event_names=["Rejected Thing"], reject_user_uids=["u3"], reject_code="invalid_argument")
+    emu.set_faults(
+        reject_event_names=["Rejected Thing"], reject_user_uids=["u3"], reject_code="invalid_argument"
+    )
     store, chunks = make_run(tmp_path, ledger, events_per_chunk=(10,), bad=2)  # two bad items, same content
     stats, _ = deliver(store, ledger, chunks)
     assert stats["users"] == {"delivered": 4, "rejected": 1}
@@ -190,32 +213,54 @@ def test_per_item_rejections_become_dead_letters_and_outcomes(fullstory_emulator
     assert sorted(u["uid"] for u in emu.users()) == ["u0", "u1", "u2", "u4"]
     dead = dead_letters.read_chunk(store, "events-00000").to_pylist()
     assert [(d["item_index"], d["rows"], d["event_ids"], d["code"]) for d in dead] == [
-        (10, [15], ["ev-15"], "invalid_argument"), (11, [16], ["ev-16"], "invalid_argument")]
+        (10, [15], ["ev-15"], "invalid_argument"),
+        (11, [16], ["ev-16"], "invalid_argument"),
+    ]
     assert orjson.loads(dead[1]["item"])["properties"] == {"k": 1, "datafly_event_id": "ev-16"}  # as sent
     record = chunk_row(ledger, "events-00000")
     assert {d["job_id"] for d in dead} == {record.job_id} and record.job_status == "FAILED"  # partial failure
-    assert outcomes(store, "events-00000") == all_delivered(range(5, 15)) + [(15, "ev-15", "rejected"),
-                                                                           (16, "ev-16", "rejected")]
+    assert outcomes(store, "events-00000") == all_delivered(range(5, 15)) + [
+        (15, "ev-15", "rejected"),
+        (16, "ev-16", "rejected"),
+    ]
     reason = store.read_table("outcomes", "delivery-events-00000.parquet").to_pylist()[11]["reason"]
     assert reason.startswith("invalid_argument: ")
     (user_dead,) = dead_letters.read_chunk(store, "users-00000").to_pylist()
     assert (user_dead["item_index"], user_dead["rows"], user_dead["kind"]) == (3, [3], "user")
     assert [o[2] for o in outcomes(store, "users-00000")] == ["delivered"] * 3 + ["rejected", "delivered"]
-    assert states(ledger, [3, 15, 16]) == {"rejected"} and states(ledger, [0, 1, 2, 4, *range(5, 15)]) == {"delivered"}
+    assert states(ledger, [3, 15, 16]) == {"rejected"} and states(ledger, [0, 1, 2, 4, *range(5, 15)]) == {
+        "delivered"
+    }
 
 
-def test_the_emulators_own_validation_errors_are_matched_by_event_id(fullstory_emulator, monkeypatch, tmp_path,
-                                                                    ledger):
+def test_the_emulators_own_validation_errors_are_matched_by_event_id(
+    fullstory_emulator, monkeypatch, tmp_path, ledger
+):
     emu = fullstory_emulator
     use_connection(monkeypatch, emu)
     store = RunStore(str(tmp_path / "state"), RUN_ID)
     good = {"name": "Fine", "user": {"uid": "u1"}}
-    write_run(store, ledger, {"events-00000": [good, {**good, "properties": {"bad-name": 1}}, good,
-                                               {**good, "timestamp": "yesterday"}]})
+    write_run(
+        store,
+        ledger,
+        {
+            "events-00000": [
+                good,
+                {**good, "properties": {"bad-name": 1}},
+                good,
+                {**good, "timestamp": "yesterday"},
+            ]
+        },
+    )
     stats, _ = deliver(store, ledger, ["events-00000"])
     assert stats["events"] == {"delivered": 2, "rejected": 2}
     assert imported(emu) == once([0, 2])
-    assert [o[2] for o in outcomes(store, "events-00000")] == ["delivered", "rejected", "delivered", "rejected"]
+    assert [o[2] for o in outcomes(store, "events-00000")] == [
+        "delivered",
+        "rejected",
+        "delivered",
+        "rejected",
+    ]
     dead = dead_letters.read_chunk(store, "events-00000").to_pylist()
     assert [(d["item_index"], d["rows"]) for d in dead] == [(1, [1]), (3, [3])]
     assert "bad-name" in dead[0]["message"] and "timestamp" in dead[1]["message"]
@@ -283,8 +328,9 @@ def test_dropped_connection_is_retried(fullstory_emulator, monkeypatch, tmp_path
 # ---- refusals ------------------------------------------------------------------------------------------
 
 
-def test_401_fails_without_airflow_retries_and_a_fixed_key_resends(fullstory_emulator, monkeypatch, tmp_path,
-                                                                  ledger):
+def test_401_fails_without_airflow_retries_and_a_fixed_key_resends(
+    fullstory_emulator, monkeypatch, tmp_path, ledger
+):
     emu = fullstory_emulator
     use_connection(monkeypatch, emu, key="na1.not-a-real-key/zz")
     store, chunks = make_run(tmp_path, ledger, users=0)
@@ -295,7 +341,12 @@ def test_401_fails_without_airflow_retries_and_a_fixed_key_resends(fullstory_emu
     assert api_posts(emu) == 1  # a 401 is final: no retries
     # FullStory answered that it took nothing: the chunk is unsent again (no key age to run out).
     record = chunk_row(ledger, "events-00000")
-    assert (record.status, record.job_id, record.submissions, record.first_post_at) == ("claimed", None, 0, None)
+    assert (record.status, record.job_id, record.submissions, record.first_post_at) == (
+        "claimed",
+        None,
+        0,
+        None,
+    )
     assert stops.read_stops(store)[0].startswith("FullStoryAuthError: Invalid API key")
     use_connection(monkeypatch, emu)
     stats, _ = deliver(store, ledger, chunks)  # sent as a first POST, under the same recorded key
@@ -321,16 +372,23 @@ def test_region_mismatch_is_refused_before_sending(fullstory_emulator, monkeypat
     with pytest.raises(FullStoryConfigError, match="data region mismatch: extra.data_region says eu1"):
         deliver(store, ledger, chunks)
     assert emu.requests()["total"] == 0
-    assert (chunk_row(ledger, "events-00000").status, chunk_row(ledger, "events-00000").submissions) == ("claimed", 0)
+    assert (chunk_row(ledger, "events-00000").status, chunk_row(ledger, "events-00000").submissions) == (
+        "claimed",
+        0,
+    )
 
 
-def test_a_connection_naming_another_org_is_refused_before_sending(fullstory_emulator, monkeypatch, tmp_path,
-                                                                   ledger):
+def test_a_connection_naming_another_org_is_refused_before_sending(
+    fullstory_emulator, monkeypatch, tmp_path, ledger
+):
     emu = fullstory_emulator
     use_connection(monkeypatch, emu, org="o-OTHER-na1")  # the run claimed its rows for o-LOCAL-na1@na1
     store, chunks = make_run(tmp_path, ledger, users=0)
-    with pytest.raises(AirflowFailException, match="now names o-OTHER-na1@na1, but this run claimed its rows for "
-                                                   "o-LOCAL-na1@na1; nothing was sent"):
+    with pytest.raises(
+        AirflowFailException,
+        match="now names o-OTHER-na1@na1, but this run claimed its rows for "
+        "o-LOCAL-na1@na1; nothing was sent",
+    ):
         deliver(store, ledger, chunks)
     assert emu.requests()["total"] == 0 and chunk_row(ledger, "events-00000").status == "claimed"
 
@@ -344,7 +402,10 @@ def test_events_wait_for_users_of_the_same_run(fullstory_emulator, monkeypatch, 
     assert emu.requests()["total"] == 0 and chunk_row(ledger, "events-00000").status == "claimed"
     deliver(store, ledger, ["users-00000"])
     stats, _ = deliver(store, ledger, ["events-00000"])
-    assert stats["events"] == {"delivered": 50, "rejected": 0} and stats["users"] == {"delivered": 0, "rejected": 0}
+    assert stats["events"] == {"delivered": 50, "rejected": 0} and stats["users"] == {
+        "delivered": 0,
+        "rejected": 0,
+    }
     assert imported(emu) == once(range(5, 55)) and [j["kind"] for j in emu.jobs()] == ["users", "events"]
 
 
@@ -363,8 +424,9 @@ def test_a_refused_batch_rejects_every_row(fullstory_emulator, monkeypatch, tmp_
     out = store.read_table("outcomes", "delivery-events-00000.parquet").to_pylist()
     assert all(o["reason"].startswith("idempotency_key_mismatch: ") for o in out)
     dead = dead_letters.read_chunk(store, "events-00000").to_pylist()
-    assert [(d["item_index"], d["rows"], d["code"]) for d in dead] == [(i, [i], "idempotency_key_mismatch")
-                                                                      for i in range(4)]
+    assert [(d["item_index"], d["rows"], d["code"]) for d in dead] == [
+        (i, [i], "idempotency_key_mismatch") for i in range(4)
+    ]
     assert imported(emu) == Counter({None: 1})  # the squatter's event only
     before = emu.requests()["total"]
     again, _ = deliver(store, ledger, chunks)
@@ -374,8 +436,9 @@ def test_a_refused_batch_rejects_every_row(fullstory_emulator, monkeypatch, tmp_
 # ---- re-runs -------------------------------------------------------------------------------------------
 
 
-def test_a_rerun_sends_nothing_and_rewrites_outcomes_from_the_ledger(fullstory_emulator, monkeypatch, tmp_path,
-                                                                     ledger):
+def test_a_rerun_sends_nothing_and_rewrites_outcomes_from_the_ledger(
+    fullstory_emulator, monkeypatch, tmp_path, ledger
+):
     emu = fullstory_emulator
     use_connection(monkeypatch, emu)
     store, chunks = make_run(tmp_path, ledger, events_per_chunk=(30, 20))
@@ -402,8 +465,9 @@ def test_a_rerun_sends_nothing_and_rewrites_outcomes_from_the_ledger(fullstory_e
         ("after_job", 1, 0, "resumed"),  # the job ended but its results were not recorded
     ],
 )
-def test_a_task_killed_mid_delivery_resumes_from_the_ledger(fullstory_emulator, monkeypatch, tmp_path, ledger,
-                                                            point, posts, replays, counter):
+def test_a_task_killed_mid_delivery_resumes_from_the_ledger(
+    fullstory_emulator, monkeypatch, tmp_path, ledger, point, posts, replays, counter
+):
     emu = fullstory_emulator
     use_connection(monkeypatch, emu)
     store, chunks = make_run(tmp_path, ledger, users=0, events_per_chunk=(20,))
@@ -412,8 +476,15 @@ def test_a_task_killed_mid_delivery_resumes_from_the_ledger(fullstory_emulator, 
         deliver(store, ledger, chunks)
     assert stops.read_stops(store)[0] == f"Killed: {point}"
     record = chunk_row(ledger, "events-00000")
-    assert record.status == {"before_post": "posting", "after_post": "posting", "while_polling": "submitted",
-                             "after_job": "processing"}[point]
+    assert (
+        record.status
+        == {
+            "before_post": "posting",
+            "after_post": "posting",
+            "while_polling": "submitted",
+            "after_job": "processing",
+        }[point]
+    )
     assert (record.job_id is None) == point.endswith("_post") and record.submissions == 1
     assert states(ledger, range(20)) == {"claimed"}
     monkeypatch.setattr(loop, "fault_point", lambda name: None)
@@ -422,7 +493,9 @@ def test_a_task_killed_mid_delivery_resumes_from_the_ledger(fullstory_emulator, 
     assert stats["delivery"][counter] == 1 and stats["delivery"]["submitted"] == 0
     assert emu.state()["jobs"]["total"] == 1 and imported(emu) == once(range(20))
     assert outcomes(store, "events-00000") == all_delivered(range(20))
-    assert chunk_row(ledger, "events-00000").status == "completed" and states(ledger, range(20)) == {"delivered"}
+    assert chunk_row(ledger, "events-00000").status == "completed" and states(ledger, range(20)) == {
+        "delivered"
+    }
     assert stops.read_stops(store) == []
 
 
@@ -455,7 +528,9 @@ def test_an_abandoned_chunk_sends_nothing(fullstory_emulator, monkeypatch, tmp_p
     stats, _ = deliver(store, ledger, ["events-00000"])  # abandoned users do not hold events back
     assert emu.requests()["total"] == 0 and stats["delivery"]["abandoned"] == 1
     assert outcomes(store, "events-00000") == [(r, f"ev-{r}", "pending") for r in range(5, 15)]
-    assert chunk_row(ledger, "events-00000").status == "abandoned" and states(ledger, range(15)) == {"claimed"}
+    assert chunk_row(ledger, "events-00000").status == "abandoned" and states(ledger, range(15)) == {
+        "claimed"
+    }
 
 
 def test_a_changed_payload_file_is_refused(fullstory_emulator, monkeypatch, tmp_path, ledger):
@@ -492,8 +567,15 @@ def test_kill_mid_job_and_resume_without_duplicates(fullstory_emulator, monkeypa
     use_connection(monkeypatch, emu)
     emu.set_faults(job_seconds=1.5)
     store, chunks = make_run(tmp_path, ledger, events_per_chunk=(25, 25, 25, 25), users=0)
-    code = _CHILD.format(root=str(ROOT), plugins=str(ROOT / "plugins"), state=store.state_uri, run=RUN_ID,
-                         chunks=chunks, url=ledger.url, dest=DESTINATION)
+    code = _CHILD.format(
+        root=str(ROOT),
+        plugins=str(ROOT / "plugins"),
+        state=store.state_uri,
+        run=RUN_ID,
+        chunks=chunks,
+        url=ledger.url,
+        dest=DESTINATION,
+    )
     child = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=os.environ.copy())
     try:
         deadline = time.monotonic() + 30
@@ -513,7 +595,9 @@ def test_kill_mid_job_and_resume_without_duplicates(fullstory_emulator, monkeypa
     assert delivery["resumed"] == sum(s in ("submitted", "processing") for s in statuses.values()) >= 1
     assert delivery["reposted"] == sum(s == "posting" for s in statuses.values())
     assert delivery["submitted"] == sum(s == "claimed" for s in statuses.values())
-    assert delivery["resumed"] + delivery["reposted"] + delivery["submitted"] + delivery["already_complete"] == 4
+    assert (
+        delivery["resumed"] + delivery["reposted"] + delivery["submitted"] + delivery["already_complete"] == 4
+    )
     assert imported(emu) == once(range(100))  # each event exactly once
     assert emu.state()["jobs"]["total"] == 4
     assert {c.status for c in ledger.chunks_of_run(DESTINATION, RUN_ID)} == {"completed"}
@@ -577,7 +661,8 @@ def test_eu1_over_tls_with_a_ca_bundle(fullstory_emulator_factory, monkeypatch, 
     assert stats["events"] == {"delivered": 10, "rejected": 0}
     assert ti.pushed[XCOM_APP_URL].startswith("https://app.eu1.fullstory.com/ui/o-LOCAL-eu1")
     assert {(c.destination, c.status) for c in ledger.chunks_of_run(destination, RUN_ID)} == {
-        ("o-LOCAL-eu1@eu1", "completed")}
+        ("o-LOCAL-eu1@eu1", "completed")
+    }
 
 
 # ---- secrets -------------------------------------------------------------------------------------------
@@ -594,8 +679,9 @@ def test_the_api_key_never_leaks(fullstory_emulator, monkeypatch, tmp_path, ledg
     assert stats["events"] == {"delivered": 10, "rejected": 1}
     texts = [json.dumps(stats), json.dumps(ti.pushed), repr(FullStoryHook()), repr(ledger)]
     # A second run, so that the wrong keys below meet a chunk that still has to be sent.
-    store2, chunks2 = make_run(tmp_path, ledger, users=0, events_per_chunk=(3,), run_id=RUN_ID + "-2",
-                               first_row=1000)
+    store2, chunks2 = make_run(
+        tmp_path, ledger, users=0, events_per_chunk=(3,), run_id=RUN_ID + "-2", first_row=1000
+    )
     for bad_key, error in (
         ("na1.wrong-key-value/zz", FullStoryAuthError),
         ("eu1.eu-key-value/zz", FullStoryConfigError),

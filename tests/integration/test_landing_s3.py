@@ -27,8 +27,13 @@ def s3(tmp_path_factory):
     server.start()
     try:
         host, port = server.get_host_and_port()
-        options = {"key": "testing", "secret": "testing", "endpoint_url": f"http://{host}:{port}",
-                   "client_kwargs": {"region_name": "eu-west-1"}, "skip_instance_cache": True}
+        options = {
+            "key": "testing",
+            "secret": "testing",
+            "endpoint_url": f"http://{host}:{port}",
+            "client_kwargs": {"region_name": "eu-west-1"},
+            "skip_instance_cache": True,
+        }
         fs = s3fs.S3FileSystem(**options)
         fs.mkdir(BUCKET)
         local = tmp_path_factory.mktemp("landing")
@@ -56,7 +61,9 @@ def test_pruning_on_s3_never_opens_far_partitions(s3):
     try:
         files = list_window_files(f"s3://{BUCKET}/events", WINDOW, storage_options=options)
         assert [Path(f).parent.name for f in files] == ["hour=07", "hour=08", "hour=09"]
-        assert sum(map(len, iter_window_batches(f"s3://{BUCKET}/events", WINDOW, storage_options=options))) > 900
+        assert (
+            sum(map(len, iter_window_batches(f"s3://{BUCKET}/events", WINDOW, storage_options=options))) > 900
+        )
         early = Window(datetime(2026, 11, 25, 3, tzinfo=UTC), datetime(2026, 11, 25, 4, tzinfo=UTC))
         with pytest.raises(LandingError, match=f"s3://{corrupt}"):
             list(iter_window_batches(f"s3://{BUCKET}/events", early, storage_options=options))

@@ -27,13 +27,20 @@ pytestmark = [pytest.mark.scheduler, pytest.mark.timeout(600)]
 def airflow_services(tmp_path, fullstory_emulator):
     landing = tmp_path / "landing"
     generate_landing(landing, 1600, START, hours=4, seed=21)
-    conn = {"conn_type": "http", "host": fullstory_emulator.base_url, "password": fullstory_emulator.api_key,
-            "extra": {"org_id": fullstory_emulator.org_id, "data_region": "na1"}}
-    services = AirflowServices(tmp_path / "airflow-home", {
-        "AIRFLOW_CONN_FULLSTORY_DEFAULT": json.dumps(conn),
-        "AIRFLOW_VAR_DATAFLY_LANDING_URI": str(landing),
-        "AIRFLOW_VAR_DATAFLY_FULLSTORY_STATE_URI": str(tmp_path / "state"),
-    })
+    conn = {
+        "conn_type": "http",
+        "host": fullstory_emulator.base_url,
+        "password": fullstory_emulator.api_key,
+        "extra": {"org_id": fullstory_emulator.org_id, "data_region": "na1"},
+    }
+    services = AirflowServices(
+        tmp_path / "airflow-home",
+        {
+            "AIRFLOW_CONN_FULLSTORY_DEFAULT": json.dumps(conn),
+            "AIRFLOW_VAR_DATAFLY_LANDING_URI": str(landing),
+            "AIRFLOW_VAR_DATAFLY_FULLSTORY_STATE_URI": str(tmp_path / "state"),
+        },
+    )
     try:
         services.start()
         services.wait_for_dag(DAG_ID)
@@ -55,8 +62,10 @@ def test_triggered_run_then_backfill(airflow_services, fullstory_emulator):
     services, state_dir = airflow_services
     services.cli("dags", "unpause", DAG_ID)
 
-    conf = {"window_start": (START + timedelta(hours=3)).isoformat(),
-            "window_end": (START + timedelta(hours=4)).isoformat()}
+    conf = {
+        "window_start": (START + timedelta(hours=3)).isoformat(),
+        "window_end": (START + timedelta(hours=4)).isoformat(),
+    }
     services.cli("dags", "trigger", DAG_ID, "--run-id", "manual_reprocess_13h", "--conf", json.dumps(conf))
     states = services.wait_for_runs(DAG_ID, {"manual_reprocess_13h"}, timeout=240)
     assert states == {"manual_reprocess_13h": "success"}, services.tail("scheduler")
@@ -65,8 +74,18 @@ def test_triggered_run_then_backfill(airflow_services, fullstory_emulator):
     delivered_once = fullstory_emulator.state()["events"]
     assert delivered_once == manual["events"]["delivered"]
 
-    services.cli("backfill", "create", "--dag-id", DAG_ID, "--from-date", START.isoformat(),
-                 "--to-date", (START + timedelta(hours=2)).isoformat(), "--max-active-runs", "1")
+    services.cli(
+        "backfill",
+        "create",
+        "--dag-id",
+        DAG_ID,
+        "--from-date",
+        START.isoformat(),
+        "--to-date",
+        (START + timedelta(hours=2)).isoformat(),
+        "--max-active-runs",
+        "1",
+    )
 
     def three_backfill_runs():
         ids = {r for r, t, _ in services.dag_runs(DAG_ID) if t == "backfill"}
@@ -77,5 +96,7 @@ def test_triggered_run_then_backfill(airflow_services, fullstory_emulator):
     assert set(states.values()) == {"success"}, states
     windows = sorted(_stats(state_dir, r)["window_start"] for r in backfill_ids)
     assert windows == [(START + timedelta(hours=h)).isoformat() for h in range(3)]
-    total = manual["events"]["delivered"] + sum(_stats(state_dir, r)["events"]["delivered"] for r in backfill_ids)
+    total = manual["events"]["delivered"] + sum(
+        _stats(state_dir, r)["events"]["delivered"] for r in backfill_ids
+    )
     assert fullstory_emulator.state()["events"] == total

@@ -20,8 +20,10 @@ def test_committed_file_follows_the_astro_schema():
     assert conn["conn_id"] == "fullstory_default" and conn["conn_type"] == "http"
     assert set(conn["conn_extra"]) == {"org_id", "data_region"}
     assert [p["pool_name"] for p in settings["pools"]] == ["fullstory_api"]
-    assert {v["variable_name"] for v in settings["variables"]} == {"datafly_landing_uri",
-                                                                  "datafly_fullstory_state_uri"}
+    assert {v["variable_name"] for v in settings["variables"]} == {
+        "datafly_landing_uri",
+        "datafly_fullstory_state_uri",
+    }
 
 
 def test_bad_files_name_the_entry(tmp_path):
@@ -39,22 +41,38 @@ def test_applying_twice_leaves_the_same_state(airflow_db):
     for _ in range(2):
         airflow_settings.apply_settings(ROOT / "airflow_settings.yaml")
     with create_session() as session:
-        assert session.scalar(select(func.count()).select_from(Connection)
-                              .where(Connection.conn_id == "fullstory_default")) == 1
+        assert (
+            session.scalar(
+                select(func.count()).select_from(Connection).where(Connection.conn_id == "fullstory_default")
+            )
+            == 1
+        )
         conn = session.scalar(select(Connection).where(Connection.conn_id == "fullstory_default"))
         assert conn.extra_dejson == {"org_id": "o-LOCAL-na1", "data_region": "na1"}
         assert session.scalar(select(Pool).where(Pool.pool == "fullstory_api")).slots == 4
-        assert session.scalar(select(func.count()).select_from(Variable)
-                              .where(Variable.key == "datafly_landing_uri")) == 1
+        assert (
+            session.scalar(
+                select(func.count()).select_from(Variable).where(Variable.key == "datafly_landing_uri")
+            )
+            == 1
+        )
 
 
 def test_command_line(airflow_db, tmp_path):
     # Its own copy of the session's metadata DB: an Airflow process of an earlier test (a scheduler's worker
     # ending) may still hold the shared file's lock, which is not what this test is about.
-    with sqlite3.connect(airflow_db / "airflow.db") as source, sqlite3.connect(tmp_path / "airflow.db") as copy:
+    with (
+        sqlite3.connect(airflow_db / "airflow.db") as source,
+        sqlite3.connect(tmp_path / "airflow.db") as copy,
+    ):
         source.backup(copy)  # a consistent snapshot, WAL included
     env = {**os.environ, "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{tmp_path / 'airflow.db'}"}
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "airflow_settings.py")], capture_output=True,
-                         text=True, timeout=120, env=env)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "airflow_settings.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert out.returncode == 0, f"exit {out.returncode}:\n{out.stderr[-3000:]}"
     assert "1 connections, 1 pools, 2 variables" in out.stdout

@@ -28,9 +28,17 @@ def test_retail_blueprint_version_and_mappings():
     assert bp.consent_paths == (("consent", "canonical", "analytics"), ("consent", "analytics"))
 
 
-@pytest.mark.parametrize(("spelling", "fullstory_name"), [
-    ("Product Viewed", "product_viewed"), ("product_viewed", "product_viewed"), ("view_item", "product_viewed"),
-    ("Order Completed", "purchase"), ("order_completed", "purchase"), ("purchase", "purchase")])
+@pytest.mark.parametrize(
+    ("spelling", "fullstory_name"),
+    [
+        ("Product Viewed", "product_viewed"),
+        ("product_viewed", "product_viewed"),
+        ("view_item", "product_viewed"),
+        ("Order Completed", "purchase"),
+        ("order_completed", "purchase"),
+        ("purchase", "purchase"),
+    ],
+)
 def test_every_spelling_of_a_blueprint_event_is_known(spelling, fullstory_name):
     assert load_blueprint().track_names()[normalise_event_name(spelling)].fullstory_name == fullstory_name
 
@@ -44,8 +52,15 @@ def test_blueprint_data_the_mapping_relies_on():
     assert items["item_prices"][1] == "reals" and items["item_quantities"][1] == "ints"
     assert bp.reserved_names["uid"] == "custom_uid"
     assert bp.identity["user_agent"] == (("userAgent",), ("user_agent",))
-    assert bp.limits == {"event_name": 250, "properties": 500, "property_path": 512, "value_bytes": 8192,
-                         "uid": 256, "display_name": 256, "email": 128}
+    assert bp.limits == {
+        "event_name": 250,
+        "properties": 500,
+        "property_path": 512,
+        "value_bytes": 8192,
+        "uid": 256,
+        "display_name": 256,
+        "email": 128,
+    }
 
 
 def _broken(edit) -> str:
@@ -56,19 +71,28 @@ def _broken(edit) -> str:
     return str(err.value)
 
 
-@pytest.mark.parametrize(("edit", "names"), [
-    (lambda d: d.pop("version"), "retail.yaml: version: is missing"),
-    (lambda d: d["events"]["purchase"].pop("match"), "events.purchase.match: is missing"),
-    (lambda d: d["events"]["purchase"]["match"].update(type="identify"), "events.purchase.match.type"),
-    (lambda d: d["events"]["purchase"]["match"].update(events=[]), "events.purchase.match.events"),
-    (lambda d: d["events"]["purchase"].update(schema={"quantity": "integer"}), "events.purchase.schema.quantity"),
-    (lambda d: d["items"]["fields"][0].update(type="objs"), "items.fields[0].type"),
-    (lambda d: d["items"]["fields"][1].update(property="item skus"), "items.fields[1].property"),
-    (lambda d: d["events"]["purchase"]["match"]["events"].append("view_item"), "'view_item' is already mapped"),
-    (lambda d: d["limits"].update(uid=-1), "limits.uid: must be a positive integer"),
-    (lambda d: d["consent"].update(paths="consent.analytics"), "consent.paths: must be a list"),
-    (lambda d: d["reserved_names"].update(uid="bad name"), "reserved_names.uid"),
-])
+@pytest.mark.parametrize(
+    ("edit", "names"),
+    [
+        (lambda d: d.pop("version"), "retail.yaml: version: is missing"),
+        (lambda d: d["events"]["purchase"].pop("match"), "events.purchase.match: is missing"),
+        (lambda d: d["events"]["purchase"]["match"].update(type="identify"), "events.purchase.match.type"),
+        (lambda d: d["events"]["purchase"]["match"].update(events=[]), "events.purchase.match.events"),
+        (
+            lambda d: d["events"]["purchase"].update(schema={"quantity": "integer"}),
+            "events.purchase.schema.quantity",
+        ),
+        (lambda d: d["items"]["fields"][0].update(type="objs"), "items.fields[0].type"),
+        (lambda d: d["items"]["fields"][1].update(property="item skus"), "items.fields[1].property"),
+        (
+            lambda d: d["events"]["purchase"]["match"]["events"].append("view_item"),
+            "'view_item' is already mapped",
+        ),
+        (lambda d: d["limits"].update(uid=-1), "limits.uid: must be a positive integer"),
+        (lambda d: d["consent"].update(paths="consent.analytics"), "consent.paths: must be a list"),
+        (lambda d: d["reserved_names"].update(uid="bad name"), "reserved_names.uid"),
+    ],
+)
 def test_a_bad_blueprint_names_the_key(edit, names):
     assert names in _broken(edit)
 

@@ -25,8 +25,9 @@ WINDOW = Window(NOW - timedelta(hours=1), NOW)
 def landing(rows: int, seed: int = 7) -> pa.Table:
     spec = sample.LandingSpec(rows=rows, start=WINDOW.start, end=WINDOW.end, seed=seed, bad_fraction=0.0)
     table = sample.generate_table(spec)
-    return (table.append_column("_row", pa.array(np.arange(rows), type=pa.int64()))
-            .append_column("_file", pa.array(["landing/part-0.parquet"] * rows)))
+    return table.append_column("_row", pa.array(np.arange(rows), type=pa.int64())).append_column(
+        "_file", pa.array(["landing/part-0.parquet"] * rows)
+    )
 
 
 def store_with(tmp_path, table: pa.Table, parts: int = 2) -> RunStore:
@@ -36,8 +37,11 @@ def store_with(tmp_path, table: pa.Table, parts: int = 2) -> RunStore:
 
 
 def chunk_rows(store: RunStore, summary: dict) -> list[int]:
-    return [r for c in summary["chunks"] for r in
-            store.read_table("payloads", f"{c['name']}.index.parquet").column("row").to_pylist()]
+    return [
+        r
+        for c in summary["chunks"]
+        for r in store.read_table("payloads", f"{c['name']}.index.parquet").column("row").to_pylist()
+    ]
 
 
 # ---- idempotency keys ---------------------------------------------------------------------------------
@@ -45,13 +49,18 @@ def chunk_rows(store: RunStore, summary: dict) -> list[int]:
 
 def test_idempotency_key_is_a_pure_function_of_run_window_chunk_and_content():
     key = idempotency_key("r1", WINDOW, "events", "events-00000", "ab" * 32)
-    assert key == idempotency_key("r1", Window.from_dict(WINDOW.as_dict()), "events", "events-00000", "ab" * 32)
+    assert key == idempotency_key(
+        "r1", Window.from_dict(WINDOW.as_dict()), "events", "events-00000", "ab" * 32
+    )
     assert key.startswith("dffs-events-") and len(key) == len("dffs-events-") + 40
-    others = {idempotency_key("r1", Window(WINDOW.start, WINDOW.end + timedelta(hours=1)), "events",
-                              "events-00000", "ab" * 32),
-              idempotency_key("r2", WINDOW, "events", "events-00000", "ab" * 32),
-              idempotency_key("r1", WINDOW, "events", "events-00001", "ab" * 32),
-              idempotency_key("r1", WINDOW, "events", "events-00000", "cd" * 32)}
+    others = {
+        idempotency_key(
+            "r1", Window(WINDOW.start, WINDOW.end + timedelta(hours=1)), "events", "events-00000", "ab" * 32
+        ),
+        idempotency_key("r2", WINDOW, "events", "events-00000", "ab" * 32),
+        idempotency_key("r1", WINDOW, "events", "events-00001", "ab" * 32),
+        idempotency_key("r1", WINDOW, "events", "events-00000", "cd" * 32),
+    }
     assert key not in others and len(others) == 4
 
 
@@ -86,7 +95,9 @@ def test_a_user_line_carries_all_its_folded_rows(tmp_path):
     store = RunStore(str(tmp_path), "r")
     writer = ChunkWriter(store, "users", max_items=2, max_bytes=10_000)
     lines = [b'{"uid":"a"}', b'{"uid":"b"}', b'{"uid":"c"}']
-    writer.add(lines, np.array([0, 0, 1, 2, 2, 2]), np.array([5, 9, 1, 2, 3, 4]), np.array(["x"] * 6, dtype=object))
+    writer.add(
+        lines, np.array([0, 0, 1, 2, 2, 2]), np.array([5, 9, 1, 2, 3, 4]), np.array(["x"] * 6, dtype=object)
+    )
     writer.flush()
     first = store.read_table("payloads", "users-00000.index.parquet").to_pylist()
     second = store.read_table("payloads", "users-00001.index.parquet").to_pylist()
@@ -98,15 +109,17 @@ def test_chunk_limits_are_checked():
     with pytest.raises(ValueError, match="50000"):
         ChunkWriter(RunStore("/tmp", "r"), "events", max_items=50_001, max_bytes=1 << 20)
     assert ChunkWriter(RunStore("/tmp", "r"), "events", max_items=10, max_bytes=1000).largest_line() == (
-        1000 - ENVELOPE_BYTES - 1)
+        1000 - ENVELOPE_BYTES - 1
+    )
 
 
 # ---- settings -------------------------------------------------------------------------------------------
 
 
 def test_settings_from_a_plain_dict():
-    settings = MappingSettings.from_dict({"require_explicit_consent": True, "event_types": ["page"],
-                                          "max_items": 1000, "max_bytes": None})
+    settings = MappingSettings.from_dict(
+        {"require_explicit_consent": True, "event_types": ["page"], "max_items": 1000, "max_bytes": None}
+    )
     assert settings.event_types == ("page",) and settings.max_bytes == 8 * 1024 * 1024
     assert MappingSettings.from_dict({"event_types": []}).event_types is None
     assert MappingSettings.from_dict(settings.as_dict()) == settings
@@ -122,7 +135,9 @@ def test_settings_from_a_plain_dict():
 def test_every_validated_row_is_in_one_chunk_line_or_one_outcome(tmp_path):
     table = landing(12_000)
     store = store_with(tmp_path, table, parts=3)
-    summary = run_mapping(store, "retail", {"max_items": 1500, "max_bytes": 600_000, "batch_rows": 2500}, reference_time=NOW)
+    summary = run_mapping(
+        store, "retail", {"max_items": 1500, "max_bytes": 600_000, "batch_rows": 2500}, reference_time=NOW
+    )
     outcome_table = store.read_table("outcomes", "mapping.parquet")
     assert outcome_table.schema.equals(OUTCOME_SCHEMA)
     in_chunks, in_outcomes = chunk_rows(store, summary), outcome_table.column("row").to_pylist()
@@ -160,7 +175,8 @@ def test_rerun_replaces_payloads_and_gives_the_same_chunks(tmp_path):
     assert len(keys) == len(first["chunks"])
     keyed = run_mapping(store, None, {"max_items": 200}, reference_time=NOW, window=WINDOW)
     assert [c["idempotency_key"] for c in keyed["chunks"]] == [
-        idempotency_key(store.run_id, WINDOW, c["kind"], c["name"], c["sha256"]) for c in first["chunks"]]
+        idempotency_key(store.run_id, WINDOW, c["kind"], c["name"], c["sha256"]) for c in first["chunks"]
+    ]
     assert store.read_json("payloads", "manifest.json")["chunks"] == keyed["chunks"]
     fewer = run_mapping(store, None, {"max_items": 50_000}, reference_time=NOW)
     names = {f"{c['name']}{suffix}" for c in fewer["chunks"] for suffix in (".jsonl", ".index.parquet")}
@@ -174,7 +190,9 @@ def test_a_body_larger_than_one_request_is_rejected(tmp_path):
     users = table.column("user_id").to_pylist()
     big = next(i for i, t in enumerate(types) if t == "track" and users[i])
     props[big] = json.dumps({f"note{k}": "x" * 8000 for k in range(10)})
-    table = table.set_column(table.schema.get_field_index("properties"), "properties", pa.array(props, pa.string()))
+    table = table.set_column(
+        table.schema.get_field_index("properties"), "properties", pa.array(props, pa.string())
+    )
     store = store_with(tmp_path, table, parts=1)
     run_mapping(store, None, {"max_bytes": 65_536}, reference_time=NOW)
     outcome = {r["row"]: r for r in store.read_table("outcomes", "mapping.parquet").to_pylist()}[big]
@@ -184,6 +202,10 @@ def test_a_body_larger_than_one_request_is_rejected(tmp_path):
 def test_an_empty_window_writes_an_empty_manifest(tmp_path):
     store = RunStore(str(tmp_path), "r")
     summary = run_mapping(store, None, None, reference_time=NOW)
-    assert summary == {"chunks": [], "events_mapped": 0, "users_mapped": 0,
-                       "rows": {"read": 0, "filtered": 0, "skipped": 0, "rejected": 0}}
+    assert summary == {
+        "chunks": [],
+        "events_mapped": 0,
+        "users_mapped": 0,
+        "rows": {"read": 0, "filtered": 0, "skipped": 0, "rejected": 0},
+    }
     assert store.read_table("outcomes", "mapping.parquet").num_rows == 0

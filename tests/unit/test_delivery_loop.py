@@ -53,11 +53,21 @@ class RecordingFullStory:
 
     refused_error = Refused
 
-    def __init__(self, polls_to_finish=1, reject=(), silent=(), refuse=None, echo=None, list_imports=True,
-                 unnamed_errors=0):
+    def __init__(
+        self,
+        polls_to_finish=1,
+        reject=(),
+        silent=(),
+        refuse=None,
+        echo=None,
+        list_imports=True,
+        unnamed_errors=0,
+    ):
         self.polls_to_finish = polls_to_finish
         self.reject, self.silent = set(reject), set(silent)
-        self.refuse = refuse  # an exception for every create_batch, or a callable(kind, key) -> exception | None
+        self.refuse = (
+            refuse  # an exception for every create_batch, or a callable(kind, key) -> exception | None
+        )
         self.echo = echo or copy.deepcopy
         self.list_imports = list_imports
         self.unnamed_errors = unnamed_errors  # listed errors whose echoed item names no line
@@ -83,7 +93,9 @@ class RecordingFullStory:
         items = orjson.loads(body)["requests"]
         job_id = f"job-{len(self.jobs)}"
         self.jobs[job_id] = {
-            "kind": kind, "items": items, "polls": 0,
+            "kind": kind,
+            "items": items,
+            "polls": 0,
             "failed": [i for i in items if ident(i, kind) in self.reject],
             "silent": [i for i in items if ident(i, kind) in self.silent],
         }
@@ -99,14 +111,21 @@ class RecordingFullStory:
         if job["polls"] < self.polls_to_finish:
             return {"imports": 0, "errors": 0, "job": {"id": job_id, "status": "PROCESSING"}}
         errors = len(job["failed"]) + len(job["silent"]) + self.unnamed_errors
-        return {"imports": len(job["items"]) - len(job["failed"]) - len(job["silent"]), "errors": errors,
-                "job": {"id": job_id, "status": "FAILED" if errors else "COMPLETED"}}
+        return {
+            "imports": len(job["items"]) - len(job["failed"]) - len(job["silent"]),
+            "errors": errors,
+            "job": {"id": job_id, "status": "FAILED" if errors else "COMPLETED"},
+        }
 
     def iter_batch_errors(self, kind, job_id):
         self.calls.append(("errors", kind, job_id))
         field = "event" if kind == "events" else "user"
         for item in self.jobs[job_id]["failed"]:
-            yield {"code": "invalid_argument", "message": f"rejected {ident(item, kind)}", field: self.echo(item)}
+            yield {
+                "code": "invalid_argument",
+                "message": f"rejected {ident(item, kind)}",
+                field: self.echo(item),
+            }
         for n in range(self.unnamed_errors):
             yield {"code": "internal", "message": "lost", field: {"name": f"mystery-{n}"}}
 
@@ -186,8 +205,10 @@ def run(store, ledger, client, names, **settings):
 
 
 def events(n, start=0, name="Order Completed"):
-    return [{"name": name, "user": {"uid": f"u{i}"}, "timestamp": TS, "properties": {"n": i}}
-            for i in range(start, start + n)]
+    return [
+        {"name": name, "user": {"uid": f"u{i}"}, "timestamp": TS, "properties": {"n": i}}
+        for i in range(start, start + n)
+    ]
 
 
 def users(*uids):
@@ -200,12 +221,17 @@ def chunk_row(ledger, name) -> lg.ChunkRow:
 
 
 def outcomes(store, name) -> list[tuple[int, str, str]]:
-    return [(o["row"], o["event_id"], o["outcome"])
-            for o in store.read_table("outcomes", f"delivery-{name}.parquet").to_pylist()]
+    return [
+        (o["row"], o["event_id"], o["outcome"])
+        for o in store.read_table("outcomes", f"delivery-{name}.parquet").to_pylist()
+    ]
 
 
 def reasons(store, name) -> dict[str, str | None]:
-    return {o["event_id"]: o["reason"] for o in store.read_table("outcomes", f"delivery-{name}.parquet").to_pylist()}
+    return {
+        o["event_id"]: o["reason"]
+        for o in store.read_table("outcomes", f"delivery-{name}.parquet").to_pylist()
+    }
 
 
 def states(ledger, event_ids) -> dict[str, str]:
@@ -227,8 +253,12 @@ def test_load_chunks_reads_the_manifest_and_the_recorded_bytes(store, ledger):
     entries = write_run(store, ledger, {"events-00000": events(3)})
     (chunk,) = chunk_files.load_chunks(store, ["events-00000"])
     row = ledger.chunk(chunk.ledger_chunk_id)
-    assert (chunk.kind, chunk.mode, chunk.sha256, row.sha256) == ("events", "deliver", entries[0]["sha256"],
-                                                                   entries[0]["sha256"])
+    assert (chunk.kind, chunk.mode, chunk.sha256, row.sha256) == (
+        "events",
+        "deliver",
+        entries[0]["sha256"],
+        entries[0]["sha256"],
+    )
     lines = chunk_files.read_lines(chunk, row.sha256)
     assert [orjson.loads(line)["properties"]["datafly_event_id"] for line in lines] == ev(0, 1, 2)
     assert orjson.loads(chunk_files.batch_body(lines)) == {"requests": [orjson.loads(line) for line in lines]}
@@ -240,7 +270,10 @@ def test_load_chunks_reads_the_manifest_and_the_recorded_bytes(store, ledger):
 
 
 def test_match_errors_by_event_id_and_uid_not_by_bytes():
-    lines = [orjson.dumps({"name": "a", "timestamp": TS, "properties": {"datafly_event_id": e}}) for e in ev(0, 1, 2)]
+    lines = [
+        orjson.dumps({"name": "a", "timestamp": TS, "properties": {"datafly_event_id": e}})
+        for e in ev(0, 1, 2)
+    ]
     keys = jobs.line_keys(lines, "events")
     assert keys == {"ev-0": 0, "ev-1": 1, "ev-2": 2}
     echoed = [
@@ -253,8 +286,9 @@ def test_match_errors_by_event_id_and_uid_not_by_bytes():
     user_lines = [orjson.dumps(u) for u in users("a", "b")]
     ukeys = jobs.line_keys(user_lines, "users")
     assert ukeys == {"a": 0, "b": 1}
-    (m,) = jobs.match_errors(ukeys, [{"code": "c", "message": "m", "user": {"schema": None, "uid": "b", "id": "9"}}],
-                           "users")
+    (m,) = jobs.match_errors(
+        ukeys, [{"code": "c", "message": "m", "user": {"schema": None, "uid": "b", "id": "9"}}], "users"
+    )
     assert m.item_index == 1
 
 
@@ -273,7 +307,10 @@ def test_delivers_users_before_events_within_the_in_flight_cap(store, ledger):
     assert last_users_poll < client.calls.index(creates[1])  # the users job ended before any events POST
     assert client.in_flight_peak == 2
     assert (report.submitted, report.done, report.batches) == (6, 6, 6)
-    assert report.items == {"users": {"delivered": 2, "rejected": 0}, "events": {"delivered": 15, "rejected": 0}}
+    assert report.items == {
+        "users": {"delivered": 2, "rejected": 0},
+        "events": {"delivered": 15, "rejected": 0},
+    }
     # Every POST carried the chunk's recorded bytes under its recorded key.
     sent = {key: body for _, key, body in client.bodies}
     row = 0
@@ -315,8 +352,9 @@ def test_a_forced_replay_sends_the_recorded_bytes_and_key(store, ledger, monkeyp
     client = RecordingFullStory()
     run(store, ledger, client, ["events-00000"])
     (chunk,) = chunk_files.load_chunks(store, ["events-00000"])
-    replay = dataclasses.replace(chunk, name=f"events-c{chunk.ledger_chunk_id:08d}", mode="replay",
-                                 origin_run=RUN_ID)  # as claims.py describes a `force` replay
+    replay = dataclasses.replace(
+        chunk, name=f"events-c{chunk.ledger_chunk_id:08d}", mode="replay", origin_run=RUN_ID
+    )  # as claims.py describes a `force` replay
     report = delivery(store, ledger, client).run([replay])
     (first, again) = client.bodies
     assert again == first and client.replays == 1 and report.replayed == 1 and len(client.jobs) == 1
@@ -379,19 +417,32 @@ def test_rejections_are_matched_by_event_id_when_the_echo_differs_in_bytes(store
     report = run(store, ledger, client, ["events-00000"])
     assert report.items["events"] == {"delivered": 3, "rejected": 3} and report.unmatched_errors == 0
     assert report.unknown_items == 0
-    assert outcomes(store, "events-00000") == expected(range(6), {1: "rejected", 3: "rejected", 5: "rejected"})
+    assert outcomes(store, "events-00000") == expected(
+        range(6), {1: "rejected", 3: "rejected", 5: "rejected"}
+    )
     assert reasons(store, "events-00000")["ev-3"] == "invalid_argument: rejected ev-3"
-    assert states(ledger, ev(*range(6))) == dict(zip(ev(*range(6)), ["delivered", "rejected"] * 3, strict=True))
+    assert states(ledger, ev(*range(6))) == dict(
+        zip(ev(*range(6)), ["delivered", "rejected"] * 3, strict=True)
+    )
     rejected = ledger.lookup(DESTINATION, ev(5))["ev-5"]
     assert (rejected.code, rejected.message) == ("invalid_argument", "rejected ev-5")
     dead = dead_letters.read_chunk(store, "events-00000").to_pylist()
-    assert [(d["item_index"], d["rows"], d["event_ids"]) for d in dead] == [(1, [1], ev(1)), (3, [3], ev(3)),
-                                                                           (5, [5], ev(5))]
+    assert [(d["item_index"], d["rows"], d["event_ids"]) for d in dead] == [
+        (1, [1], ev(1)),
+        (3, [3], ev(3)),
+        (5, [5], ev(5)),
+    ]
     record = chunk_row(ledger, "events-00000")
-    assert {d["job_id"] for d in dead} == {"job-0"} and {d["idempotency_key"] for d in dead} == {record.idempotency_key}
+    assert {d["job_id"] for d in dead} == {"job-0"} and {d["idempotency_key"] for d in dead} == {
+        record.idempotency_key
+    }
     assert orjson.loads(dead[0]["item"]) == {**same[0], "properties": {"datafly_event_id": "ev-1"}}  # as sent
-    assert (record.status, record.job_status, record.delivered_items, record.rejected_items) == ("completed", "FAILED",
-                                                                                                  3, 3)
+    assert (record.status, record.job_status, record.delivered_items, record.rejected_items) == (
+        "completed",
+        "FAILED",
+        3,
+        3,
+    )
     assert client.calls.count(("imports", "events", "job-0")) == 0  # every counted error was matched
 
 
@@ -400,12 +451,18 @@ def test_user_rejections_are_matched_by_uid_for_every_folded_row(store, ledger):
     echo = lambda item: {"id": "fs-1", **reformat(item)}  # noqa: E731 - FullStory adds its own user id
     report = run(store, ledger, RecordingFullStory(reject={"bad"}, echo=echo), ["users-00000"])
     assert report.items["users"] == {"delivered": 2, "rejected": 1}
-    assert outcomes(store, "users-00000") == [(r, f"ev-{r}", "rejected" if r in (2, 3) else "delivered")
-                                              for r in range(6)]
+    assert outcomes(store, "users-00000") == [
+        (r, f"ev-{r}", "rejected" if r in (2, 3) else "delivered") for r in range(6)
+    ]
     out = store.read_table("outcomes", "delivery-users-00000.parquet").to_pylist()
     assert {o["kind"] for o in out} == {"user"} and out[2]["reason"] == "invalid_argument: rejected bad"
     (dead,) = dead_letters.read_chunk(store, "users-00000").to_pylist()
-    assert (dead["item_index"], dead["rows"], dead["event_ids"], dead["kind"]) == (1, [2, 3], ev(2, 3), "user")
+    assert (dead["item_index"], dead["rows"], dead["event_ids"], dead["kind"]) == (
+        1,
+        [2, 3],
+        ev(2, 3),
+        "user",
+    )
     assert orjson.loads(dead["item"]) == users("bad")[0]
 
 
@@ -415,13 +472,25 @@ def test_more_errors_than_listed_makes_unlisted_rows_unknown_unless_imported(sto
     report = run(store, ledger, client, ["events-00000"])
     assert ("imports", "events", "job-0") in client.calls
     assert outcomes(store, "events-00000") == expected(range(5), {0: "rejected", 3: "unknown"})
-    assert reasons(store, "events-00000")["ev-3"].startswith("FullStory's job job-0 counted 2 failed item(s) but "
-                                                             "only 1 could be matched to a line by datafly_event_id")
-    assert states(ledger, ev(*range(5))) == {"ev-0": "rejected", "ev-1": "delivered", "ev-2": "delivered",
-                                              "ev-3": "unknown", "ev-4": "delivered"}
+    assert reasons(store, "events-00000")["ev-3"].startswith(
+        "FullStory's job job-0 counted 2 failed item(s) but "
+        "only 1 could be matched to a line by datafly_event_id"
+    )
+    assert states(ledger, ev(*range(5))) == {
+        "ev-0": "rejected",
+        "ev-1": "delivered",
+        "ev-2": "delivered",
+        "ev-3": "unknown",
+        "ev-4": "delivered",
+    }
     assert ledger.lookup(DESTINATION, ev(3))["ev-3"].code == "unmatched_error"
     record = chunk_row(ledger, "events-00000")
-    assert (record.delivered_items, record.rejected_items, record.unknown_items, record.errors) == (3, 1, 1, 2)
+    assert (record.delivered_items, record.rejected_items, record.unknown_items, record.errors) == (
+        3,
+        1,
+        1,
+        2,
+    )
     assert report.items["events"] == {"delivered": 3, "rejected": 1} and report.unknown_items == 1
     assert len(dead_letters.read_chunk(store, "events-00000")) == 1  # unknown is no dead letter
 
@@ -430,20 +499,27 @@ def test_without_an_imports_list_no_unmatched_row_counts_as_delivered(store, led
     write_run(store, ledger, {"events-00000": events(4)})
     client = RecordingFullStory(reject=ev(1), list_imports=False, unnamed_errors=1)  # 2 errors, 1 named
     report = run(store, ledger, client, ["events-00000"])
-    assert outcomes(store, "events-00000") == expected(range(4), {0: "unknown", 1: "rejected", 2: "unknown",
-                                                                  3: "unknown"})
+    assert outcomes(store, "events-00000") == expected(
+        range(4), {0: "unknown", 1: "rejected", 2: "unknown", 3: "unknown"}
+    )
     assert report.unmatched_errors == 1 and report.unknown_items == 3
     assert report.items["events"] == {"delivered": 0, "rejected": 1}
     dead = dead_letters.read_chunk(store, "events-00000").to_pylist()
-    assert [(d["item_index"], d["code"], d["rows"]) for d in dead] == [(1, "invalid_argument", [1]),
-                                                                      (-1, "internal", [])]
+    assert [(d["item_index"], d["code"], d["rows"]) for d in dead] == [
+        (1, "invalid_argument", [1]),
+        (-1, "internal", []),
+    ]
     assert orjson.loads(dead[1]["item"]) == {"name": "mystery-0"}
 
 
 def test_a_refused_batch_rejects_every_row(store, ledger):
     write_run(store, ledger, {"events-00000": events(2), "events-00001": events(3)})
-    report = run(store, ledger, RecordingFullStory(refuse=refusal(413, "payload_too_large", "too large")),
-                 ["events-00001"])
+    report = run(
+        store,
+        ledger,
+        RecordingFullStory(refuse=refusal(413, "payload_too_large", "too large")),
+        ["events-00001"],
+    )
     record = chunk_row(ledger, "events-00001")
     assert record.status == "failed" and record.error == "HTTP 413 payload_too_large: too large"
     assert report.refused == 1 and report.items["events"] == {"delivered": 0, "rejected": 3}
@@ -451,7 +527,9 @@ def test_a_refused_batch_rejects_every_row(store, ledger):
     assert set(reasons(store, "events-00001").values()) == {"payload_too_large: too large"}
     assert set(states(ledger, ev(2, 3, 4)).values()) == {"rejected"}
     dead = dead_letters.read_chunk(store, "events-00001").to_pylist()
-    assert [(d["item_index"], d["rows"], d["code"]) for d in dead] == [(i, [i + 2], "payload_too_large") for i in range(3)]
+    assert [(d["item_index"], d["rows"], d["code"]) for d in dead] == [
+        (i, [i + 2], "payload_too_large") for i in range(3)
+    ]
     assert chunk_row(ledger, "events-00000").status == "claimed"  # the other chunk was not asked for
     client = RecordingFullStory()
     assert run(store, ledger, client, ["events-00001"]).already_complete == 1 and client.calls == []
@@ -461,7 +539,9 @@ def test_a_refused_batch_rejects_every_row(store, ledger):
 
 
 @pytest.mark.parametrize(("point", "replays", "jobs"), [("before_post", 0, 1), ("after_post", 1, 1)])
-def test_a_chunk_posting_without_a_job_id_is_reposted_with_its_key(store, ledger, monkeypatch, point, replays, jobs):
+def test_a_chunk_posting_without_a_job_id_is_reposted_with_its_key(
+    store, ledger, monkeypatch, point, replays, jobs
+):
     write_run(store, ledger, {"events-00000": events(3)})
     client = RecordingFullStory()
     kill_at(monkeypatch, point)
@@ -474,12 +554,18 @@ def test_a_chunk_posting_without_a_job_id_is_reposted_with_its_key(store, ledger
     monkeypatch.setattr(loop, "fault_point", NO_FAULT)
     report = run(store, ledger, client, ["events-00000"])
     (chunk,) = chunk_files.load_chunks(store, ["events-00000"])
-    assert {(k, b) for _, k, b in client.bodies} == {(record.idempotency_key, chunk_files.batch_body(chunk_files.read_lines(chunk, record.sha256)))}
+    assert {(k, b) for _, k, b in client.bodies} == {
+        (record.idempotency_key, chunk_files.batch_body(chunk_files.read_lines(chunk, record.sha256)))
+    }
     assert client.replays == replays and len(client.jobs) == jobs
     assert (report.reposted, report.submitted) == (1, 0)
     after = chunk_row(ledger, "events-00000")
-    assert (after.status, after.job_id, after.submissions, after.first_post_at) == ("completed", "job-0", 2,
-                                                                                     record.first_post_at)
+    assert (after.status, after.job_id, after.submissions, after.first_post_at) == (
+        "completed",
+        "job-0",
+        2,
+        record.first_post_at,
+    )
     assert outcomes(store, "events-00000") == expected(range(3), {})
 
 
@@ -490,7 +576,10 @@ def test_a_posting_chunk_older_than_23_hours_is_not_sent_again(store, ledger, mo
     assert len(client.bodies) == 1 and len(client.creates()) == 1  # the lost first POST only
     assert outcomes(store, "events-00000") == expected(range(3), dict.fromkeys(range(3), "unknown"))
     why = reasons(store, "events-00000")["ev-0"]
-    assert "FullStory forgets a key after 24 h" in why and chunk_row(ledger, "events-00000").idempotency_key in why
+    assert (
+        "FullStory forgets a key after 24 h" in why
+        and chunk_row(ledger, "events-00000").idempotency_key in why
+    )
     assert set(states(ledger, ev(0, 1, 2)).values()) == {"unknown"}
     assert ledger.lookup(DESTINATION, ev(0))["ev-0"].code == "key_expired"
     record = chunk_row(ledger, "events-00000")
@@ -516,7 +605,9 @@ def test_a_repost_answered_key_in_use_does_not_reject_the_rows(store, ledger, mo
     idempotency_key_in_use (the first request under the key still runs) rejects no row: the chunk stays
     `posting` for a later try, since rejecting the rows would let replay_dead_letters import them twice."""
     client = lost_answer(store, ledger, monkeypatch, 2)
-    client.refuse = refusal(409, "idempotency_key_in_use", "a request with this Idempotency-Key is in progress")
+    client.refuse = refusal(
+        409, "idempotency_key_in_use", "a request with this Idempotency-Key is in progress"
+    )
     try:
         run(store, ledger, client, ["events-00000"])
     except (DeliveryError, Refused):
@@ -544,15 +635,21 @@ def test_a_changed_payload_file_is_refused_and_never_sent(store, ledger):
     write_run(store, ledger, {"events-00000": events(2)})
     (chunk,) = chunk_files.load_chunks(store, ["events-00000"])
     original = store.read_bytes("payloads", "events-00000.jsonl")
-    store.write_bytes(original.replace(b"Order Completed", b"Order Changed!!"), "payloads", "events-00000.jsonl")
+    store.write_bytes(
+        original.replace(b"Order Completed", b"Order Changed!!"), "payloads", "events-00000.jsonl"
+    )
     client = RecordingFullStory()
-    with pytest.raises(DeliveryError, match="changed after it was recorded .* cannot be sent. Restore the file"):
+    with pytest.raises(
+        DeliveryError, match="changed after it was recorded .* cannot be sent. Restore the file"
+    ):
         run(store, ledger, client, ["events-00000"])
     assert client.calls == [] and set(states(ledger, ev(0, 1)).values()) == {"claimed"}
     assert not store.exists("outcomes", "delivery-events-00000.parquet")
     store.write_bytes(original, "payloads", "events-00000.jsonl")  # restored: sent once, as recorded
     run(store, ledger, client, ["events-00000"])
-    assert [b for _, _, b in client.bodies] == [chunk_files.batch_body(chunk_files.read_lines(chunk, chunk.sha256))]
+    assert [b for _, _, b in client.bodies] == [
+        chunk_files.batch_body(chunk_files.read_lines(chunk, chunk.sha256))
+    ]
     assert outcomes(store, "events-00000") == expected(range(2), {})
 
 
@@ -578,7 +675,9 @@ def test_a_chunk_of_another_destination_is_not_sent(store, ledger):
     write_run(store, ledger, {"events-00000": events(2)})
     client = RecordingFullStory()
     with pytest.raises(DeliveryError):
-        loop.Delivery(store, client, ledger, "o-OTHER-eu1@eu1", fast()).run(chunk_files.load_chunks(store, ["events-00000"]))
+        loop.Delivery(store, client, ledger, "o-OTHER-eu1@eu1", fast()).run(
+            chunk_files.load_chunks(store, ["events-00000"])
+        )
     assert client.calls == []
 
 
@@ -587,7 +686,9 @@ def test_a_chunk_of_another_destination_is_not_sent(store, ledger):
 
 def test_dry_run_writes_outcomes_only(store, ledger):
     write_run(store, ledger, {"users-00000": users("u0"), "events-00000": events(2)})
-    report = loop.Delivery(store, None, None, None).dry_run(chunk_files.load_chunks(store, ["users-00000", "events-00000"]))
+    report = loop.Delivery(store, None, None, None).dry_run(
+        chunk_files.load_chunks(store, ["users-00000", "events-00000"])
+    )
     assert (report.dry_run_rows, report.done, report.batches) == (3, 2, 0)
     assert outcomes(store, "events-00000") == expected(range(1, 3), dict.fromkeys(range(1, 3), "dry_run"))
     assert outcomes(store, "users-00000") == [(0, "ev-0", "dry_run")]
@@ -598,16 +699,28 @@ def test_dry_run_writes_outcomes_only(store, ledger):
 
 
 def test_undelivered_users_blocks_events(store, ledger):
-    write_run(store, ledger, {"users-00000": users("u"), "users-00001": users("v"), "users-00002": users("w"),
-                              "events-00000": events(1)})
+    write_run(
+        store,
+        ledger,
+        {
+            "users-00000": users("u"),
+            "users-00001": users("v"),
+            "users-00002": users("w"),
+            "events-00000": events(1),
+        },
+    )
     just_events = chunk_files.load_chunks(store, ["events-00000"])
     assert loop.undelivered_users(store, ledger, just_events) == ["users-00000", "users-00001", "users-00002"]
     every = chunk_files.load_chunks(store, ["users-00000", "users-00001", "users-00002", "events-00000"])
     assert loop.undelivered_users(store, ledger, every) == []
-    assert loop.undelivered_users(store, ledger, chunk_files.load_chunks(store, ["users-00000"])) == []  # no events asked for
+    assert (
+        loop.undelivered_users(store, ledger, chunk_files.load_chunks(store, ["users-00000"])) == []
+    )  # no events asked for
     run(store, ledger, RecordingFullStory(), ["users-00000"])
     with pytest.raises(DeliveryTimeout):
         run(store, ledger, RecordingFullStory(polls_to_finish=10**6), ["users-00001"], timeout=0.02)
     w = chunk_row(ledger, "users-00002").id
-    assert ledger.abandon_stale_chunks([w], updated_before=float("inf")) == {w}  # another run delivers those rows
+    assert ledger.abandon_stale_chunks([w], updated_before=float("inf")) == {
+        w
+    }  # another run delivers those rows
     assert loop.undelivered_users(store, ledger, just_events) == ["users-00001"]  # in flight: still waiting

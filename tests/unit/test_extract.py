@@ -79,8 +79,9 @@ def test_a_rerun_replaces_the_outputs(landing, store):
     first = run_extract(str(landing), WINDOW, store, batch_size=500)
     store.write_bytes(b"stale", "validated", "part-00099.parquet")
     second = run_extract(str(landing), WINDOW, store, batch_size=500)
-    assert {k: v for k, v in first.items() if k != "validation"} == \
-        {k: v for k, v in second.items() if k != "validation"}
+    assert {k: v for k, v in first.items() if k != "validation"} == {
+        k: v for k, v in second.items() if k != "validation"
+    }
     assert "part-00099.parquet" not in store.list("validated")
     assert len(store.list("validated")) == len(second["parts"])
 
@@ -89,7 +90,11 @@ def test_an_empty_window_is_a_success_with_zero_rows(landing, store):
     empty = Window(WINDOW.start + timedelta(days=30), WINDOW.end + timedelta(days=30))
     result = run_extract(str(landing), empty, store)
     assert {k: result[k] for k in ("rows_read", "rows_valid", "rows_quarantined", "parts")} == {
-        "rows_read": 0, "rows_valid": 0, "rows_quarantined": 0, "parts": []}
+        "rows_read": 0,
+        "rows_valid": 0,
+        "rows_quarantined": 0,
+        "parts": [],
+    }
     assert result["validation"]["success"] is True
     assert store.read_table("quarantine.parquet").num_rows == 0
     assert outcomes.read_partials(store).num_rows == 0

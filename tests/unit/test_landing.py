@@ -33,9 +33,16 @@ def read(uri, window=WINDOW, **kwargs) -> pd.DataFrame:
 
 
 def event(i: int, ts: datetime | None, **overrides) -> dict:
-    row = {"event_id": f"e{i}", "type": "track", "event": "Product Added", "anonymous_id": f"a{i}",
-           "timestamp": ts, "received_at": (ts or H7) + timedelta(seconds=1),
-           "context": '{"ip": "203.0.113.9"}', "properties": '{"sku": "S1"}'}
+    row = {
+        "event_id": f"e{i}",
+        "type": "track",
+        "event": "Product Added",
+        "anonymous_id": f"a{i}",
+        "timestamp": ts,
+        "received_at": (ts or H7) + timedelta(seconds=1),
+        "context": '{"ip": "203.0.113.9"}',
+        "properties": '{"sku": "S1"}',
+    }
     row.update(overrides)
     return row
 
@@ -46,10 +53,18 @@ def write(path: Path, rows: list[dict], schema: pa.Schema | None = None, **kwarg
     return path
 
 
-NS_SCHEMA = pa.schema([("event_id", pa.string()), ("type", pa.string()), ("event", pa.string()),
-                       ("anonymous_id", pa.string()), ("timestamp", pa.timestamp("ns", "UTC")),
-                       ("received_at", pa.timestamp("ns", "UTC")), ("context", pa.string()),
-                       ("properties", pa.string())])
+NS_SCHEMA = pa.schema(
+    [
+        ("event_id", pa.string()),
+        ("type", pa.string()),
+        ("event", pa.string()),
+        ("anonymous_id", pa.string()),
+        ("timestamp", pa.timestamp("ns", "UTC")),
+        ("received_at", pa.timestamp("ns", "UTC")),
+        ("context", pa.string()),
+        ("properties", pa.string()),
+    ]
+)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +125,12 @@ def test_list_window_files_skips_hidden_files(sample_landing, tmp_path):
 @pytest.mark.parametrize("unit", ["s", "ms", "us", "ns"])
 @pytest.mark.parametrize("tz", [None, "UTC", "Europe/Berlin"])
 def test_timestamp_units_and_zones(tmp_path, unit, tz):
-    stamps = [H7 + timedelta(minutes=59, seconds=59), WINDOW.start, WINDOW.end - timedelta(seconds=1), WINDOW.end]
+    stamps = [
+        H7 + timedelta(minutes=59, seconds=59),
+        WINDOW.start,
+        WINDOW.end - timedelta(seconds=1),
+        WINDOW.end,
+    ]
     schema = NS_SCHEMA.set(4, pa.field("timestamp", pa.timestamp(unit, tz)))
     schema = schema.set(5, pa.field("received_at", pa.timestamp(unit, tz)))
     rows = [event(i, ts if tz else ts.replace(tzinfo=None)) for i, ts in enumerate(stamps)]
@@ -119,20 +139,40 @@ def test_timestamp_units_and_zones(tmp_path, unit, tz):
     write(tmp_path / "part.parquet", rows, schema)
     df = read(tmp_path)
     assert df["event_id"].tolist() == ["e1", "e2"]
-    assert df["timestamp"].tolist() == [pd.Timestamp(WINDOW.start), pd.Timestamp(WINDOW.end - timedelta(seconds=1))]
+    assert df["timestamp"].tolist() == [
+        pd.Timestamp(WINDOW.start),
+        pd.Timestamp(WINDOW.end - timedelta(seconds=1)),
+    ]
 
 
 def test_timestamps_as_iso_strings_and_epoch_numbers(tmp_path):
     inside = WINDOW.start + timedelta(minutes=5)
-    iso = [inside.isoformat(), (inside + timedelta(hours=1)).astimezone().isoformat(), "2026-11-26T08:30:00",
-           "not a time", None]
+    iso = [
+        inside.isoformat(),
+        (inside + timedelta(hours=1)).astimezone().isoformat(),
+        "2026-11-26T08:30:00",
+        "not a time",
+        None,
+    ]
     received = [inside.isoformat()] * 5
-    write(tmp_path / "a-iso.parquet", [event(i, None, timestamp=t, received_at=r)
-                                       for i, (t, r) in enumerate(zip(iso, received, strict=True))])
-    epochs = [int(inside.timestamp()), int(inside.timestamp() * 1e3), int(inside.timestamp() * 1e6),
-              int(inside.timestamp() * 1e9), int(WINDOW.end.timestamp())]
-    write(tmp_path / "b-epoch.parquet", [event(10 + i, None, timestamp=e, received_at=epochs[0])
-                                         for i, e in enumerate(epochs)])
+    write(
+        tmp_path / "a-iso.parquet",
+        [
+            event(i, None, timestamp=t, received_at=r)
+            for i, (t, r) in enumerate(zip(iso, received, strict=True))
+        ],
+    )
+    epochs = [
+        int(inside.timestamp()),
+        int(inside.timestamp() * 1e3),
+        int(inside.timestamp() * 1e6),
+        int(inside.timestamp() * 1e9),
+        int(WINDOW.end.timestamp()),
+    ]
+    write(
+        tmp_path / "b-epoch.parquet",
+        [event(10 + i, None, timestamp=e, received_at=epochs[0]) for i, e in enumerate(epochs)],
+    )
     df = read(tmp_path)
     # "not a time" and None have no timestamp: they belong to the window of their received_at
     assert df["event_id"].tolist() == ["e0", "e2", "e3", "e4", "e10", "e11", "e12", "e13"]
@@ -142,17 +182,29 @@ def test_timestamps_as_iso_strings_and_epoch_numbers(tmp_path):
 
 def test_json_columns_as_struct_map_and_list_become_json_text(tmp_path):
     context = pa.array([{"page": {"url": "https://x.example/", "path": "/"}, "ip": "203.0.113.1"}, None])
-    traits = pa.array([[("email", "ada@example.com"), ("plan", "pro")], None],
-                      type=pa.map_(pa.string(), pa.string()))
+    traits = pa.array(
+        [[("email", "ada@example.com"), ("plan", "pro")], None], type=pa.map_(pa.string(), pa.string())
+    )
     props = pa.array([[1, 2], [3]], type=pa.list_(pa.int64()))
     ts = pa.array([WINDOW.start, WINDOW.start], type=pa.timestamp("us", "UTC"))
-    table = pa.table({"event_id": ["e1", "e2"], "type": ["identify", "identify"], "anonymous_id": ["a", "b"],
-                      "timestamp": ts, "received_at": ts, "context": context, "traits": traits,
-                      "properties": props})
+    table = pa.table(
+        {
+            "event_id": ["e1", "e2"],
+            "type": ["identify", "identify"],
+            "anonymous_id": ["a", "b"],
+            "timestamp": ts,
+            "received_at": ts,
+            "context": context,
+            "traits": traits,
+            "properties": props,
+        }
+    )
     pq.write_table(table, tmp_path / "nested.parquet")
     df = read(tmp_path)
-    assert orjson.loads(df["context"].iloc[0]) == {"page": {"url": "https://x.example/", "path": "/"},
-                                                     "ip": "203.0.113.1"}
+    assert orjson.loads(df["context"].iloc[0]) == {
+        "page": {"url": "https://x.example/", "path": "/"},
+        "ip": "203.0.113.1",
+    }
     assert orjson.loads(df["traits"].iloc[0]) == {"email": "ada@example.com", "plan": "pro"}
     assert df["properties"].tolist() == ["[1,2]", "[3]"]  # validation rejects these: not objects
     assert df["context"].isna().tolist() == [False, True]
@@ -160,25 +212,46 @@ def test_json_columns_as_struct_map_and_list_become_json_text(tmp_path):
 
 def test_missing_optional_extra_and_reordered_columns(tmp_path):
     row = event(1, WINDOW.start)
-    reordered = {"received_at": row["received_at"], "warehouse_loaded_at": "x", "anonymous_id": "a1",
-                 "timestamp": row["timestamp"], "type": "page", "event_id": "e1"}
+    reordered = {
+        "received_at": row["received_at"],
+        "warehouse_loaded_at": "x",
+        "anonymous_id": "a1",
+        "timestamp": row["timestamp"],
+        "type": "page",
+        "event_id": "e1",
+    }
     write(tmp_path / "p.parquet", [reordered])
     df = read(tmp_path)
     assert list(df.columns) == list(FRAME_COLUMNS)
-    assert df[["event", "name", "user_id", "sent_at", "context", "properties", "traits", "source_id"]].isna().all().all()
+    assert (
+        df[["event", "name", "user_id", "sent_at", "context", "properties", "traits", "source_id"]]
+        .isna()
+        .all()
+        .all()
+    )
     assert df.iloc[0][["event_id", "type", "anonymous_id"]].tolist() == ["e1", "page", "a1"]
 
 
 def test_files_with_different_schemas_in_one_landing(tmp_path):
     write(tmp_path / "a.parquet", [event(1, WINDOW.start)], NS_SCHEMA)
-    naive_ms = pa.table({"anonymous_id": ["a2"], "event_id": ["e2"], "type": ["page"], "user_id": [7],
-                         "timestamp": pa.array([WINDOW.start.replace(tzinfo=None)], pa.timestamp("ms")),
-                         "received_at": pa.array([WINDOW.start.replace(tzinfo=None)], pa.timestamp("ms")),
-                         "context": pa.array([{"locale": "de-DE"}]),
-                         "event_id_extra": pa.array([1.5])})
+    naive_ms = pa.table(
+        {
+            "anonymous_id": ["a2"],
+            "event_id": ["e2"],
+            "type": ["page"],
+            "user_id": [7],
+            "timestamp": pa.array([WINDOW.start.replace(tzinfo=None)], pa.timestamp("ms")),
+            "received_at": pa.array([WINDOW.start.replace(tzinfo=None)], pa.timestamp("ms")),
+            "context": pa.array([{"locale": "de-DE"}]),
+            "event_id_extra": pa.array([1.5]),
+        }
+    )
     pq.write_table(naive_ms, tmp_path / "b.parquet")
-    write(tmp_path / "c.parquet", [event(3, WINDOW.start, type=None)], NS_SCHEMA.set(
-        1, pa.field("type", pa.dictionary(pa.int32(), pa.string()))))
+    write(
+        tmp_path / "c.parquet",
+        [event(3, WINDOW.start, type=None)],
+        NS_SCHEMA.set(1, pa.field("type", pa.dictionary(pa.int32(), pa.string()))),
+    )
     df = read(tmp_path)
     assert df["event_id"].tolist() == ["e1", "e2", "e3"]
     assert df["user_id"].tolist()[1] == "7"
@@ -190,9 +263,11 @@ def test_files_with_different_schemas_in_one_landing(tmp_path):
 
 
 def test_null_timestamp_rows_belong_to_the_window_of_received_at(tmp_path):
-    rows = [event(1, None, received_at=WINDOW.start + timedelta(minutes=1)),
-            event(2, None, received_at=WINDOW.end + timedelta(minutes=1)),
-            event(3, WINDOW.start - timedelta(seconds=1), received_at=WINDOW.start + timedelta(seconds=1))]
+    rows = [
+        event(1, None, received_at=WINDOW.start + timedelta(minutes=1)),
+        event(2, None, received_at=WINDOW.end + timedelta(minutes=1)),
+        event(3, WINDOW.start - timedelta(seconds=1), received_at=WINDOW.start + timedelta(seconds=1)),
+    ]
     write(tmp_path / "p.parquet", rows, NS_SCHEMA)
     assert read(tmp_path)["event_id"].tolist() == ["e1"]
 
@@ -209,10 +284,16 @@ def test_rows_without_any_time_belong_to_their_partition_hour(tmp_path):
 def test_skewed_rows_in_a_neighbouring_hour_partition_are_read(tmp_path):
     """Clock skew: an 08:59 event landed in hour=09 (and a 09:00 one in hour=08): the 08-09 window reads
     the neighbours by default, and only with partition_slack=0 misses them."""
-    write(tmp_path / "dt=2026-11-26" / "hour=08" / "p.parquet",
-          [event(1, WINDOW.start + timedelta(minutes=3)), event(2, WINDOW.end)], NS_SCHEMA)
-    write(tmp_path / "dt=2026-11-26" / "hour=09" / "p.parquet",
-          [event(3, WINDOW.end - timedelta(seconds=1)), event(4, WINDOW.end + timedelta(minutes=5))], NS_SCHEMA)
+    write(
+        tmp_path / "dt=2026-11-26" / "hour=08" / "p.parquet",
+        [event(1, WINDOW.start + timedelta(minutes=3)), event(2, WINDOW.end)],
+        NS_SCHEMA,
+    )
+    write(
+        tmp_path / "dt=2026-11-26" / "hour=09" / "p.parquet",
+        [event(3, WINDOW.end - timedelta(seconds=1)), event(4, WINDOW.end + timedelta(minutes=5))],
+        NS_SCHEMA,
+    )
     assert read(tmp_path)["event_id"].tolist() == ["e1", "e3"]
     assert read(tmp_path, partition_slack=timedelta(0))["event_id"].tolist() == ["e1"]
     later = Window(WINDOW.end, WINDOW.end + HOUR)
@@ -293,7 +374,7 @@ def test_corrupt_data_pages_stop_the_read_naming_the_file(tmp_path):
     path = write(tmp_path / "p.parquet", rows, NS_SCHEMA, compression="none", use_dictionary=False)
     data = bytearray(path.read_bytes())
     middle = len(data) // 2
-    data[middle:middle + 4000] = b"\xff" * 4000  # the footer stays intact: the scan itself must fail
+    data[middle : middle + 4000] = b"\xff" * 4000  # the footer stays intact: the scan itself must fail
     path.write_bytes(bytes(data))
     with pytest.raises(LandingError, match=r"cannot read .*p\.parquet.*corrupt"):
         read(tmp_path)
@@ -301,7 +382,9 @@ def test_corrupt_data_pages_stop_the_read_naming_the_file(tmp_path):
 
 def test_missing_required_columns_are_named_with_the_file(tmp_path):
     write(tmp_path / "p.parquet", [{"event_id": "e1", "type": "page", "timestamp": WINDOW.start}])
-    with pytest.raises(LandingError, match=r"p\.parquet: required column\(s\) missing: anonymous_id, received_at"):
+    with pytest.raises(
+        LandingError, match=r"p\.parquet: required column\(s\) missing: anonymous_id, received_at"
+    ):
         read(tmp_path)
 
 

@@ -24,10 +24,31 @@ BLUEPRINT = load_blueprint()
 BLUEPRINT_PATH = Path(BLUEPRINT.source)
 
 
-def row(type_="track", event=None, *, properties=None, context=None, traits=None, user_id="user-1",
-        ts=OLD, anonymous_id="dfid-1", name=None, event_id=None) -> dict:
-    return {"type": type_, "event": event, "name": name, "anonymous_id": anonymous_id, "user_id": user_id,
-            "timestamp": ts, "context": context, "properties": properties, "traits": traits, "event_id": event_id}
+def row(
+    type_="track",
+    event=None,
+    *,
+    properties=None,
+    context=None,
+    traits=None,
+    user_id="user-1",
+    ts=OLD,
+    anonymous_id="dfid-1",
+    name=None,
+    event_id=None,
+) -> dict:
+    return {
+        "type": type_,
+        "event": event,
+        "name": name,
+        "anonymous_id": anonymous_id,
+        "user_id": user_id,
+        "timestamp": ts,
+        "context": context,
+        "properties": properties,
+        "traits": traits,
+        "event_id": event_id,
+    }
 
 
 def frame(rows: list[dict]) -> pd.DataFrame:
@@ -57,7 +78,9 @@ def run(rows: list[dict], settings: dict | None = None, now: datetime = NOW, blu
     bodies = {int(r): orjson.loads(line) for r, line in zip(batch.rows, batch.lines, strict=True)}
     outcomes = {int(r.row): (r.outcome, r.reason) for r in batch.outcomes.itertuples()}
     lines, (line_of, user_rows, _), user_outcomes = mapper.fold_users(batch.identify)
-    users = [(orjson.loads(line), sorted(int(r) for r in user_rows[line_of == i])) for i, line in enumerate(lines)]
+    users = [
+        (orjson.loads(line), sorted(int(r) for r in user_rows[line_of == i])) for i, line in enumerate(lines)
+    ]
     for r in user_outcomes.itertuples():
         outcomes[int(r.row)] = (r.outcome, r.reason)
     return bodies, outcomes, users
@@ -79,8 +102,13 @@ def fate(r: dict, **kwargs) -> tuple[str, str]:
 
 
 def test_page_becomes_page_view_with_page_properties_and_browser_url():
-    page = {"url": "https://shop.example.com/sale?x=1", "title": "Sale", "referrer": "https://google.com/",
-            "path": "/sale", "search": "?x=1"}
+    page = {
+        "url": "https://shop.example.com/sale?x=1",
+        "title": "Sale",
+        "referrer": "https://google.com/",
+        "path": "/sale",
+        "search": "?x=1",
+    }
     body = one(row("page", properties=page, name="Sale", context={"page": {"url": "https://other/"}}))
     assert body["name"] == "page_view"
     assert {k: body["properties"][k] for k in (*page, "name")} == {**page, "name": "Sale"}
@@ -92,21 +120,42 @@ def test_page_properties_fall_back_to_context_page():
     body = one(row("page", properties={}, context=ctx))
     props = body["properties"]
     assert (props["url"], props["title"], props["referrer"], props["path"]) == (
-        "https://shop.example.com/cart", "Cart", "", "/cart")
+        "https://shop.example.com/cart",
+        "Cart",
+        "",
+        "/cart",
+    )
     assert "search" not in props and "name" not in props
     assert body["context"]["browser"]["url"] == "https://shop.example.com/cart"
 
 
 @pytest.mark.parametrize("spelling", ["Product Viewed", "product_viewed", "view_item"])
 def test_product_viewed_in_every_spelling(spelling):
-    segment = {"product_id": "P1", "sku": "SKU-1", "name": "Boot", "category": "Shoes", "price": 99.5,
-               "currency": "USD", "position": 3}
-    ga4 = {"currency": "EUR", "value": 99.5, "items": [{"item_id": "P1", "item_name": "Boot",
-                                                        "item_category": "Shoes", "price": 99.5, "quantity": 1}]}
+    segment = {
+        "product_id": "P1",
+        "sku": "SKU-1",
+        "name": "Boot",
+        "category": "Shoes",
+        "price": 99.5,
+        "currency": "USD",
+        "position": 3,
+    }
+    ga4 = {
+        "currency": "EUR",
+        "value": 99.5,
+        "items": [
+            {"item_id": "P1", "item_name": "Boot", "item_category": "Shoes", "price": 99.5, "quantity": 1}
+        ],
+    }
     body = one(row(event=spelling, properties=ga4 if spelling == "view_item" else segment))
     props = body["properties"]
     assert body["name"] == "product_viewed"
-    assert (props["product_id"], props["name"], props["category"], props["price"]) == ("P1", "Boot", "Shoes", 99.5)
+    assert (props["product_id"], props["name"], props["category"], props["price"]) == (
+        "P1",
+        "Boot",
+        "Shoes",
+        99.5,
+    )
     if spelling == "view_item":  # the GA4 item is lifted to the Segment names and kept as arrays
         assert props["item_ids"] == ["P1"] and props["item_count"] == 1
         assert body["schema"]["properties"]["item_prices"] == "reals"
@@ -114,14 +163,32 @@ def test_product_viewed_in_every_spelling(spelling):
         assert props["position"] == 3 and body["schema"]["properties"]["position"] == "int"
 
 
-ORDER = {"order_id": "ORD-1", "checkout_id": "CHK-1", "total": 130.5, "revenue": 100.0, "tax": 20.0,
-         "shipping": 4.95, "discount": 5.0, "coupon": "WELCOME5", "currency": "USD",
-         "products": [{"product_id": "P1", "sku": "S1", "name": "Boot", "category": "Shoes", "price": 60,
-                       "quantity": 1},
-                      {"product_id": 2, "name": "Hat", "price": "20.0", "quantity": 2.0}]}
-GA4_ORDER = {"transaction_id": "ORD-1", "value": 100.0, "currency": "EUR", "tax": 20.0, "shipping": 4.95,
-             "items": [{"item_id": "P1", "item_name": "Boot", "item_category": "Shoes", "price": 60, "quantity": 1},
-                       {"item_id": "2", "item_name": "Hat", "price": 20.0, "quantity": 2}]}
+ORDER = {
+    "order_id": "ORD-1",
+    "checkout_id": "CHK-1",
+    "total": 130.5,
+    "revenue": 100.0,
+    "tax": 20.0,
+    "shipping": 4.95,
+    "discount": 5.0,
+    "coupon": "WELCOME5",
+    "currency": "USD",
+    "products": [
+        {"product_id": "P1", "sku": "S1", "name": "Boot", "category": "Shoes", "price": 60, "quantity": 1},
+        {"product_id": 2, "name": "Hat", "price": "20.0", "quantity": 2.0},
+    ],
+}
+GA4_ORDER = {
+    "transaction_id": "ORD-1",
+    "value": 100.0,
+    "currency": "EUR",
+    "tax": 20.0,
+    "shipping": 4.95,
+    "items": [
+        {"item_id": "P1", "item_name": "Boot", "item_category": "Shoes", "price": 60, "quantity": 1},
+        {"item_id": "2", "item_name": "Hat", "price": 20.0, "quantity": 2},
+    ],
+}
 
 
 @pytest.mark.parametrize("spelling", ["Order Completed", "order_completed", "purchase"])
@@ -129,7 +196,12 @@ def test_order_completed_in_every_spelling_becomes_purchase(spelling):
     body = one(row(event=spelling, properties=GA4_ORDER if spelling == "purchase" else ORDER))
     props = body["properties"]
     assert body["name"] == "purchase"
-    assert (props["order_id"], props["revenue"], props["tax"], props["shipping"]) == ("ORD-1", 100.0, 20.0, 4.95)
+    assert (props["order_id"], props["revenue"], props["tax"], props["shipping"]) == (
+        "ORD-1",
+        100.0,
+        20.0,
+        4.95,
+    )
     assert "transaction_id" not in props and "value" not in props
     assert "products" not in props and "items" not in props
     assert props["item_ids"] == ["P1", "2"]
@@ -138,16 +210,23 @@ def test_order_completed_in_every_spelling_becomes_purchase(spelling):
     assert props["item_prices"] == [60.0, 20.0] and all(type(p) is float for p in props["item_prices"])
     assert props["item_quantities"] == [1, 2] and all(type(q) is int for q in props["item_quantities"])
     assert props["item_count"] == 2
-    assert {k: body["schema"]["properties"][k] for k in ("item_ids", "item_prices", "item_quantities",
-                                                          "item_count")} == {
-        "item_ids": "strs", "item_prices": "reals", "item_quantities": "ints", "item_count": "int"}
+    assert {
+        k: body["schema"]["properties"][k]
+        for k in ("item_ids", "item_prices", "item_quantities", "item_count")
+    } == {"item_ids": "strs", "item_prices": "reals", "item_quantities": "ints", "item_count": "int"}
     if spelling != "purchase":
-        assert (props["total"], props["discount"], props["coupon"], props["currency"]) == (130.5, 5.0, "WELCOME5",
-                                                                                          "USD")
+        assert (props["total"], props["discount"], props["coupon"], props["currency"]) == (
+            130.5,
+            5.0,
+            "WELCOME5",
+            "USD",
+        )
 
 
 def test_item_arrays_keep_one_type_whatever_the_source_types():
-    bodies, _, _ = run([row(event="Order Completed", properties=ORDER), row(event="purchase", properties=GA4_ORDER)])
+    bodies, _, _ = run(
+        [row(event="Order Completed", properties=ORDER), row(event="purchase", properties=GA4_ORDER)]
+    )
     for body in bodies.values():
         props = body["properties"]
         assert all(type(v) is str for v in props["item_ids"])
@@ -177,11 +256,15 @@ def test_products_in_custom_events_are_flattened_the_same_way():
 
 def test_identity_fields_land_where_fullstory_takes_them():
     ctx = {"ip": "203.0.113.7", "userAgent": "Mozilla/5.0 A", "locale": "de-DE"}
-    body = one(row(event="Search Performed", context=ctx, user_id="user-42", anonymous_id="dfid-9",
-                   event_id="msg-1"))
+    body = one(
+        row(event="Search Performed", context=ctx, user_id="user-42", anonymous_id="dfid-9", event_id="msg-1")
+    )
     assert body["user"] == {"uid": "user-42"} and "session" not in body
     assert body["properties"]["datafly_event_id"] == "msg-1"  # traces the FullStory event to its row
-    assert body["context"] == {"browser": {"user_agent": "Mozilla/5.0 A"}, "location": {"ip_address": "203.0.113.7"}}
+    assert body["context"] == {
+        "browser": {"user_agent": "Mozilla/5.0 A"},
+        "location": {"ip_address": "203.0.113.7"},
+    }
     assert body["properties"]["anonymous_id"] == "dfid-9" and body["properties"]["locale"] == "de-DE"
     assert body["timestamp"] == "2026-11-26T08:00:00.000Z"
 
@@ -211,8 +294,9 @@ def test_malformed_session_id_without_user_is_skipped():
     assert outcome == "skipped" and "deviceId:sessionId" in reason.replace("<", "").replace(">", "")
 
 
-@pytest.mark.parametrize(("age_minutes", "recent"), [(0, True), (29, True), (30, True), (31, False),
-                                                      (-10, True), (24 * 60, False)])
+@pytest.mark.parametrize(
+    ("age_minutes", "recent"), [(0, True), (29, True), (30, True), (31, False), (-10, True), (24 * 60, False)]
+)
 def test_use_most_recent_only_within_30_minutes_of_now(age_minutes, recent):
     body = one(row(event="x", ts=NOW - timedelta(minutes=age_minutes)))
     assert body["user"] == {"uid": "user-1"}
@@ -254,15 +338,24 @@ def test_names_are_cleaned_and_collisions_resolved_deterministically():
 
 def test_reserved_names_are_renamed_as_the_blueprint_says():
     props = one(row(event="x", properties={"uid": "u", "email": "e", "displayName": "d", "plan_str": "p"}))[
-        "properties"]
+        "properties"
+    ]
     assert props["custom_uid"] == "u" and props["custom_email"] == "e" and props["custom_displayName"] == "d"
     assert props["plan_str_value"] == "p"
     assert not {"uid", "email", "displayName", "plan_str"} & set(props)
 
 
 def test_nested_objects_stay_nested_with_clean_names_and_no_nulls():
-    props = one(row(event="x", properties={"shipping info": {"the city": "Berlin", "zip": None, "geo": {"lat": 1.5}},
-                                          "empty": None, "tags": ["a", None, "b"]}))["properties"]
+    props = one(
+        row(
+            event="x",
+            properties={
+                "shipping info": {"the city": "Berlin", "zip": None, "geo": {"lat": 1.5}},
+                "empty": None,
+                "tags": ["a", None, "b"],
+            },
+        )
+    )["properties"]
     assert props["shipping_info"] == {"the_city": "Berlin", "geo": {"lat": 1.5}}
     assert "empty" not in props and props["tags"] == ["a", "b"]
 
@@ -276,8 +369,9 @@ def test_mixed_arrays_become_text():
     assert one(row(event="x", properties={"mix": [1, "a", True]}))["properties"]["mix"] == ["1", "a", "true"]
 
 
-@pytest.mark.parametrize("props", [{"note": "x" * 8193}, {"deep": {"note": "é" * 4097}},
-                                   {"tags": ["y" * 100] * 90}])
+@pytest.mark.parametrize(
+    "props", [{"note": "x" * 8193}, {"deep": {"note": "é" * 4097}}, {"tags": ["y" * 100] * 90}]
+)
 def test_values_over_8kb_reject_the_row(props):
     outcome, reason = fate(row(event="x", properties=props))
     assert outcome == "rejected" and "8192 bytes" in reason
@@ -301,7 +395,9 @@ def test_more_than_500_properties_is_rejected():
 
 
 def test_property_count_includes_nested_leaves():
-    outcome, reason = fate(row(event="x", properties={f"p{i}": i for i in range(498)} | {"n": {"a": 1, "b": 2}}))
+    outcome, reason = fate(
+        row(event="x", properties={f"p{i}": i for i in range(498)} | {"n": {"a": 1, "b": 2}})
+    )
     assert outcome == "rejected" and "500" in reason
 
 
@@ -331,8 +427,12 @@ def test_known_but_unmapped_types_are_skipped(type_):
 
 
 def test_event_types_setting_filters_the_rest():
-    rows = [row("page"), row(event="Order Completed", properties=ORDER), row(event="x"),
-            row("identify", traits={"email": "a@b.c"})]
+    rows = [
+        row("page"),
+        row(event="Order Completed", properties=ORDER),
+        row(event="x"),
+        row("identify", traits={"email": "a@b.c"}),
+    ]
     bodies, outcomes, users = run(rows, settings={"event_types": ["page", "purchase"]})
     assert sorted(bodies) == [0, 1] and users == []
     assert outcomes[2][0] == outcomes[3][0] == "filtered" and "event_types" in outcomes[2][1]
@@ -341,11 +441,15 @@ def test_event_types_setting_filters_the_rest():
     assert len(run(rows, settings={"event_types": []})[0]) == 3  # empty = all
 
 
-@pytest.mark.parametrize("consent", [{"canonical": {"analytics": False, "marketing": True}},
-                                     {"analytics": False}, {"analytics": "denied"}])
+@pytest.mark.parametrize(
+    "consent",
+    [{"canonical": {"analytics": False, "marketing": True}}, {"analytics": False}, {"analytics": "denied"}],
+)
 def test_denied_analytics_consent_filters_events_and_identify(consent):
-    for r in (row(event="x", context={"consent": consent}),
-              row("identify", traits={"email": "a@b.c"}, context={"consent": consent})):
+    for r in (
+        row(event="x", context={"consent": consent}),
+        row("identify", traits={"email": "a@b.c"}, context={"consent": consent}),
+    ):
         outcome, reason = fate(r)
         assert outcome == "filtered" and "analytics consent denied" in reason
 
@@ -366,13 +470,27 @@ def test_explicit_consent_setting_filters_rows_without_consent():
 
 
 def test_identify_traits_become_a_user_update():
-    traits = {"displayName": "Ada Lovelace", "email": "ada@example.com", "plan": "pro", "first name": "Ada",
-              "company": {"name": "Acme", "size": 40}, "orders": [{"id": "O1"}, {"id": "O2"}]}
+    traits = {
+        "displayName": "Ada Lovelace",
+        "email": "ada@example.com",
+        "plan": "pro",
+        "first name": "Ada",
+        "company": {"name": "Acme", "size": 40},
+        "orders": [{"id": "O1"}, {"id": "O2"}],
+    }
     _, _, users = run([row("identify", traits=traits, user_id="user-42")])
-    (body, rows), = users
-    assert body == {"uid": "user-42", "display_name": "Ada Lovelace", "email": "ada@example.com",
-                    "properties": {"plan": "pro", "first_name": "Ada", "company": {"name": "Acme", "size": 40},
-                                   "orders": {"id": ["O1", "O2"]}}}
+    ((body, rows),) = users
+    assert body == {
+        "uid": "user-42",
+        "display_name": "Ada Lovelace",
+        "email": "ada@example.com",
+        "properties": {
+            "plan": "pro",
+            "first_name": "Ada",
+            "company": {"name": "Acme", "size": 40},
+            "orders": {"id": ["O1", "O2"]},
+        },
+    }
     assert rows == [0]
 
 
@@ -383,9 +501,11 @@ def test_display_name_in_every_casing(key):
 
 
 def test_identify_calls_fold_per_uid_in_timestamp_order():
-    rows = [row("identify", traits={"plan": "pro", "email": "new@x.io"}, ts=OLD + timedelta(minutes=5)),
-            row("identify", traits={"plan": "free", "email": "old@x.io", "city": "Oslo"}, ts=OLD),
-            row("identify", traits={"plan": "x"}, user_id="user-2")]
+    rows = [
+        row("identify", traits={"plan": "pro", "email": "new@x.io"}, ts=OLD + timedelta(minutes=5)),
+        row("identify", traits={"plan": "free", "email": "old@x.io", "city": "Oslo"}, ts=OLD),
+        row("identify", traits={"plan": "x"}, user_id="user-2"),
+    ]
     _, outcomes, users = run(rows)
     by_uid = {body["uid"]: (body, r) for body, r in users}
     body, folded_rows = by_uid["user-1"]
@@ -410,9 +530,13 @@ def test_over_long_email_rejects_every_folded_call():
 
 def test_an_extra_mapping_in_a_modified_blueprint(tmp_path):
     doc = yaml.safe_load(BLUEPRINT_PATH.read_text())
-    doc["events"]["coupon_applied"] = {"match": {"type": "track", "events": ["Coupon Applied", "select_promotion"]},
-                                       "renames": {"promotion_id": "coupon_id"}}
+    doc["events"]["coupon_applied"] = {
+        "match": {"type": "track", "events": ["Coupon Applied", "select_promotion"]},
+        "renames": {"promotion_id": "coupon_id"},
+    }
     path = tmp_path / "retail.yaml"
     path.write_text(yaml.safe_dump(doc))
-    body = one(row(event="select_promotion", properties={"promotion_id": "C1"}), blueprint=load_blueprint(path))
+    body = one(
+        row(event="select_promotion", properties={"promotion_id": "C1"}), blueprint=load_blueprint(path)
+    )
     assert body["name"] == "coupon_applied" and body["properties"]["coupon_id"] == "C1"

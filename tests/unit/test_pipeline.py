@@ -11,10 +11,18 @@ H = datetime(2026, 11, 26, 7, tzinfo=UTC)
 
 
 def _plan(destination="o-1A2B3C-na1@na1", executor=None, ledger_conn_id=None, state_uri=None, **params):
-    plan = plan_run(params=params, run_id="scheduled__2026-11-26T07:00:00+00:00", landing_uri="demo/landing",
-                    state_uri=state_uri, airflow_home="/opt/af", data_interval_start=H,
-                    data_interval_end=H + timedelta(hours=1), destination=destination, executor=executor,
-                    ledger_conn_id=ledger_conn_id)
+    plan = plan_run(
+        params=params,
+        run_id="scheduled__2026-11-26T07:00:00+00:00",
+        landing_uri="demo/landing",
+        state_uri=state_uri,
+        airflow_home="/opt/af",
+        data_interval_start=H,
+        data_interval_end=H + timedelta(hours=1),
+        destination=destination,
+        executor=executor,
+        ledger_conn_id=ledger_conn_id,
+    )
     xcom = plan.to_xcom()
     assert RunPlan.from_xcom(xcom) == plan and json.loads(json.dumps(xcom)) == xcom  # XCom carries it whole
     return xcom
@@ -25,7 +33,9 @@ def test_plan_defaults_and_relative_uris_under_airflow_home():
     assert plan["window"] == {"start": H.isoformat(), "end": (H + timedelta(hours=1)).isoformat()}
     assert plan["landing_uri"] == "/opt/af/demo/landing" and plan["state_uri"] == "/opt/af/state"
     assert (plan["dry_run"], plan["force"], plan["replay_dead_letters"]) == (False, False, False)
-    assert plan["fullstory_conn_id"] == "fullstory_default" and plan["thresholds"]["max_rejected_ratio"] == 0.05
+    assert (
+        plan["fullstory_conn_id"] == "fullstory_default" and plan["thresholds"]["max_rejected_ratio"] == 0.05
+    )
     assert plan["mapping"] == {"event_types": [], "require_explicit_consent": False}
     # Scheduled runs look back 24 h for late rows; the ledger is a SQLite file beside the local state.
     assert plan["lookback_hours"] == 24 and plan["scan_start"] == (H - timedelta(hours=24)).isoformat()
@@ -35,22 +45,32 @@ def test_plan_defaults_and_relative_uris_under_airflow_home():
 
 
 def test_plan_ledger_location_and_misconfiguration():
-    assert _plan(state_uri="s3://b/state")["ledger"] == {"url": "sqlite:////opt/af/datafly_fullstory/ledger.sqlite"}
+    assert _plan(state_uri="s3://b/state")["ledger"] == {
+        "url": "sqlite:////opt/af/datafly_fullstory/ledger.sqlite"
+    }
     assert _plan(ledger_conn_id="ledger_pg", executor="CeleryExecutor")["ledger"] == {"conn_id": "ledger_pg"}
     with pytest.raises(ValueError, match="CeleryExecutor.*datafly_fullstory_ledger_conn_id"):
         _plan(state_uri="s3://b/state", executor="airflow.providers.celery.executors.CeleryExecutor")
     with pytest.raises(ValueError, match="destination"):
         _plan(destination=None)
     assert _plan(destination=None, dry_run=True)["destination"] is None
-    assert _plan(window_start="2026-11-20T10:00:00Z", window_end="2026-11-20T11:00:00Z")["lookback_hours"] == 0
+    assert (
+        _plan(window_start="2026-11-20T10:00:00Z", window_end="2026-11-20T11:00:00Z")["lookback_hours"] == 0
+    )
     assert _plan(lookback_hours=6)["scan_start"] == (H - timedelta(hours=6)).isoformat()
     with pytest.raises(ValueError, match="lookback_hours"):
         _plan(lookback_hours=-1)
 
 
 def test_plan_takes_manual_params():
-    plan = _plan(window_start="2026-11-20T10:00:00Z", window_end="2026-11-20T12:00:00Z", dry_run=True,
-                 event_types=["purchase", " "], fullstory_conn_id="fs_eu", max_rejected_ratio=0.2)
+    plan = _plan(
+        window_start="2026-11-20T10:00:00Z",
+        window_end="2026-11-20T12:00:00Z",
+        dry_run=True,
+        event_types=["purchase", " "],
+        fullstory_conn_id="fs_eu",
+        max_rejected_ratio=0.2,
+    )
     assert plan["window"]["start"] == "2026-11-20T10:00:00+00:00" and plan["dry_run"] is True
     assert plan["mapping"]["event_types"] == ["purchase"] and plan["fullstory_conn_id"] == "fs_eu"
     with pytest.raises(ValueError, match="max_rejected_ratio"):
@@ -66,10 +86,14 @@ def test_uris_and_missing_landing():
 
 def test_chunks_are_grouped_per_kind_in_order():
     chunks = [{"name": f"users-{i:05d}", "kind": "users"} for i in range(2)] + [
-        {"name": f"events-{i:05d}", "kind": "events"} for i in range(5)]
+        {"name": f"events-{i:05d}", "kind": "events"} for i in range(5)
+    ]
     assert group_chunks(chunks, "users", 4) == [["users-00000", "users-00001"]]
-    assert group_chunks(chunks, "events", 2) == [["events-00000", "events-00001"],
-                                                  ["events-00002", "events-00003"], ["events-00004"]]
+    assert group_chunks(chunks, "events", 2) == [
+        ["events-00000", "events-00001"],
+        ["events-00002", "events-00003"],
+        ["events-00004"],
+    ]
     assert group_chunks([], "events", 4) == []
 
 
@@ -79,10 +103,16 @@ def test_each_threshold_sees_rows_that_did_not_reach_fullstory_and_is_named():
     problems = stats.threshold_problems({"max_rejected_ratio": 0.05})
     assert len(problems) == 1 and "6 of 100 rows" in problems[0] and "max_rejected_ratio" in problems[0]
     assert stats.threshold_problems({"max_rejected_ratio": 0.06}) == []
-    tripped = stats.threshold_problems({"max_quarantined_ratio": 0.03, "max_skipped_ratio": 0.2,
-                                        "max_rejected_ratio": 0.5})
-    assert [p.split("above ")[1].split("=")[0] for p in tripped] == ["max_quarantined_ratio", "max_skipped_ratio"]
+    tripped = stats.threshold_problems(
+        {"max_quarantined_ratio": 0.03, "max_skipped_ratio": 0.2, "max_rejected_ratio": 0.5}
+    )
+    assert [p.split("above ")[1].split("=")[0] for p in tripped] == [
+        "max_quarantined_ratio",
+        "max_skipped_ratio",
+    ]
     stats.rows["unknown"] = 1
     assert any("max_unknown_rows" in p for p in stats.threshold_problems({"max_rejected_ratio": 1}))
-    assert not any("max_unknown_rows" in p for p in stats.threshold_problems(
-        {"max_rejected_ratio": 1, "max_unknown_rows": 1}))
+    assert not any(
+        "max_unknown_rows" in p
+        for p in stats.threshold_problems({"max_rejected_ratio": 1, "max_unknown_rows": 1})
+    )

@@ -21,8 +21,14 @@ def test_covers_the_blueprint_events_identity_and_consent_shapes():
     types = set(t.column("type").to_pylist())
     assert {"page", "track", "identify", "group", "screen", "alias"} <= types
     names = set(n for n in t.column("event").to_pylist() if n)
-    assert {"Product Viewed", "product_viewed", "view_item", "Order Completed", "order_completed",
-            "purchase"} <= names
+    assert {
+        "Product Viewed",
+        "product_viewed",
+        "view_item",
+        "Order Completed",
+        "order_completed",
+        "purchase",
+    } <= names
     contexts = " ".join(c for c in t.column("context").to_pylist()[:3000] if c)
     for key in ('"canonical"', '"consent":{"analytics"', '"userAgent"', '"user_agent"', '"session_id"'):
         assert key in contexts
@@ -34,7 +40,9 @@ def test_covers_the_blueprint_events_identity_and_consent_shapes():
 
 
 def test_bad_rows_are_there_for_validation():
-    t = generate_table(LandingSpec(rows=10000, start=START, end=START + timedelta(hours=1), bad_fraction=0.01))
+    t = generate_table(
+        LandingSpec(rows=10000, start=START, end=START + timedelta(hours=1), bad_fraction=0.01)
+    )
     ids = t.column("event_id").to_pylist()
     assert ids.count(None) > 0 and len(set(i for i in ids if i)) < len([i for i in ids if i])
     assert "pageview" in t.column("type").to_pylist()
@@ -51,7 +59,8 @@ def test_bad_rows_are_there_for_validation():
 def test_hive_and_flat_layouts(tmp_path):
     hive = generate_landing(tmp_path / "hive", 2000, START, hours=3)
     assert [p.relative_to(tmp_path / "hive").parts[:2] for p in hive] == [
-        ("dt=2026-11-26", f"hour={h:02d}") for h in (7, 8, 9)]
+        ("dt=2026-11-26", f"hour={h:02d}") for h in (7, 8, 9)
+    ]
     flat = generate_landing(tmp_path / "flat", 2000, START, hours=2, layout="flat", files_per_hour=2)
     assert len(flat) == 4 and all(p.parent == tmp_path / "flat" for p in flat)
     assert sum(pq.read_metadata(p).num_rows for p in flat) == 2000

@@ -10,8 +10,16 @@ from include.datafly_fullstory.state import RunStore, safe_run_id
 
 
 def _frame(rows, outcome="delivered", kind="event"):
-    return pd.DataFrame({"row": rows, "event_id": [f"e{r}" for r in rows], "outcome": outcome,
-                         "reason": None, "kind": kind, "chunk": "events-00000"})
+    return pd.DataFrame(
+        {
+            "row": rows,
+            "event_id": [f"e{r}" for r in rows],
+            "outcome": outcome,
+            "reason": None,
+            "kind": kind,
+            "chunk": "events-00000",
+        }
+    )
 
 
 def test_run_ids_become_safe_folder_names(tmp_path):
@@ -67,14 +75,23 @@ def test_unknown_outcomes_are_refused():
 
 def test_stats_add_together_and_read_as_one_line():
     run = stats.RunStats().add({"http": {"requests": 3, "status_counts": {"200": 3}}, "batches": 1})
-    run.add({"http": {"requests": 2, "retries": 1, "status_counts": {"200": 1, "429": 1}}, "batches": 1,
-             "bytes_sent": 10, "delivery": {"chunks": 2, "submitted": 2}, "not_a_stat": 1})
+    run.add(
+        {
+            "http": {"requests": 2, "retries": 1, "status_counts": {"200": 1, "429": 1}},
+            "batches": 1,
+            "bytes_sent": 10,
+            "delivery": {"chunks": 2, "submitted": 2},
+            "not_a_stat": 1,
+        }
+    )
     assert run.http == {"requests": 5, "retries": 1, "status_counts": {"200": 4, "429": 1}}
     assert run.batches == 2 and run.bytes_sent == 10 and "not_a_stat" not in run.asdict()
     run.window_start, run.window_end, run.duration_s = "s", "e", 1.25
     run.rows.update(read=3, delivered=2, skipped=1)
     line = run.asstr()
-    assert line.startswith("window s -> e: read 3, delivered 2, rejected 0, quarantined 0, filtered 0, skipped 1;")
+    assert line.startswith(
+        "window s -> e: read 3, delivered 2, rejected 0, quarantined 0, filtered 0, skipped 1;"
+    )
     assert "2 chunk(s) (2 submitted)" in line and "5 requests (1 retries)" in line and "2 batches" in line
     assert str(run) == line and stats.RunStats.from_dict(run.asdict()) == run
 

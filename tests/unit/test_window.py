@@ -8,8 +8,12 @@ H7 = datetime(2026, 11, 26, 7, tzinfo=UTC)
 
 
 def test_params_win_over_the_data_interval():
-    w = resolve_window(window_start="2026-11-20T10:00:00Z", window_end="2026-11-20T13:00:00+00:00",
-                       data_interval_start=H7, data_interval_end=H7 + timedelta(hours=1))
+    w = resolve_window(
+        window_start="2026-11-20T10:00:00Z",
+        window_end="2026-11-20T13:00:00+00:00",
+        data_interval_start=H7,
+        data_interval_end=H7 + timedelta(hours=1),
+    )
     assert w == Window(datetime(2026, 11, 20, 10, tzinfo=UTC), datetime(2026, 11, 20, 13, tzinfo=UTC))
 
 
@@ -30,12 +34,15 @@ def test_zones_are_normalised_and_naive_means_utc():
     assert parse_instant(datetime(2026, 11, 26, 8, tzinfo=cet), "x") == H7
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"window_start": "2026-11-26T07:00:00Z"}, "give both window_start and window_end"),
-    ({"window_start": "yesterday", "window_end": "2026-11-26T07:00:00Z"}, "window_start='yesterday'"),
-    ({"window_start": "2026-11-26T08:00:00Z", "window_end": "2026-11-26T07:00:00Z"}, "must be after"),
-    ({}, "no window"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"window_start": "2026-11-26T07:00:00Z"}, "give both window_start and window_end"),
+        ({"window_start": "yesterday", "window_end": "2026-11-26T07:00:00Z"}, "window_start='yesterday'"),
+        ({"window_start": "2026-11-26T08:00:00Z", "window_end": "2026-11-26T07:00:00Z"}, "must be after"),
+        ({}, "no window"),
+    ],
+)
 def test_bad_windows_say_what_to_fix(kwargs, message):
     with pytest.raises(WindowError, match=message):
         resolve_window(**kwargs)

@@ -57,7 +57,9 @@ def match_errors(keys: Mapping[str, int], errors: Iterable[Mapping[str, Any]], k
     for error in errors:
         item = error.get(ITEM_KIND[kind], error.get("request"))
         index = keys.get(item_key(item, kind), -1)
-        matched.append(ItemError(index, str(error.get("code") or "unknown"), str(error.get("message") or ""), item))
+        matched.append(
+            ItemError(index, str(error.get("code") or "unknown"), str(error.get("message") or ""), item)
+        )
     return matched
 
 
@@ -68,8 +70,9 @@ class JobReading:
     unmatched_errors: int
 
 
-def read_job(client, chunk: Chunk, job_id: str, lines: list[bytes], reported_errors: int,
-             job_status: str | None) -> JobReading:
+def read_job(
+    client, chunk: Chunk, job_id: str, lines: list[bytes], reported_errors: int, job_status: str | None
+) -> JobReading:
     """Which lines FullStory rejected, and which it may not have imported."""
     if job_status != "FAILED" and reported_errors <= 0:
         return JobReading({}, [], 0)
@@ -81,12 +84,17 @@ def read_job(client, chunk: Chunk, job_id: str, lines: list[bytes], reported_err
             states[e.item_index] = (lg.REJECTED, e.code, e.message)
     unmatched = sum(1 for e in errors if e.item_index < 0)
     if max(reported_errors, len(errors)) > len(states):
-        imported = {keys[k] for item in client.iter_batch_imports(chunk.kind, job_id)
-                    if (k := item_key(item, chunk.kind)) in keys}
-        message = (f"FullStory's job {job_id} counted {max(reported_errors, len(errors))} failed item(s) but only "
-                   f"{len(states)} could be matched to a line by {EVENT_ID_PROPERTY if chunk.kind == 'events' else 'uid'}, "
-                   "and this item is in neither its errors nor its imports. Check FullStory for it before sending it "
-                   "again (allow_duplicates)")
+        imported = {
+            keys[k]
+            for item in client.iter_batch_imports(chunk.kind, job_id)
+            if (k := item_key(item, chunk.kind)) in keys
+        }
+        message = (
+            f"FullStory's job {job_id} counted {max(reported_errors, len(errors))} failed item(s) but only "
+            f"{len(states)} could be matched to a line by {EVENT_ID_PROPERTY if chunk.kind == 'events' else 'uid'}, "
+            "and this item is in neither its errors nor its imports. Check FullStory for it before sending it "
+            "again (allow_duplicates)"
+        )
         for index in range(len(lines)):
             if index not in states and index not in imported:
                 states[index] = (lg.UNKNOWN, "unmatched_error", message)
@@ -101,7 +109,9 @@ def key_young(row: lg.ChunkRow, now: float) -> bool:
 
 def expired_message(chunk: lg.ChunkRow) -> str:
     when = datetime.fromtimestamp(chunk.first_post_at or 0, UTC).isoformat(timespec="seconds")
-    return (f"chunk {chunk.name} of run {chunk.run_id} was POSTed at {when} with Idempotency-Key "
-            f"{chunk.idempotency_key}, but its answer was lost and FullStory forgets a key after 24 h: sending it "
-            f"again could import it twice. Check FullStory for events whose {EVENT_ID_PROPERTY} is this row's "
-            "event_id (users: the uid); if they are missing, run the window again with allow_duplicates")
+    return (
+        f"chunk {chunk.name} of run {chunk.run_id} was POSTed at {when} with Idempotency-Key "
+        f"{chunk.idempotency_key}, but its answer was lost and FullStory forgets a key after 24 h: sending it "
+        f"again could import it twice. Check FullStory for events whose {EVENT_ID_PROPERTY} is this row's "
+        "event_id (users: the uid); if they are missing, run the window again with allow_duplicates"
+    )

@@ -100,9 +100,17 @@ class _Flight:
 class Delivery:
     """Delivers chunks through a `BatchClient`, keeping the ledger, outcomes and dead letters."""
 
-    def __init__(self, store: RunStore, client: BatchClient | None, ledger: lg.Ledger | None, destination: str | None,
-                 settings: DeliverySettings | None = None, *, logger: logging.Logger | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        store: RunStore,
+        client: BatchClient | None,
+        ledger: lg.Ledger | None,
+        destination: str | None,
+        settings: DeliverySettings | None = None,
+        *,
+        logger: logging.Logger | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.store, self.client, self.ledger, self.destination = store, client, ledger, destination
         self.settings = settings or DeliverySettings()
         self.log = logger or log
@@ -168,8 +176,10 @@ class Delivery:
         """Decide from the ledger what the chunk needs; returns a flight to poll, or None when done."""
         row = self.ledger.chunk(chunk.ledger_chunk_id)
         if row.destination != self.destination:
-            raise DeliveryError(f"chunk {chunk.name} belongs to {row.destination} in the ledger, but this delivery "
-                                f"talks to {self.destination}; nothing was sent")
+            raise DeliveryError(
+                f"chunk {chunk.name} belongs to {row.destination} in the ledger, but this delivery "
+                f"talks to {self.destination}; nothing was sent"
+            )
         now = lg.wall_clock()
         if chunk.mode == "replay":
             if not key_young(row, now):
@@ -198,8 +208,15 @@ class Delivery:
         self._account(chunk, row, new=False)
         return None
 
-    def _post(self, chunk: Chunk, row: lg.ChunkRow, *, first: bool, replay: bool = False,
-              lines: list[bytes] | None = None) -> _Flight | None:
+    def _post(
+        self,
+        chunk: Chunk,
+        row: lg.ChunkRow,
+        *,
+        first: bool,
+        replay: bool = False,
+        lines: list[bytes] | None = None,
+    ) -> _Flight | None:
         lines = lines if lines is not None else read_lines(chunk, row.sha256)
         body = batch_body(lines)
         if not first:
@@ -209,12 +226,16 @@ class Delivery:
             job = self.client.create_batch(chunk.kind, body, row.idempotency_key)
         except self.client.refused_error as refusal:
             if replay:
-                raise DeliveryError(f"force: FullStory refused the replay of {chunk.name}: {refusal}") from refusal
+                raise DeliveryError(
+                    f"force: FullStory refused the replay of {chunk.name}: {refusal}"
+                ) from refusal
             if not first and (refusal.status == 409 or "idempotency" in (refusal.code or "")):
                 # FullStory still runs (409) or holds another answer under this key: the first POST may have
                 # been imported, so the rows are not rejected; the chunk stays `posting` for a re-run.
-                raise DeliveryError(f"chunk {chunk.name}: re-sent under its recorded key, FullStory answered "
-                                    f"{refusal.status} {refusal.code}; kept for a later re-run") from refusal
+                raise DeliveryError(
+                    f"chunk {chunk.name}: re-sent under its recorded key, FullStory answered "
+                    f"{refusal.status} {refusal.code}; kept for a later re-run"
+                ) from refusal
             self._refused(chunk, row, lines, refusal)
             return None
         except Exception as exc:
@@ -226,7 +247,9 @@ class Delivery:
         fault_point("after_post")
         job_id = str(job["id"])
         if not replay:
-            self.ledger.update_chunk(row.id, job_id=job_id, job_status=job.get("status"), status=lg.C_SUBMITTED)
+            self.ledger.update_chunk(
+                row.id, job_id=job_id, job_status=job.get("status"), status=lg.C_SUBMITTED
+            )
         self.report.batches += 1
         self.report.bytes_sent += len(body)
         if replay:
@@ -235,9 +258,15 @@ class Delivery:
             self.report.submitted += 1
         else:
             self.report.reposted += 1
-        self.log.info("chunk %s: %s %d %s (%d bytes) as job %s", chunk.name,
-                      "replayed" if replay else "submitted" if first else "re-sent under its recorded key",
-                      len(lines), chunk.kind, len(body), job_id)
+        self.log.info(
+            "chunk %s: %s %d %s (%d bytes) as job %s",
+            chunk.name,
+            "replayed" if replay else "submitted" if first else "re-sent under its recorded key",
+            len(lines),
+            chunk.kind,
+            len(body),
+            job_id,
+        )
         interval = self.settings.poll_interval
         return _Flight(chunk, job_id, self.clock() + interval, interval)
 
@@ -259,14 +288,31 @@ class Delivery:
             self._account(chunk, self.ledger.chunk(row.id), new=False)
             return True
         lines = read_lines(chunk, row.sha256)
-        reading = read_job(self.client, chunk, flight.job_id, lines, int(status.get("errors") or 0), job_status)
+        reading = read_job(
+            self.client, chunk, flight.job_id, lines, int(status.get("errors") or 0), job_status
+        )
         fault_point("after_job")
-        self._record(chunk, row, lines, reading, job_status=job_status, imports=int(status.get("imports") or 0),
-                     errors=int(status.get("errors") or 0))
+        self._record(
+            chunk,
+            row,
+            lines,
+            reading,
+            job_status=job_status,
+            imports=int(status.get("imports") or 0),
+            errors=int(status.get("errors") or 0),
+        )
         return True
 
-    def _record(self, chunk: Chunk, row: lg.ChunkRow, lines: list[bytes], reading: JobReading, *, status: str = lg.C_COMPLETED,
-                **values: Any) -> None:
+    def _record(
+        self,
+        chunk: Chunk,
+        row: lg.ChunkRow,
+        lines: list[bytes],
+        reading: JobReading,
+        *,
+        status: str = lg.C_COMPLETED,
+        **values: Any,
+    ) -> None:
         """The chunk's items get their final states and the chunk its terminal status, in one transaction;
         then this run's outcome files and dead letters."""
         exceptions = []
@@ -278,16 +324,36 @@ class Delivery:
         counts = {lg.DELIVERED: len(lines) - len(reading.states), lg.REJECTED: 0, lg.UNKNOWN: 0}
         for state, _, _ in reading.states.values():
             counts[state] += 1
-        self.ledger.finish_chunk(row.id, status, exceptions, delivered_items=counts[lg.DELIVERED],
-                                 rejected_items=counts[lg.REJECTED], unknown_items=counts[lg.UNKNOWN], **values)
+        self.ledger.finish_chunk(
+            row.id,
+            status,
+            exceptions,
+            delivered_items=counts[lg.DELIVERED],
+            rejected_items=counts[lg.REJECTED],
+            unknown_items=counts[lg.UNKNOWN],
+            **values,
+        )
         self.report.unmatched_errors += reading.unmatched_errors
         self.report.items_this_try += len(lines)
         if reading.unmatched_errors:
-            self.log.warning("chunk %s: %d error(s) of job %s name no line of the chunk; see dead_letters/%s.parquet "
-                             "(item_index -1)", chunk.name, reading.unmatched_errors, row.job_id, chunk.name)
+            self.log.warning(
+                "chunk %s: %d error(s) of job %s name no line of the chunk; see dead_letters/%s.parquet "
+                "(item_index -1)",
+                chunk.name,
+                reading.unmatched_errors,
+                row.job_id,
+                chunk.name,
+            )
         finished = self.ledger.chunk(row.id)
-        self.log.info("chunk %s: job %s %s: %d delivered, %d rejected, %d unknown", chunk.name, finished.job_id,
-                      finished.job_status, counts[lg.DELIVERED], counts[lg.REJECTED], counts[lg.UNKNOWN])
+        self.log.info(
+            "chunk %s: job %s %s: %d delivered, %d rejected, %d unknown",
+            chunk.name,
+            finished.job_id,
+            finished.job_status,
+            counts[lg.DELIVERED],
+            counts[lg.REJECTED],
+            counts[lg.UNKNOWN],
+        )
         self._account(chunk, finished, new=True, lines=lines, errors=reading.errors)
 
     def _refused(self, chunk: Chunk, row: lg.ChunkRow, lines: list[bytes], refusal: Exception) -> None:
@@ -295,23 +361,47 @@ class Delivery:
         code = refusal.code or str(refusal.status)
         errors = [ItemError(i, code, refusal.message, None) for i in range(len(lines))]
         reading = JobReading({i: (lg.REJECTED, code, refusal.message) for i in range(len(lines))}, errors, 0)
-        self._record(chunk, row, lines, reading, status=lg.C_FAILED,
-                     error=f"HTTP {refusal.status} {refusal.code}: {refusal.message}")
+        self._record(
+            chunk,
+            row,
+            lines,
+            reading,
+            status=lg.C_FAILED,
+            error=f"HTTP {refusal.status} {refusal.code}: {refusal.message}",
+        )
         self.report.refused += 1
-        self.log.warning("chunk %s: FullStory refused the whole batch (%s); its %d items are dead letters",
-                         chunk.name, refusal, len(lines))
+        self.log.warning(
+            "chunk %s: FullStory refused the whole batch (%s); its %d items are dead letters",
+            chunk.name,
+            refusal,
+            len(lines),
+        )
 
     def _expired(self, chunk: Chunk, row: lg.ChunkRow) -> None:
         message = expired_message(row)
         self.log.error("%s", message)
-        self.ledger.finish_chunk(row.id, lg.C_UNKNOWN, [], others=lg.UNKNOWN, others_code="key_expired",
-                                 others_message=message, unknown_items=row.items)
+        self.ledger.finish_chunk(
+            row.id,
+            lg.C_UNKNOWN,
+            [],
+            others=lg.UNKNOWN,
+            others_code="key_expired",
+            others_message=message,
+            unknown_items=row.items,
+        )
         self._account(chunk, self.ledger.chunk(row.id), new=True)
 
     # ---- outcomes from the ledger ------------------------------------------------------------------------
 
-    def _account(self, chunk: Chunk, row: lg.ChunkRow, *, new: bool, lines: list[bytes] | None = None,
-                 errors: list[ItemError] | None = None) -> None:
+    def _account(
+        self,
+        chunk: Chunk,
+        row: lg.ChunkRow,
+        *,
+        new: bool,
+        lines: list[bytes] | None = None,
+        errors: list[ItemError] | None = None,
+    ) -> None:
         """This run's rows of the chunk get their outcome from the ledger; counts go to the report."""
         self.report.done += 1
         if chunk.mode != "replay":
@@ -334,13 +424,22 @@ class Delivery:
         self._write_outcomes(chunk, index, outcome, reason)
         if lines is None and any(o == "rejected" for o in outcome):
             lines = read_lines(chunk, row.sha256)
-        dead_letters.write_chunk(self.store, chunk.name,
-                                 dead_letter_table(chunk, row, lines or [], index, outcome, reason, errors or []))
+        dead_letters.write_chunk(
+            self.store,
+            chunk.name,
+            dead_letter_table(chunk, row, lines or [], index, outcome, reason, errors or []),
+        )
         self._progress()
 
     def _write_outcomes(self, chunk: Chunk, index: pd.DataFrame, outcome, reason) -> None:
-        frame = outcomes.frame(index["row"].astype("int64"), index["event_id"], outcome, reason,
-                               ITEM_KIND[chunk.kind], chunk.name)
+        frame = outcomes.frame(
+            index["row"].astype("int64"),
+            index["event_id"],
+            outcome,
+            reason,
+            ITEM_KIND[chunk.kind],
+            chunk.name,
+        )
         outcomes.write_outcomes(self.store, f"delivery-{chunk.name}", frame)
 
     def _progress(self, final: bool = False) -> None:
@@ -351,7 +450,10 @@ class Delivery:
         elapsed = max(now - self._started, 1e-9)
         self.log.info(
             "delivery progress: %d/%d chunks done (%d already complete), %d items sent this try, %.0f items/s",
-            self.report.done, self.report.chunks, self.report.already_complete, self.report.items_this_try,
+            self.report.done,
+            self.report.chunks,
+            self.report.already_complete,
+            self.report.items_this_try,
             self.report.items_this_try / elapsed,
         )
 
@@ -362,8 +464,17 @@ def undelivered_users(store: RunStore, ledger: lg.Ledger, chunks: list[Chunk]) -
     if not any(c.kind == "events" for c in chunks):
         return []
     given = {c.name for c in chunks}
-    users = [Chunk.from_entry(e) for e in manifest_entries(store) if e["kind"] == "users" and e["name"] not in given]
+    users = [
+        Chunk.from_entry(e)
+        for e in manifest_entries(store)
+        if e["kind"] == "users" and e["name"] not in given
+    ]
     rows = ledger.chunks_by_id(c.ledger_chunk_id for c in users if c.ledger_chunk_id is not None)
-    return [c.name for c in users if c.mode != "replay"
-            and rows.get(c.ledger_chunk_id) is not None and not rows[c.ledger_chunk_id].is_terminal
-            and rows[c.ledger_chunk_id].status != lg.C_ABANDONED]
+    return [
+        c.name
+        for c in users
+        if c.mode != "replay"
+        and rows.get(c.ledger_chunk_id) is not None
+        and not rows[c.ledger_chunk_id].is_terminal
+        and rows[c.ledger_chunk_id].status != lg.C_ABANDONED
+    ]

@@ -10,10 +10,14 @@ from include.datafly_fullstory.chunks import Chunk
 from include.datafly_fullstory.delivery.jobs import ITEM_KIND, ItemError
 
 
-def outcome_of(item: lg.ItemRow | None, chunk: Chunk, row: lg.ChunkRow, run_id: str) -> tuple[str, str | None]:
+def outcome_of(
+    item: lg.ItemRow | None, chunk: Chunk, row: lg.ChunkRow, run_id: str
+) -> tuple[str, str | None]:
     if row.status == lg.C_ABANDONED:
-        return "pending", (f"chunk {chunk.name} was taken over by another run after its claim lease ran out; "
-                           "that run delivers these rows")
+        return "pending", (
+            f"chunk {chunk.name} was taken over by another run after its claim lease ran out; "
+            "that run delivers these rows"
+        )
     if item is None or item.state not in lg.SENT_STATES:
         return "pending", f"chunk {chunk.name} has not finished"
     if item.state == lg.REJECTED:
@@ -21,29 +25,59 @@ def outcome_of(item: lg.ItemRow | None, chunk: Chunk, row: lg.ChunkRow, run_id: 
     if item.state == lg.UNKNOWN:
         return "unknown", item.message
     if chunk.mode == "replay":
-        return "delivered", (f"force: chunk {row.name} of run {row.run_id} replayed under its recorded key "
-                             "(FullStory answered from its idempotency record; nothing imported twice)")
+        return "delivered", (
+            f"force: chunk {row.name} of run {row.run_id} replayed under its recorded key "
+            "(FullStory answered from its idempotency record; nothing imported twice)"
+        )
     if row.run_id != run_id:
         return "delivered", f"delivered by resuming chunk {row.name} of run {row.run_id}"
     return "delivered", None
 
 
-def dead_letter_table(chunk: Chunk, row: lg.ChunkRow, lines: list[bytes], index: pd.DataFrame, outcome: list[str],
-                  reason: list[str | None], errors: list[ItemError]) -> list[dict]:
+def dead_letter_table(
+    chunk: Chunk,
+    row: lg.ChunkRow,
+    lines: list[bytes],
+    index: pd.DataFrame,
+    outcome: list[str],
+    reason: list[str | None],
+    errors: list[ItemError],
+) -> list[dict]:
     """One row per rejected item of this run's rows, plus errors that named no line (item_index -1)."""
-    rejected = index[[o == "rejected" for o in outcome]].assign(reason=[r for r, o in zip(reason, outcome, strict=True)
-                                                                         if o == "rejected"])
+    rejected = index[[o == "rejected" for o in outcome]].assign(
+        reason=[r for r, o in zip(reason, outcome, strict=True) if o == "rejected"]
+    )
     records = []
     for item_index, group in rejected.groupby("item_index", sort=True):
         code, _, message = str(group["reason"].iloc[0]).partition(": ")
-        records.append({"chunk": chunk.name, "item_index": int(item_index), "kind": ITEM_KIND[chunk.kind],
-                        "code": code, "message": message,
-                        "item": lines[int(item_index)].decode() if int(item_index) < len(lines) else None,
-                        "rows": [int(r) for r in group["row"]], "event_ids": [str(e) for e in group["event_id"]],
-                        "job_id": row.job_id, "idempotency_key": row.idempotency_key})
+        records.append(
+            {
+                "chunk": chunk.name,
+                "item_index": int(item_index),
+                "kind": ITEM_KIND[chunk.kind],
+                "code": code,
+                "message": message,
+                "item": lines[int(item_index)].decode() if int(item_index) < len(lines) else None,
+                "rows": [int(r) for r in group["row"]],
+                "event_ids": [str(e) for e in group["event_id"]],
+                "job_id": row.job_id,
+                "idempotency_key": row.idempotency_key,
+            }
+        )
     for e in errors:
         if e.item_index < 0:
-            records.append({"chunk": chunk.name, "item_index": -1, "kind": ITEM_KIND[chunk.kind], "code": e.code,
-                            "message": e.message, "item": orjson.dumps(e.item).decode(), "rows": [],
-                            "event_ids": [], "job_id": row.job_id, "idempotency_key": row.idempotency_key})
+            records.append(
+                {
+                    "chunk": chunk.name,
+                    "item_index": -1,
+                    "kind": ITEM_KIND[chunk.kind],
+                    "code": e.code,
+                    "message": e.message,
+                    "item": orjson.dumps(e.item).decode(),
+                    "rows": [],
+                    "event_ids": [],
+                    "job_id": row.job_id,
+                    "idempotency_key": row.idempotency_key,
+                }
+            )
     return records
