@@ -18,7 +18,7 @@ import pytest
 from include.datafly_fullstory import chunks as chunk_files
 from include.datafly_fullstory import dead_letters
 from include.datafly_fullstory import ledger as lg
-from include.datafly_fullstory.delivery import jobs, loop
+from include.datafly_fullstory.delivery import jobs, loop, order
 from include.datafly_fullstory.errors import DeliveryError, DeliveryTimeout
 from include.datafly_fullstory.state import RunStore
 from tests.run_helpers import DESTINATION, sqlite_ledger, write_run
@@ -710,11 +710,15 @@ def test_undelivered_users_blocks_events(store, ledger):
         },
     )
     just_events = chunk_files.load_chunks(store, ["events-00000"])
-    assert loop.undelivered_users(store, ledger, just_events) == ["users-00000", "users-00001", "users-00002"]
+    assert order.undelivered_users(store, ledger, just_events) == [
+        "users-00000",
+        "users-00001",
+        "users-00002",
+    ]
     every = chunk_files.load_chunks(store, ["users-00000", "users-00001", "users-00002", "events-00000"])
-    assert loop.undelivered_users(store, ledger, every) == []
+    assert order.undelivered_users(store, ledger, every) == []
     assert (
-        loop.undelivered_users(store, ledger, chunk_files.load_chunks(store, ["users-00000"])) == []
+        order.undelivered_users(store, ledger, chunk_files.load_chunks(store, ["users-00000"])) == []
     )  # no events asked for
     run(store, ledger, RecordingFullStory(), ["users-00000"])
     with pytest.raises(DeliveryTimeout):
@@ -723,4 +727,4 @@ def test_undelivered_users_blocks_events(store, ledger):
     assert ledger.abandon_stale_chunks([w], updated_before=float("inf")) == {
         w
     }  # another run delivers those rows
-    assert loop.undelivered_users(store, ledger, just_events) == ["users-00001"]  # in flight: still waiting
+    assert order.undelivered_users(store, ledger, just_events) == ["users-00001"]  # in flight: still waiting

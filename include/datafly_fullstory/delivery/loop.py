@@ -27,31 +27,27 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-import pandas as pd
-
-from include.datafly_fullstory import dead_letters, outcomes
 from include.datafly_fullstory import ledger as lg
 from include.datafly_fullstory.chunks import (
     Chunk,
     batch_body,
-    manifest_entries,
     read_chunk_index,
     read_lines,
     read_run_index,
 )
+from include.datafly_fullstory.delivery.client import BatchClient
 from include.datafly_fullstory.delivery.jobs import (
-    ITEM_KIND,
     ItemError,
     JobReading,
     expired_message,
     key_young,
     read_job,
 )
-from include.datafly_fullstory.delivery.outcomes import dead_letter_table, outcome_of
+from include.datafly_fullstory.delivery.outcomes import write_chunk_outcomes, write_outcomes
 from include.datafly_fullstory.delivery.report import KINDS, DeliveryReport, DeliverySettings
 from include.datafly_fullstory.errors import DeliveryError, DeliveryTimeout
 from include.datafly_fullstory.state import RunStore
@@ -60,28 +56,6 @@ log = logging.getLogger(__name__)
 
 JOB_ENDED = ("COMPLETED", "FAILED")  # FAILED includes partial failure: per-item errors tell which
 NOT_ACCEPTED = (401, 403, 404)  # answers to a POST that say FullStory took nothing
-
-
-class BatchClient(Protocol):
-    #: What create_batch raises when FullStory refuses a batch as a whole with a final 4xx (bad body, too
-    #: large, a key reused for other bytes). It carries `status`, `code` and `message`; delivery records the
-    #: chunk as failed and its items as rejected. Any other exception stops the task.
-    refused_error: type[Exception]
-
-    def create_batch(self, kind: str, body: bytes, idempotency_key: str) -> dict[str, Any]:
-        """POST /v2/<kind>/batch; returns the job metadata ({"id", "status", ...})."""
-
-    def get_batch_status(self, kind: str, job_id: str) -> dict[str, Any]:
-        """GET /v2/<kind>/batch/<job_id>; returns {"imports", "errors", "job": {...}}."""
-
-    def iter_batch_errors(self, kind: str, job_id: str) -> Iterator[dict[str, Any]]:
-        """Every per-item error of an ended job, all pages."""
-
-    def iter_batch_imports(self, kind: str, job_id: str) -> Iterator[dict[str, Any]]:
-        """Every imported item of an ended job, all pages."""
-
-    def http_stats(self) -> dict[str, Any]:
-        """{"requests", "retries", "status_counts", ...} for the stats."""
 
 
 def fault_point(name: str) -> None:
@@ -138,7 +112,7 @@ class Delivery:
         self.report.chunks = len(chunks)
         for chunk in chunks:
             index = read_run_index(self.store, chunk)
-            self._write_outcomes(chunk, index, "dry_run", ["dry run: nothing was sent"] * len(index))
+            write_outcomes(self.store, chunk, index, "dry_run", ["dry run: nothing was sent"] * len(index))
             self.report.dry_run_rows += len(index)
             self.report.done += 1
         return self.report
@@ -409,38 +383,8 @@ class Delivery:
             counts["delivered"] += row.delivered_items
             counts["rejected"] += row.rejected_items
             self.report.unknown_items += row.unknown_items
-        name = f"delivery-{chunk.name}"
-        if not new and outcomes.has_partial(self.store, name):
-            self._progress()
-            return
-        index = read_run_index(self.store, chunk)
-        states = {i.event_id: i for i in self.ledger.items_of_chunk(row.id)} if len(index) else {}
-        outcome, reason = [], []
-        for event_id in index["event_id"]:
-            item = states.get(event_id)
-            out, why = outcome_of(item, chunk, row, self.store.run_id)
-            outcome.append(out)
-            reason.append(why)
-        self._write_outcomes(chunk, index, outcome, reason)
-        if lines is None and any(o == "rejected" for o in outcome):
-            lines = read_lines(chunk, row.sha256)
-        dead_letters.write_chunk(
-            self.store,
-            chunk.name,
-            dead_letter_table(chunk, row, lines or [], index, outcome, reason, errors or []),
-        )
+        write_chunk_outcomes(self.store, self.ledger, chunk, row, new=new, lines=lines, errors=errors)
         self._progress()
-
-    def _write_outcomes(self, chunk: Chunk, index: pd.DataFrame, outcome, reason) -> None:
-        frame = outcomes.frame(
-            index["row"].astype("int64"),
-            index["event_id"],
-            outcome,
-            reason,
-            ITEM_KIND[chunk.kind],
-            chunk.name,
-        )
-        outcomes.write_outcomes(self.store, f"delivery-{chunk.name}", frame)
 
     def _progress(self, final: bool = False) -> None:
         now = self.clock()
@@ -456,25 +400,3 @@ class Delivery:
             self.report.items_this_try,
             self.report.items_this_try / elapsed,
         )
-
-
-def undelivered_users(store: RunStore, ledger: lg.Ledger, chunks: list[Chunk]) -> list[str]:
-    """Users chunks of this run (per the manifest) that are not delivered yet and not part of `chunks`.
-    Events refer to users by uid, so user properties should land first."""
-    if not any(c.kind == "events" for c in chunks):
-        return []
-    given = {c.name for c in chunks}
-    users = [
-        Chunk.from_entry(e)
-        for e in manifest_entries(store)
-        if e["kind"] == "users" and e["name"] not in given
-    ]
-    rows = ledger.chunks_by_id(c.ledger_chunk_id for c in users if c.ledger_chunk_id is not None)
-    return [
-        c.name
-        for c in users
-        if c.mode != "replay"
-        and rows.get(c.ledger_chunk_id) is not None
-        and not rows[c.ledger_chunk_id].is_terminal
-        and rows[c.ledger_chunk_id].status != lg.C_ABANDONED
-    ]

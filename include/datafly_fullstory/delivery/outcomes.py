@@ -5,9 +5,47 @@ from __future__ import annotations
 import orjson
 import pandas as pd
 
+from include.datafly_fullstory import dead_letters, outcomes
 from include.datafly_fullstory import ledger as lg
-from include.datafly_fullstory.chunks import Chunk
+from include.datafly_fullstory.chunks import Chunk, read_lines, read_run_index
 from include.datafly_fullstory.delivery.jobs import ITEM_KIND, ItemError
+from include.datafly_fullstory.state import RunStore
+
+
+def write_chunk_outcomes(
+    store: RunStore,
+    ledger: lg.Ledger,
+    chunk: Chunk,
+    row: lg.ChunkRow,
+    *,
+    new: bool,
+    lines: list[bytes] | None = None,
+    errors: list[ItemError] | None = None,
+) -> None:
+    """This run's rows of the chunk get their outcome from the ledger (`outcomes/delivery-<chunk>`), and its
+    rejected items their dead letters. A chunk that ended in an earlier try keeps the files it wrote then."""
+    if not new and outcomes.has_partial(store, f"delivery-{chunk.name}"):
+        return
+    index = read_run_index(store, chunk)
+    states = {i.event_id: i for i in ledger.items_of_chunk(row.id)} if len(index) else {}
+    outcome, reason = [], []
+    for event_id in index["event_id"]:
+        out, why = outcome_of(states.get(event_id), chunk, row, store.run_id)
+        outcome.append(out)
+        reason.append(why)
+    write_outcomes(store, chunk, index, outcome, reason)
+    if lines is None and any(o == "rejected" for o in outcome):
+        lines = read_lines(chunk, row.sha256)
+    dead_letters.write_chunk(
+        store, chunk.name, dead_letter_table(chunk, row, lines or [], index, outcome, reason, errors or [])
+    )
+
+
+def write_outcomes(store: RunStore, chunk: Chunk, index: pd.DataFrame, outcome, reason) -> None:
+    frame = outcomes.frame(
+        index["row"].astype("int64"), index["event_id"], outcome, reason, ITEM_KIND[chunk.kind], chunk.name
+    )
+    outcomes.write_outcomes(store, f"delivery-{chunk.name}", frame)
 
 
 def outcome_of(
