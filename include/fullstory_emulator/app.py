@@ -21,15 +21,10 @@ from include.fullstory_emulator import validation as v
 from include.fullstory_emulator.admin import handle_admin
 from include.fullstory_emulator.config import EmulatorConfig, key_region
 from include.fullstory_emulator.faults import FaultBox
+from include.fullstory_emulator.idempotency import IdempotencyStore
+from include.fullstory_emulator.jobs import JobBoard, TooManyJobs
 from include.fullstory_emulator.replies import Reply, error_reply
-from include.fullstory_emulator.state import (
-    Clock,
-    EventLog,
-    IdempotencyStore,
-    JobBoard,
-    TooManyJobs,
-    UserStore,
-)
+from include.fullstory_emulator.state import Clock, EventLog, UserStore
 
 IDEMPOTENT_ROUTES = frozenset(
     {"POST /v2/events", "POST /v2/events/batch", "POST /v2/users", "POST /v2/users/batch"}
