@@ -90,7 +90,7 @@ def test_gcs_landings_resolve_through_gcsfs_without_a_code_change():
     dependency is installed and the URI resolves), with anonymous credentials and no request sent."""
     import gcsfs
 
-    from include.datafly_fullstory.landing import _open_landing
+    from include.datafly_fullstory.landing.files import _open_landing
 
     landing = _open_landing("gs://datafly-landing/events", {"token": "anon"}, None)
     assert landing.root == "datafly-landing/events" and landing.prefix == "gs://"

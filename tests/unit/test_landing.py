@@ -418,7 +418,8 @@ def test_memory_is_bounded_by_batch_size_not_window(tmp_path):
 def test_content_errors_are_final_and_object_store_io_errors_may_pass_on_a_retry():
     import pyarrow as pa
 
-    from include.datafly_fullstory.landing import LandingError, LandingInputError, _read_error
+    from include.datafly_fullstory.landing import LandingError, LandingInputError
+    from include.datafly_fullstory.landing.columns import _read_error
 
     assert type(_read_error("m", pa.ArrowInvalid("bad magic"), "s3://b/x.parquet")) is LandingInputError
     assert type(_read_error("m", OSError("corrupt snappy"), "/data/x.parquet")) is LandingInputError
