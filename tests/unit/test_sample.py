@@ -1,3 +1,4 @@
+import sys
 from datetime import UTC, datetime, timedelta
 
 import orjson
@@ -5,6 +6,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from include.datafly_fullstory.sample import LandingSpec, generate_landing, generate_table
+from include.datafly_fullstory.sample import __main__ as sample_main
 
 START = datetime(2026, 11, 26, 7, tzinfo=UTC)
 
@@ -64,3 +66,13 @@ def test_hive_and_flat_layouts(tmp_path):
     flat = generate_landing(tmp_path / "flat", 2000, START, hours=2, layout="flat", files_per_hour=2)
     assert len(flat) == 4 and all(p.parent == tmp_path / "flat" for p in flat)
     assert sum(pq.read_metadata(p).num_rows for p in flat) == 2000
+
+
+def test_command_line_writes_a_landing(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "cli"
+    argv = ["sample", str(out), "--rows", "600", "--hours", "2", "--layout", "flat", "--seed", "5"]
+    monkeypatch.setattr(sys, "argv", argv)
+    sample_main._main()
+    files = sorted(out.glob("*.parquet"))
+    assert len(files) == 2 and sum(pq.read_metadata(p).num_rows for p in files) == 600
+    assert capsys.readouterr().out == f"wrote 600 rows in 2 files under {out}\n"
