@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_landing.py [--rows 1000000] [--big-rows 10000000] [--batch-size 100000]
 
-Landings are generated with sample.py (one hive hour per million rows) and cached under bench/out/.
+Landings are generated with sample/ (one hive hour per million rows) and cached under bench/out/.
 Each measurement runs in a fresh child process, which reports its own peak RSS (getrusage) and its RSS
 after imports, so the figures are not polluted by the parent or by one another:
   1. read `--rows` rows (one window);

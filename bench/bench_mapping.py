@@ -1,4 +1,4 @@
-"""Benchmark of the mapping stage: N mixed Datafly rows (sample.py) mapped and serialised into chunks.
+"""Benchmark of the mapping stage: N mixed Datafly rows (sample/) mapped and serialised into chunks.
 
 Three timings in the same run, on the same validated parts:
 - mapping: `run_mapping` end to end (read parts, map, write chunks, outcomes, manifest);
