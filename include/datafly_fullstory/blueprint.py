@@ -71,11 +71,13 @@ class Blueprint:
     user_fields: dict[str, tuple[str, ...]]
     consent_category: str
     consent_paths: tuple[tuple[str, ...], ...]
-    consent_values: dict[Any, bool]
+    consent_values: dict[str, bool]  # normalised (`consent_key`) value -> granted
     reserved_names: dict[str, str]
     reserved_suffixes: tuple[str, ...]
     limits: dict[str, int]
     source: str = "<dict>"
+    consent_categories_path: tuple[str, ...] | None = None  # raw CMP codes: the granted categories
+    consent_cmp_codes: dict[str, str] = field(default_factory=dict)  # normalised CMP code -> purpose
 
     @property
     def label(self) -> str:
@@ -132,19 +134,49 @@ def blueprint_from_dict(data: Any, source: str = "<dict>") -> Blueprint:
         user_fields={key: tuple(doc.child("user_fields").names(key)) for key in ("display_name", "email")},
         consent_category=consent.text("category"),
         consent_paths=tuple(_path(p) for p in consent.names("paths")),
-        consent_values={
-            **{v: False for v in consent.list("denied_values")},
-            **{v: True for v in consent.list("granted_values")},
-        },
+        consent_values=_consent_values(consent),
         reserved_names={
             k: doc.child("reserved_names").property_name(k) for k in doc.child("reserved_names").keys()
         },
         reserved_suffixes=tuple(doc.names("reserved_suffixes")),
         limits={k: doc.child("limits").positive_int(k) for k in LIMIT_KEYS},
         source=source,
+        consent_categories_path=_path(consent.text("categories_path"))
+        if "categories_path" in consent.data
+        else None,
+        consent_cmp_codes={consent_key(k): str(v) for k, v in consent.optional_map("cmp_codes").items()},
     )
     _check_unique_names(bp, source)
     return bp
+
+
+def consent_key(value: Any) -> str | None:
+    """A consent value or CMP code in the form the blueprint's lists are matched in: trimmed lower-case text;
+    booleans as "true"/"false", whole numbers without a fraction (1, 1.0 and "1" are one value). None for a
+    value that has no such form (an object, an array, null)."""
+    kind = type(value)
+    if kind is str:
+        return value.strip().lower()
+    if kind is bool:
+        return "true" if value else "false"
+    if kind is int:
+        return str(value)
+    if kind is float:
+        return str(int(value)) if value.is_integer() else repr(value)
+    return None
+
+
+def _consent_values(consent: _Doc) -> dict[str, bool]:
+    values: dict[str, bool] = {}
+    for key, granted in (("denied_values", False), ("granted_values", True)):
+        for value in consent.list(key):
+            normal = consent_key(value)
+            if not normal:
+                raise consent.error(key, f"{value!r} is not a string, number or boolean")
+            if values.get(normal, granted) != granted:
+                raise consent.error(key, f"{value!r} is listed as both granted and denied")
+            values[normal] = granted
+    return values
 
 
 def _event_mapping(doc: _Doc, name: str) -> EventMapping:

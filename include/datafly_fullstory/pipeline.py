@@ -171,6 +171,7 @@ def map_stage(plan: RunPlan, extracted: Mapping[str, Any], ledger_url: str | Non
     from include.datafly_fullstory import claims
     from include.datafly_fullstory.blueprint import load_blueprint
     from include.datafly_fullstory.mapping import MappingSettings, run_mapping
+    from include.datafly_fullstory.mapping.consent import ledger_history
 
     plan = RunPlan.from_xcom(plan)
     store, window = plan.store, plan.window
@@ -191,6 +192,7 @@ def map_stage(plan: RunPlan, extracted: Mapping[str, Any], ledger_url: str | Non
         window=window,
         keep=[c.name for c in sent],
         first_number=first,
+        consent_history=ledger_history(ledger, destination, plan.run_id),
     )
     registered = claims.register_chunks(store, ledger, destination, summary["chunks"])
     _settle_mapping_outcomes(store, ledger, destination)

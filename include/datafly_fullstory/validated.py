@@ -55,9 +55,9 @@ def clear(store: RunStore) -> None:
     store.remove(FOLDER)
 
 
-def iter_frames(store: RunStore, batch_rows: int) -> Iterator[pd.DataFrame]:
-    """The validated rows as frames, one per record batch of at most `batch_rows` rows."""
+def iter_frames(store: RunStore, batch_rows: int, columns: list[str] | None = None) -> Iterator[pd.DataFrame]:
+    """The validated rows as frames, one per record batch of at most `batch_rows` rows (only `columns`)."""
     for name in parts(store):
         with store.fs.open(store.path(FOLDER, name), "rb") as fh:
-            for record_batch in pq.ParquetFile(fh).iter_batches(batch_size=batch_rows):
+            for record_batch in pq.ParquetFile(fh).iter_batches(batch_size=batch_rows, columns=columns):
                 yield record_batch.to_pandas()

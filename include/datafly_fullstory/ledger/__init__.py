@@ -11,6 +11,7 @@ SQL):
 - `dffs_chunks`: one row per request chunk: its Idempotency-Key, where its bytes are, when it was first
   POSTed, the batch job, and its status.
 - `dffs_runs`: one row per run and destination: the window, the look-back and the outcome counts.
+- `dffs_consent`: each person's latest consent state (consent_ops.py), so a revocation stops later runs too.
 - `dffs_scans`: which landing files (by size and modification time) a run has read, so the look-back
   re-reads only files that changed.
 
@@ -44,6 +45,7 @@ from __future__ import annotations
 import time
 
 from include.datafly_fullstory.ledger.chunk_ops import ChunkOps
+from include.datafly_fullstory.ledger.consent_ops import ConsentOps, consent
 from include.datafly_fullstory.ledger.engine import dispose_engines
 from include.datafly_fullstory.ledger.item_ops import ItemOps
 from include.datafly_fullstory.ledger.run_ops import RunOps
@@ -104,11 +106,13 @@ __all__ = [
     "ChunkRow",
     "ClaimColumns",
     "ClaimLost",
+    "ConsentOps",
     "ItemRow",
     "Ledger",
     "LedgerError",
     "NewItem",
     "chunks",
+    "consent",
     "runs",
     "dispose_engines",
     "wall_clock",
@@ -120,7 +124,7 @@ def wall_clock() -> float:
     return time.time()
 
 
-class Ledger(ItemOps, ChunkOps, RunOps):
+class Ledger(ItemOps, ChunkOps, RunOps, ConsentOps):
     """The delivery ledger of one database (see the package docstring)."""
 
     def _now(self) -> float:

@@ -27,6 +27,7 @@ from include.datafly_fullstory.blueprint import Blueprint, normalise_event_name
 from include.datafly_fullstory.landing import EVENT_TYPES
 from include.datafly_fullstory.mapping.bodies import EventBuilder
 from include.datafly_fullstory.mapping.columns import _column, _isin, _text_lengths, _timestamps_ns
+from include.datafly_fullstory.mapping.consent import ConsentRules, Revocations
 from include.datafly_fullstory.mapping.properties import PropertyCleaner, Reject
 from include.datafly_fullstory.mapping.settings import MappingSettings
 from include.datafly_fullstory.mapping.verdicts import (
@@ -75,8 +76,10 @@ class BatchMapper:
         reference_time: datetime,
         *,
         largest_line: int | None = None,
+        revocations: Revocations | None = None,
     ):
         self.bp, self.settings, self.reference_time = blueprint, settings, reference_time
+        self.consent_rules, self.revocations = ConsentRules(blueprint), revocations
         self.cleaner = PropertyCleaner(blueprint)
         self.events = EventBuilder(blueprint, self.cleaner, largest_line or settings.max_bytes)
         self._track = blueprint.track_names()
@@ -96,7 +99,9 @@ class BatchMapper:
         skip_unmapped(self.bp, verdict, dtype, fs_names)
         filter_event_types(self.settings, verdict, dtype, fs_names, _column(df, "event"))
         ctx = _parse_json_column(_column(df, "context"), verdict, "context", pending=verdict.open())
-        gate_consent(self.bp, self.settings, verdict, ctx)
+        gate_consent(self.bp, self.settings, verdict, ctx, self.consent_rules)
+        if self.revocations is not None:
+            self.revocations.mark(verdict, df)
         is_event = _isin(dtype, EVENT_TYPES)
         ident = identity(self.bp, self.settings, self.reference_time, df, ctx, verdict, is_event)
         lines, line_rows = self._build_events(df, ctx, verdict, is_event, mapping_idx, fs_names, ident)

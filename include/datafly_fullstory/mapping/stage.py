@@ -15,6 +15,7 @@ from include.datafly_fullstory import outcomes, validated
 from include.datafly_fullstory.blueprint import Blueprint, load_blueprint
 from include.datafly_fullstory.chunks import ChunkWriter, clear_payloads, idempotency_key, write_manifest
 from include.datafly_fullstory.mapping.batch import IDENTIFY_COLUMNS, BatchMapper
+from include.datafly_fullstory.mapping.consent import SCAN_COLUMNS, ConsentHistory, revocations
 from include.datafly_fullstory.mapping.settings import MappingSettings
 from include.datafly_fullstory.state import RunStore
 from include.datafly_fullstory.window import Window
@@ -29,6 +30,7 @@ def run_mapping(
     window: Window | None = None,
     keep: Iterable[str] = (),
     first_number: int = 0,
+    consent_history: ConsentHistory | None = None,
 ) -> dict:
     """Map `validated/part-*.parquet` into `payloads/` chunks, `outcomes/mapping.parquet` and, last,
     `payloads/manifest.json`. Returns the manifest's summary.
@@ -37,7 +39,9 @@ def run_mapping(
     fixed when the run was planned): the same rows map to the same bytes whenever they are mapped.
     Re-running replaces `payloads/`, except the chunks named in `keep` (chunks an earlier try sent, whose
     bytes the ledger points at); new chunks are numbered from `first_number`. With the run's `window`, each
-    chunk entry carries its `idempotency_key` (see payloads.idempotency_key)."""
+    chunk entry carries its `idempotency_key` (see payloads.idempotency_key). Before any row is mapped, the
+    window's consent is read to find revocations (mapping/consent.py), merged with earlier runs' through
+    `consent_history` (the ledger's) when given."""
     bp = blueprint if isinstance(blueprint, Blueprint) else load_blueprint(blueprint or "retail")
     settings = MappingSettings.from_dict(settings)
     reference_time = _as_utc(reference_time)
@@ -45,7 +49,12 @@ def run_mapping(
     events = ChunkWriter(
         store, "events", max_items=settings.max_items, max_bytes=settings.max_bytes, first_number=first_number
     )
-    mapper = BatchMapper(bp, settings, reference_time, largest_line=events.largest_line())
+    revoked = revocations(
+        validated.iter_frames(store, settings.batch_rows, columns=SCAN_COLUMNS), bp, consent_history
+    )
+    mapper = BatchMapper(
+        bp, settings, reference_time, largest_line=events.largest_line(), revocations=revoked
+    )
     outcome_tables, identify_parts, rows_read = [], [], 0
     for frame in validated.iter_frames(store, settings.batch_rows):
         rows_read += len(frame)

@@ -92,23 +92,11 @@ def filter_event_types(
     )
 
 
-def gate_consent(bp: Blueprint, settings: MappingSettings, verdict: Verdict, ctx: list) -> None:
-    """`analytics` consent gates every row, in both Datafly shapes; the first shape present decides."""
-    category = bp.consent_category
-    consent = _getter(bp.consent_paths, "scalar")
-    raw = pd.Series([consent(c) for c in ctx], dtype=object)
-    state = raw.map(bp.consent_values)  # True / False / NaN (absent or unreadable)
-    denied = (state == False).to_numpy()  # noqa: E712  (NaN must not count as a denial)
-    verdict.mark(
-        denied, "filtered", f"{category} consent denied (context.consent): FullStory may not receive this row"
-    )
-    if settings.require_explicit_consent:
-        verdict.mark(
-            state.isna().to_numpy(),
-            "filtered",
-            f"no {category} consent recorded and the run "
-            "requires explicit consent (require_explicit_consent)",
-        )
+def gate_consent(bp: Blueprint, settings: MappingSettings, verdict: Verdict, ctx: list, rules=None) -> None:
+    """`analytics` consent gates every row and fails closed (mapping/consent.py has the rules)."""
+    from include.datafly_fullstory.mapping import consent
+
+    consent.gate(rules or consent.ConsentRules(bp), settings.require_explicit_consent, verdict, ctx)
 
 
 def identity(

@@ -1,0 +1,320 @@
+"""Consent that fails closed: the blueprint's consent category (`analytics`) decides, per row, whether
+FullStory may receive it, and a newer denial of the same person revokes the person's earlier rows.
+
+Per row (docs/mapping.md "Consent"):
+1. an explicit value at the first of the blueprint's `paths` present (`context.consent.canonical.analytics`,
+   else the flat `context.consent.analytics`), matched case- and type-insensitively against
+   `granted_values` / `denied_values`; any other value (`"maybe"`, an object, ...) is not granted;
+2. else the raw CMP codes at `categories_path` (`context.consent.categories`), the categories the visitor
+   GRANTED: granted when a code maps to the category through `cmp_codes`, else not granted;
+3. else no consent information: granted, unless `require_explicit_consent`.
+
+Revocation: `scan_window` reads the consent of every row of the window (before any row is mapped) and keeps
+each person's latest state; `Revocations` filters the rows of a person whose latest state is not granted
+and was recorded after the row's timestamp. A person is `user:<user_id>` and `anon:<anonymous_id>`: a row
+has both keys when it has both ids, and either key's revocation stops it. Across runs the ledger keeps each
+person's latest state (`ledger/consent_ops.py`); `run_mapping` merges it in through `consent_history`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import orjson
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from include.datafly_fullstory.blueprint import Blueprint, consent_key
+from include.datafly_fullstory.mapping.columns import _column, _iso_utc, _timestamps_ns
+
+GRANTED, DENIED, UNRECOGNISED, ABSENT = 1, 0, 2, -1
+NOT_GRANTED = (DENIED, UNRECOGNISED)
+SCAN_COLUMNS = ["event_id", "user_id", "anonymous_id", "timestamp", "context"]
+LATEST_COLUMNS = ("person", "at_ns", "state", "event_id")  # state: "granted" | "denied"
+_NAT = np.iinfo(np.int64).min
+
+
+class ConsentRules:
+    """The blueprint's consent section, ready to read parsed contexts."""
+
+    def __init__(self, bp: Blueprint):
+        self.category = bp.consent_category
+        self.paths = bp.consent_paths
+        self.values = bp.consent_values
+        self.categories_path = bp.consent_categories_path
+        self.codes = frozenset(
+            code for code, purpose in bp.consent_cmp_codes.items() if purpose == self.category
+        )
+        self._reasons: dict[tuple, str] = {}
+
+    def read(self, ctx: Any) -> tuple[int, str | None]:
+        """(state, reason): the row's consent state and, when not granted, why."""
+        for path in self.paths:
+            value = _dig_present(ctx, path)
+            if value is not _MISSING:
+                return self._judge(value, ".".join(("context", *path)))
+        if self.categories_path is not None:
+            codes = _dig_present(ctx, self.categories_path)
+            if codes is not _MISSING:
+                return self._judge_codes(codes, ".".join(("context", *self.categories_path)))
+        return ABSENT, None
+
+    def states(self, ctxs: Iterable[Any]) -> tuple[np.ndarray, np.ndarray]:
+        read = [self.read(c) for c in ctxs]
+        states = np.fromiter((s for s, _ in read), dtype=np.int8, count=len(read))
+        return states, np.array([r for _, r in read], dtype=object)
+
+    def _judge(self, value: Any, where: str) -> tuple[int, str | None]:
+        normal = consent_key(value)
+        granted = self.values.get(normal) if normal is not None else None
+        if granted is True:
+            return GRANTED, None
+        if granted is False:
+            return DENIED, self._reason("denied", where, value)
+        return UNRECOGNISED, self._reason("unrecognised", where, value)
+
+    def _judge_codes(self, codes: Any, where: str) -> tuple[int, str | None]:
+        if type(codes) is str:  # OneTrust's groups string: "C0001:1,C0002:0" (or a bare "C0001,C0002")
+            codes = [c for c in codes.replace(";", ",").split(",") if not c.strip().endswith(":0")]
+            codes = [c.strip().split(":")[0] for c in codes]
+        if type(codes) is not list:
+            return UNRECOGNISED, self._reason("codes", where, codes)
+        if any(consent_key(c) in self.codes for c in codes):
+            return GRANTED, None
+        return DENIED, self._reason("no_code", where, None)
+
+    def _reason(self, kind: str, where: str, value: Any) -> str:
+        shown = _show(value)
+        key = (kind, where, shown)
+        reason = self._reasons.get(key)
+        if reason is None:
+            cat = self.category
+            reason = {
+                "denied": f"{cat} consent denied ({where} = {shown}): FullStory may not receive this row",
+                "unrecognised": f"{cat} consent value {shown} ({where}) is neither granted nor denied: "
+                "not sent (consent fails closed)",
+                "codes": f"{cat} consent categories {shown} ({where}) is not a list of CMP codes: not sent "
+                "(consent fails closed)",
+                "no_code": f"{cat} consent not granted: {where} lists no code the blueprint maps to "
+                f"'{cat}' (the list names the granted categories)",
+            }[kind]
+            if len(self._reasons) < 10_000:
+                self._reasons[key] = reason
+        return reason
+
+
+_MISSING = object()
+
+
+def _dig_present(obj: Any, path: tuple[str, ...]) -> Any:
+    """The value at `path`, or `_MISSING` when a key is absent or the value is null (null = not given)."""
+    for key in path:
+        if type(obj) is not dict:
+            return _MISSING
+        obj = obj.get(key)
+    return _MISSING if obj is None else obj
+
+
+def _show(value: Any) -> str:
+    text = value if type(value) is str else orjson.dumps(value).decode() if _dumpable(value) else repr(value)
+    text = repr(text) if type(value) is str else text
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _dumpable(value: Any) -> bool:
+    try:
+        orjson.dumps(value)
+    except TypeError:
+        return False
+    return True
+
+
+# ---- the gate -----------------------------------------------------------------------------------------------
+
+
+def gate(rules: ConsentRules, require_explicit: bool, verdict, ctx: list) -> None:
+    """Mark the rows whose consent is not granted (`filtered`, the reason naming the value); rows without
+    consent information pass unless `require_explicit`."""
+    states, reasons = rules.states(ctx)
+    hit = np.isin(states, NOT_GRANTED) & verdict.open()
+    if hit.any():
+        verdict.set(np.flatnonzero(hit), "filtered", list(reasons[hit]))
+    if require_explicit:
+        verdict.mark(
+            states == ABSENT,
+            "filtered",
+            f"no {rules.category} consent recorded and the run requires explicit consent "
+            "(require_explicit_consent)",
+        )
+
+
+# ---- revocation -----------------------------------------------------------------------------------------------
+
+
+def person_keys(user_id: np.ndarray, anonymous_id: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row its person keys: `user:<user_id>` and `anon:<anonymous_id>` (None where the id is empty)."""
+    uid = pd.Series(user_id, dtype=object)
+    anon = pd.Series(anonymous_id, dtype=object)
+    has_uid = uid.notna() & (uid.astype(str) != "")
+    has_anon = anon.notna() & (anon.astype(str) != "")
+    u = ("user:" + uid.astype(str)).where(has_uid, None).to_numpy(dtype=object)
+    a = ("anon:" + anon.astype(str)).where(has_anon, None).to_numpy(dtype=object)
+    return u, a
+
+
+def latest_states(frame: pd.DataFrame, rules: ConsentRules) -> pd.DataFrame:
+    """Each person's latest consent state among the rows of `frame` that carry consent information
+    (`LATEST_COLUMNS`; a denial wins a tie). Unrecognised values count as denied (not granted)."""
+    ctxs = [_loads(t) for t in _column(frame, "context")]
+    states, _ = rules.states(ctxs)
+    ts = _timestamps_ns(frame["timestamp"])
+    has = (states != ABSENT) & (ts != _NAT)
+    if not has.any():
+        return _empty_latest()
+    u, a = person_keys(_column(frame, "user_id")[has], _column(frame, "anonymous_id")[has])
+    state = np.where(states[has] == GRANTED, "granted", "denied")
+    event_id = _column(frame, "event_id")[has]
+    parts = [
+        pd.DataFrame({"person": keys, "at_ns": ts[has], "state": state, "event_id": event_id})
+        for keys in (u, a)
+    ]
+    return collapse(pd.concat(parts, ignore_index=True))
+
+
+def collapse(latest: pd.DataFrame) -> pd.DataFrame:
+    """One row per person: the latest state (at equal times a denial wins)."""
+    latest = latest[latest["person"].notna()]
+    if not len(latest):
+        return _empty_latest()
+    order = latest.assign(_denied=latest["state"] == "denied").sort_values(
+        ["person", "at_ns", "_denied"], kind="stable"
+    )
+    return order.drop_duplicates("person", keep="last")[list(LATEST_COLUMNS)].reset_index(drop=True)
+
+
+def scan_window(frames: Iterable[pd.DataFrame], rules: ConsentRules) -> tuple[pd.DataFrame, int | None]:
+    """Each person's latest consent state over all of the window's validated rows, and the earliest row
+    time (ns; None without rows). Only rows whose context mentions consent are parsed (an Arrow substring
+    test picks them)."""
+    parts, earliest = [], None
+    for frame in frames:
+        ts = _timestamps_ns(frame["timestamp"])
+        ts = ts[ts != _NAT]
+        if len(ts):
+            earliest = int(ts.min()) if earliest is None else min(earliest, int(ts.min()))
+        text = pa.array(_column(frame, "context"), type=pa.string())
+        mentions = pc.fill_null(pc.match_substring(text, "consent"), False).to_numpy(zero_copy_only=False)
+        if mentions.any():
+            parts.append(latest_states(frame[mentions].reset_index(drop=True), rules))
+    latest = collapse(pd.concat(parts, ignore_index=True)) if parts else _empty_latest()
+    return latest, earliest
+
+
+ConsentHistory = Callable[[pd.DataFrame, int], pd.DataFrame]
+"""(this window's latest states, earliest row time in ns) -> every person's latest state recorded after that
+time that is a denial, merged with what earlier runs recorded (see `ledger_history`)."""
+
+
+def ledger_history(ledger, destination: str, run_id: str) -> ConsentHistory:
+    """A `ConsentHistory` over the delivery ledger's consent table (ledger/consent_ops.py): records this
+    window's latest states (a newer record wins), then reads back the denials newer than the window's
+    earliest row."""
+
+    def history(latest: pd.DataFrame, earliest_ns: int) -> pd.DataFrame:
+        ledger.record_consent(
+            destination,
+            run_id,
+            zip(
+                latest["person"].tolist(),
+                latest["state"].tolist(),
+                (latest["at_ns"].to_numpy(dtype=np.int64) // 1000 / 1e6).tolist(),
+                latest["event_id"].tolist(),
+                strict=True,
+            ),
+        )
+        rows = ledger.consent_denials(destination, since=earliest_ns / 1e9)
+        return pd.DataFrame(
+            {
+                "person": pd.Series([r[0] for r in rows], dtype=object),
+                "at_ns": pd.Series([round(r[1] * 1e6) * 1000 for r in rows], dtype=np.int64),
+                "state": "denied",
+                "event_id": pd.Series([r[2] for r in rows], dtype=object),
+            }
+        )
+
+    return history
+
+
+class Revocations:
+    """Persons whose latest consent state is not granted, with the time and row of that state."""
+
+    def __init__(self, denials: pd.DataFrame, category: str = "analytics"):
+        denials = denials[denials["state"] == "denied"] if "state" in denials else denials
+        self.category = category
+        self.at_ns = dict(zip(denials["person"], denials["at_ns"].astype(np.int64), strict=True))
+        self.event_id = dict(zip(denials["person"], denials["event_id"], strict=True))
+
+    def __len__(self) -> int:
+        return len(self.at_ns)
+
+    def mark(self, verdict, df: pd.DataFrame) -> None:
+        """Filter the open rows of a revoked person stamped before the revocation."""
+        if not self.at_ns or not len(df):
+            return
+        ts = _timestamps_ns(df["timestamp"])
+        u, a = person_keys(_column(df, "user_id"), _column(df, "anonymous_id"))
+        at = np.full(len(df), _NAT, dtype=np.int64)
+        who = np.full(len(df), None, dtype=object)
+        for keys in (u, a):
+            found = pd.Series(keys, dtype=object).map(self.at_ns)
+            hit_at = found.fillna(_NAT).to_numpy(dtype=np.float64).astype(np.int64)
+            better = hit_at > at
+            at[better], who[better] = hit_at[better], keys[better]
+        revoked = (at != _NAT) & (ts != _NAT) & (ts < at) & verdict.open()
+        if not revoked.any():
+            return
+        rows = np.flatnonzero(revoked)
+        when = _iso_utc(at[rows])
+        verdict.set(
+            rows,
+            "filtered",
+            [
+                f"{self.category} consent revoked at {w} (row {self.event_id.get(p)}): a newer row of this "
+                f"person ({p.split(':', 1)[0]}_id) denies it, so this earlier row is not sent"
+                for w, p in zip(when, who[rows], strict=True)
+            ],
+        )
+
+
+def revocations(
+    frames: Iterable[pd.DataFrame], bp: Blueprint, history: ConsentHistory | None = None
+) -> Revocations:
+    """The window's revocations, merged with earlier runs' through `history` when given."""
+    rules = ConsentRules(bp)
+    latest, earliest = scan_window(frames, rules)
+    if history is not None and earliest is not None:
+        latest = history(latest, earliest)
+    return Revocations(latest, rules.category)
+
+
+def _loads(text: Any) -> Any:
+    if text is None:
+        return None
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _empty_latest() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "person": pd.Series([], dtype=object),
+            "at_ns": pd.Series([], dtype=np.int64),
+            "state": pd.Series([], dtype=object),
+            "event_id": pd.Series([], dtype=object),
+        }
+    )
