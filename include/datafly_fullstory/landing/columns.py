@@ -150,10 +150,26 @@ def _json_text(arr: pa.Array) -> pa.Array:
     nested columns; string JSON columns (the usual case) pass through untouched."""
     dumps, option = orjson.dumps, orjson.OPT_NON_STR_KEYS
     values = arr.to_pylist(maps_as_pydicts="lossy")
-    return pa.array(
-        [None if v is None else dumps(v, default=str, option=option).decode() for v in values],
-        type=pa.string(),
-    )
+    try:
+        texts = [None if v is None else dumps(v, default=str, option=option).decode() for v in values]
+    except TypeError:  # a value nested deeper than orjson writes (254 levels): one row must not stop the file
+        texts = [None if v is None else _deep_json_text(v) for v in values]
+    return pa.array(texts, type=pa.string())
+
+
+def _deep_json_text(value) -> str:
+    """JSON text of a value orjson refuses for its depth (the mapping rejects it, naming the column); past
+    Python's own recursion limit, a JSON string saying so (validation quarantines it: not an object)."""
+    import json
+
+    try:
+        return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+    except TypeError:
+        pass
+    try:
+        return json.dumps(value, default=str, separators=(",", ":"), ensure_ascii=False)
+    except RecursionError:
+        return json.dumps("value nested too deep to convert to JSON text")
 
 
 def _to_text(arr: pa.Array, column: str, file: LandingFile) -> pa.Array:

@@ -28,6 +28,7 @@ from include.datafly_fullstory.landing import EVENT_TYPES
 from include.datafly_fullstory.mapping.bodies import EventBuilder
 from include.datafly_fullstory.mapping.columns import _column, _isin, _text_lengths, _timestamps_ns
 from include.datafly_fullstory.mapping.consent import ConsentRules, Revocations
+from include.datafly_fullstory.mapping.nesting import JSON_COLUMNS, reject_deep
 from include.datafly_fullstory.mapping.properties import PropertyCleaner, Reject
 from include.datafly_fullstory.mapping.settings import MappingSettings
 from include.datafly_fullstory.mapping.verdicts import (
@@ -98,6 +99,7 @@ class BatchMapper:
         mapping_idx, fs_names = self._resolve_names(dtype, _column(df, "event"))
         skip_unmapped(self.bp, verdict, dtype, fs_names)
         filter_event_types(self.settings, verdict, dtype, fs_names, _column(df, "event"))
+        reject_deep(verdict, {c: _column(df, c) for c in JSON_COLUMNS})
         ctx = _parse_json_column(_column(df, "context"), verdict, "context", pending=verdict.open())
         gate_consent(self.bp, self.settings, verdict, ctx, self.consent_rules)
         if self.revocations is not None:

@@ -119,17 +119,14 @@ def _dig_present(obj: Any, path: tuple[str, ...]) -> Any:
 
 
 def _show(value: Any) -> str:
-    text = value if type(value) is str else orjson.dumps(value).decode() if _dumpable(value) else repr(value)
-    text = repr(text) if type(value) is str else text
+    if type(value) is str:
+        text = repr(value)
+    else:
+        try:
+            text = orjson.dumps(value).decode()
+        except TypeError:  # nested deeper than orjson writes
+            text = f"a JSON {'array' if type(value) is list else 'object'} nested too deep to show"
     return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _dumpable(value: Any) -> bool:
-    try:
-        orjson.dumps(value)
-    except TypeError:
-        return False
-    return True
 
 
 # ---- the gate -----------------------------------------------------------------------------------------------
