@@ -16,6 +16,7 @@ reason.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,6 +109,32 @@ def base_url_for(conn: Any, region: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
 
 
+def scrub_key(text: str, api_key: str | None) -> str:
+    """`text` without the key: verbatim, as Python escapes it (an exception quoting a header shows
+    `'Basic ab\\ncd'`) and each of its parts around whitespace or control characters (4+ characters)."""
+    if not api_key:
+        return text
+    forms = {api_key, api_key.encode("unicode_escape").decode("ascii"), repr(api_key)[1:-1]}
+    forms.update(p for p in re.split(r"[\s\x00-\x1f\x7f]+", api_key) if len(p) >= 4)
+    for form in sorted(forms, key=len, reverse=True):
+        text = text.replace(form, "***")
+    return text
+
+
+def check_key_characters(api_key: str, conn_id: str | None) -> None:
+    """Refuse a key with a line break, space or other control character (a paste gone wrong): HTTP headers
+    cannot carry it, and the message says where it is, never what the key is."""
+    for position, char in enumerate(api_key, 1):
+        if char.isspace() or unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp"):
+            kind = (
+                "a line break" if char in "\r\n\x0b\x0c\x85\u2028\u2029" else "a space or control character"
+            )
+            raise FullStoryConfigError(
+                f"connection {conn_id!r}: the API key contains {kind} (character {position} of "
+                f"{len(api_key)}); re-enter the Server API key in the connection's password field as one line"
+            )
+
+
 def resolve_settings(conn: Any, timeout: tuple[float, float] | None = None) -> FullStorySettings:
     """Connection -> settings, validated. Raises FullStoryConfigError naming the field to fix."""
     extra = connection_extra(conn)
@@ -116,6 +143,7 @@ def resolve_settings(conn: Any, timeout: tuple[float, float] | None = None) -> F
         raise FullStoryConfigError(
             f"connection {conn.conn_id!r} has no API key: put the FullStory Server API key in its password field"
         )
+    check_key_characters(api_key, conn.conn_id)
     org_id = str(extra.get("org_id") or "").strip()
     if not org_id:
         raise FullStoryConfigError(

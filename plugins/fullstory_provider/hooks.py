@@ -20,8 +20,15 @@ from airflow.sdk import BaseHook
 from airflow.sdk.exceptions import AirflowException
 from requests.adapters import HTTPAdapter
 
-from fullstory_provider.connection import FullStorySettings, KeyAuth, resolve_settings, ui_field_behaviour
+from fullstory_provider.connection import (
+    FullStorySettings,
+    KeyAuth,
+    resolve_settings,
+    scrub_key,
+    ui_field_behaviour,
+)
 from fullstory_provider.exceptions import (
+    FullStoryConfigError,
     FullStoryError,
     FullStoryRequestError,
     FullStoryRetryError,
@@ -179,6 +186,10 @@ class FullStoryHook(BaseHook):
         except requests.RequestException as exc:
             self.transport_errors += 1
             return exc
+        except ValueError as exc:  # requests' own header checks: their message quotes the header (the key)
+            raise FullStoryConfigError(
+                f"{method} {url}: the request could not be built: {self._scrub(f'{type(exc).__name__}: {exc}')}"
+            ) from None
         self.status_counts[str(response.status_code)] += 1
         return response
 
@@ -189,8 +200,7 @@ class FullStoryHook(BaseHook):
         return self._scrub(f"HTTP {outcome.status_code} {code}: {message}".rstrip(": "))
 
     def _scrub(self, text: str) -> str:
-        key = self.settings.api_key
-        return text.replace(key, "***") if key else text
+        return scrub_key(text, self.settings.api_key)
 
     def _check(self, response: requests.Response, method: str, path: str) -> requests.Response:
         """The response when it is not an error; else the narrow error for its final 4xx."""
