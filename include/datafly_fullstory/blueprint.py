@@ -76,6 +76,8 @@ class Blueprint:
     reserved_suffixes: tuple[str, ...]
     limits: dict[str, int]
     source: str = "<dict>"
+    property_types: dict[str, str] = field(default_factory=dict)  # every event; an event's schema adds
+    trait_types: dict[str, str] = field(default_factory=dict)  # user traits (identify)
 
     @property
     def label(self) -> str:
@@ -142,6 +144,8 @@ def blueprint_from_dict(data: Any, source: str = "<dict>") -> Blueprint:
         reserved_suffixes=tuple(doc.names("reserved_suffixes")),
         limits={k: doc.child("limits").positive_int(k) for k in LIMIT_KEYS},
         source=source,
+        property_types=doc.type_map("property_types"),
+        trait_types=doc.type_map("trait_types"),
     )
     _check_unique_names(bp, source)
     return bp
@@ -261,6 +265,17 @@ class _Doc:
         if not _VALID_NAME.fullmatch(value):
             raise self.error(key, f"{value!r} is not a FullStory property name ([A-Za-z][A-Za-z0-9_]*)")
         return value
+
+    def type_map(self, key: str) -> dict[str, str]:
+        """An optional map of property name -> FullStory schema type (`revenue: real`)."""
+        types = {}
+        for name, type_name in self.optional_map(key).items():
+            if not isinstance(name, str) or not _VALID_NAME.fullmatch(name):
+                raise self.error(f"{key}.{name}", "is not a FullStory property name ([A-Za-z][A-Za-z0-9_]*)")
+            if type_name not in SCHEMA_TYPES:
+                raise self.error(f"{key}.{name}", f"type {type_name!r} is not one of {sorted(SCHEMA_TYPES)}")
+            types[name] = type_name
+        return types
 
     def positive_int(self, key: str) -> int:
         value = self.get(key)
