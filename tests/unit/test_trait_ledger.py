@@ -123,7 +123,9 @@ def test_drop_unchanged_removes_lines_and_skips_their_rows():
     assert kept == [lines[1]] and n == 2
     assert [list(a) for a in index] == [[0], [12], ["e12"]]
     assert skipped["row"].tolist() == [10, 11, 13] and set(skipped["outcome"]) == {"skipped"}
-    assert skipped["reason"].tolist()[0] == "traits unchanged since delivered by run run-a: no user update sent"
+    assert (
+        skipped["reason"].tolist()[0] == "traits unchanged since delivered by run run-a: no user update sent"
+    )
     assert skipped["reason"].tolist()[2].startswith("traits unchanged since delivered by run run-b")
     assert set(skipped["kind"]) == {"user"}
     # without a lookup (dry run) nothing is dropped
