@@ -28,14 +28,15 @@ from include.datafly_fullstory import outcomes
 UnchangedLookup = Callable[[list[str], list[str]], Mapping[str, str]]
 
 
-def traits_hash(line: bytes) -> str:
-    body = orjson.loads(line)
+def traits_hash(body: Mapping[str, Any]) -> str:
+    """sha256 of a user body in canonical JSON (keys sorted at every level)."""
     return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
 def uid_and_hash(line: bytes) -> tuple[str, str]:
+    """The uid of a user line and the hash of its body."""
     body = orjson.loads(line)
-    return str(body.get("uid")), hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    return str(body.get("uid")), traits_hash(body)
 
 
 def drop_unchanged(
