@@ -78,6 +78,8 @@ class Blueprint:
     source: str = "<dict>"
     consent_categories_path: tuple[str, ...] | None = None  # raw CMP codes: the granted categories
     consent_cmp_codes: dict[str, str] = field(default_factory=dict)  # normalised CMP code -> purpose
+    property_types: dict[str, str] = field(default_factory=dict)  # every event; an event's schema adds
+    trait_types: dict[str, str] = field(default_factory=dict)  # user traits (identify)
 
     @property
     def label(self) -> str:
@@ -145,6 +147,8 @@ def blueprint_from_dict(data: Any, source: str = "<dict>") -> Blueprint:
         if "categories_path" in consent.data
         else None,
         consent_cmp_codes={consent_key(k): str(v) for k, v in consent.optional_map("cmp_codes").items()},
+        property_types=doc.type_map("property_types"),
+        trait_types=doc.type_map("trait_types"),
     )
     _check_unique_names(bp, source)
     return bp
@@ -293,6 +297,17 @@ class _Doc:
         if not _VALID_NAME.fullmatch(value):
             raise self.error(key, f"{value!r} is not a FullStory property name ([A-Za-z][A-Za-z0-9_]*)")
         return value
+
+    def type_map(self, key: str) -> dict[str, str]:
+        """An optional map of property name -> FullStory schema type (`revenue: real`)."""
+        types = {}
+        for name, type_name in self.optional_map(key).items():
+            if not isinstance(name, str) or not _VALID_NAME.fullmatch(name):
+                raise self.error(f"{key}.{name}", "is not a FullStory property name ([A-Za-z][A-Za-z0-9_]*)")
+            if type_name not in SCHEMA_TYPES:
+                raise self.error(f"{key}.{name}", f"type {type_name!r} is not one of {sorted(SCHEMA_TYPES)}")
+            types[name] = type_name
+        return types
 
     def positive_int(self, key: str) -> int:
         value = self.get(key)

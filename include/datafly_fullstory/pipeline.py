@@ -170,7 +170,7 @@ def map_stage(plan: RunPlan, extracted: Mapping[str, Any], ledger_url: str | Non
     ledger, record the rows mapping will not send, and list the chunks of earlier runs this run resumes."""
     from include.datafly_fullstory import claims
     from include.datafly_fullstory.blueprint import load_blueprint
-    from include.datafly_fullstory.mapping import MappingSettings, run_mapping
+    from include.datafly_fullstory.mapping import MappingSettings, run_mapping, trait_diff
     from include.datafly_fullstory.mapping.consent import ledger_history
 
     plan = RunPlan.from_xcom(plan)
@@ -193,8 +193,10 @@ def map_stage(plan: RunPlan, extracted: Mapping[str, Any], ledger_url: str | Non
         keep=[c.name for c in sent],
         first_number=first,
         consent_history=ledger_history(ledger, destination, plan.run_id),
+        unchanged_users=lambda uids, hashes: ledger.unchanged_traits(destination, uids, hashes),
     )
     registered = claims.register_chunks(store, ledger, destination, summary["chunks"])
+    trait_diff.register(ledger, destination, plan.run_id, registered)
     _settle_mapping_outcomes(store, ledger, destination)
     chunks = registered + chunk_files.resume_entries(store)
     chunk_files.write_manifest(
@@ -263,6 +265,8 @@ def summarise_run(
     run_stats.rows = {"read": rows_read, **counts}
     run_stats.events["mapped"] = int(mapped.get("events_mapped", 0))
     run_stats.users["mapped"] = int(mapped.get("users_mapped", 0))
+    run_stats.users["unchanged"] = int(mapped.get("users_unchanged", 0))
+    run_stats.type_problems = dict(mapped.get("type_problems") or run_stats.type_problems)
     run_stats.dag_run_id = plan.run_id
     run_stats.window_start, run_stats.window_end = plan.span
     run_stats.destination = plan.destination

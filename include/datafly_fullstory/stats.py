@@ -49,7 +49,7 @@ def _items() -> dict[str, int]:
 class RunStats:
     rows: dict[str, int] = field(default_factory=lambda: {"read": 0, **dict.fromkeys(ROW_OUTCOMES, 0)})
     events: dict[str, int] = field(default_factory=_items)
-    users: dict[str, int] = field(default_factory=_items)
+    users: dict[str, int] = field(default_factory=lambda: {**_items(), "unchanged": 0})
     http: dict[str, Any] = field(default_factory=lambda: {"requests": 0, "retries": 0, "status_counts": {}})
     batches: int = 0
     bytes_sent: int = 0
@@ -66,6 +66,9 @@ class RunStats:
     late: dict[str, Any] = field(default_factory=dict)
     dead_letters: int = 0
     problems: list[str] = field(default_factory=list)
+    type_problems: dict[str, Any] = field(
+        default_factory=lambda: {"values": 0, "events": 0, "users": 0, "fields": {}}
+    )
 
     # ---- adding up -----------------------------------------------------------------------------------
 

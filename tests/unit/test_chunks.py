@@ -206,6 +206,8 @@ def test_an_empty_window_writes_an_empty_manifest(tmp_path):
         "chunks": [],
         "events_mapped": 0,
         "users_mapped": 0,
+        "users_unchanged": 0,
+        "type_problems": {"values": 0, "events": 0, "users": 0, "fields": {}},
         "rows": {"read": 0, "filtered": 0, "skipped": 0, "rejected": 0},
     }
     assert store.read_table("outcomes", "mapping.parquet").num_rows == 0

@@ -490,6 +490,7 @@ def test_identify_traits_become_a_user_update():
             "company": {"name": "Acme", "size": 40},
             "orders": {"id": ["O1", "O2"]},
         },
+        "schema": {"properties": {"plan": "str"}},  # the blueprint's trait_types
     }
     assert rows == [0]
 

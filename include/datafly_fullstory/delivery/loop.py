@@ -383,6 +383,8 @@ class Delivery:
             counts["delivered"] += row.delivered_items
             counts["rejected"] += row.rejected_items
             self.report.unknown_items += row.unknown_items
+        if chunk.kind == "users" and chunk.mode != "replay" and row.is_terminal:
+            self.ledger.mark_traits_delivered(row.id)  # trait diffing: the uids' delivered updates
         write_chunk_outcomes(self.store, self.ledger, chunk, row, new=new, lines=lines, errors=errors)
         self._progress()
 

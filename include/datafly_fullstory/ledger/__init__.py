@@ -35,7 +35,7 @@ Where what is (imports go one way: schema <- engine <- the *_ops modules <- this
 - `engine.py`: `engine_for` / `dispose_engines` (SQLite and Postgres specifics) and `LedgerBase`: the
   transactions and the temporary batch table `dffs_batch` the set-based statements join.
 - `item_ops.py` (claims and items), `chunk_ops.py` (chunks), `run_ops.py` (runs and scans): the
-  operations, combined into `Ledger` here.
+  operations, combined into `Ledger` here; `trait_ops.py` (`dffs_traits`, the last user update delivered).
 - here: `wall_clock`, the ledger's only clock. Tests move it with `monkeypatch.setattr(ledger,
   "wall_clock", ...)`; every operation reads it through `Ledger._now`, at each call.
 """
@@ -80,6 +80,7 @@ from include.datafly_fullstory.ledger.schema import (
     chunks,
     runs,
 )
+from include.datafly_fullstory.ledger.trait_ops import TraitOps, traits
 
 __all__ = [
     "C_ABANDONED",
@@ -114,6 +115,7 @@ __all__ = [
     "chunks",
     "consent",
     "runs",
+    "traits",
     "dispose_engines",
     "wall_clock",
 ]
@@ -124,7 +126,7 @@ def wall_clock() -> float:
     return time.time()
 
 
-class Ledger(ItemOps, ChunkOps, RunOps, ConsentOps):
+class Ledger(ItemOps, ChunkOps, RunOps, ConsentOps, TraitOps):
     """The delivery ledger of one database (see the package docstring)."""
 
     def _now(self) -> float:

@@ -4,11 +4,13 @@ Modules, each importing only those listed before it:
 - `settings.py`: `MappingSettings`, the stage's options (a plain dict through Airflow params / XCom);
 - `columns.py`: column helpers: landing columns as arrays, timestamps, getters into parsed JSON;
 - `properties.py`: FullStory's property rules (`PropertyCleaner`) and `Reject`, a row that would break one;
+- `types.py`: declared types (`coerce`, `TypeChecker`); `type_report.py` owns `type_problems.parquet`;
 - `verdicts.py`: each row's outcome (`Verdict`) and the rules that decide it for a whole batch at once:
   Datafly type -> blueprint mapping, the run's `event_types`, analytics consent, identity;
 - `bodies.py`: one serialised body per surviving row (`EventBuilder`) and per folded user;
 - `batch.py`: `BatchMapper`, one landing frame -> event lines, identify rows and outcomes; `identify`
   rows are folded per uid once the whole window is read (`fold_users`);
+- `trait_diff.py`: trait diffing, user updates equal to the last one delivered are not sent;
 - `stage.py`: `run_mapping`, the stage's I/O: validated parts in; chunks, outcomes, manifest out.
 
 Rows that end here get a row in `outcomes/mapping.parquet`; rows written to chunks get theirs at delivery.

@@ -152,6 +152,7 @@ class BatchMapper:
             _column(df, "anonymous_id")[keep],
             _column(df, "event_id")[keep],
             self._row_fills(df, mapping_idx)[keep],
+            df["_row"].to_numpy(dtype=np.int64)[keep],
         ]
         build = self.events.build
         built = [build(*args) for args in zip(*(c.tolist() for c in columns), strict=True)]

@@ -10,6 +10,7 @@ import orjson
 from include.datafly_fullstory.blueprint import Blueprint, EventMapping
 from include.datafly_fullstory.mapping.columns import _dig, _getter
 from include.datafly_fullstory.mapping.properties import PropertyCleaner, Reject
+from include.datafly_fullstory.mapping.types import TypeChecker
 
 
 class EventBuilder:
@@ -21,6 +22,10 @@ class EventBuilder:
         self.max_name = blueprint.limits["event_name"]
         self.anon_prop, self.locale_prop = blueprint.anonymous_id_property, blueprint.locale_property
         self.event_id_prop = blueprint.event_id_property
+        # declared types: the blueprint's property_types, then each mapping's own schema (types.py)
+        self.types = TypeChecker()
+        self.declared = tuple({**blueprint.property_types, **m.schema} for m in self.mappings)
+        self.declared_default = dict(blueprint.property_types)
         self.locale, self.page_url, self.user_agent, self.ip = (
             _getter(blueprint.identity[key], "text") for key in ("locale", "page_url", "user_agent", "ip")
         )
@@ -38,6 +43,7 @@ class EventBuilder:
         anon: str | None,
         event_id: str | None,
         row_fills: tuple | None,
+        row: int | None = None,
     ) -> bytes | Reject:
         if len(name) > self.max_name:
             return Reject(f"event name is {len(name)} characters; FullStory allows {self.max_name}")
@@ -52,6 +58,7 @@ class EventBuilder:
             properties, schema = self._properties(
                 mapping, props, ctx, row_fills, anon, self.locale(ctx), event_id
             )
+            schema = self._declare(m, properties, schema, row, event_id)
         except Reject as reject:
             return reject
         body: dict[str, Any] = {"name": name}
@@ -93,9 +100,7 @@ class EventBuilder:
                     if props.get(prop) is None and value is not None:
                         props[prop] = value
         properties, count = self.cleaner.clean(props)
-        schema = (
-            self.cleaner.declare(properties, mapping.schema) if mapping is not None and mapping.schema else {}
-        )
+        schema: dict[str, str] = {}
         if items is not None:
             count += self.cleaner.add_items(
                 properties, schema, items, lift=mapping is not None and mapping.lift_first_item
@@ -110,6 +115,14 @@ class EventBuilder:
                 properties[prop] = self.cleaner.checked_value(value, prop)
         self.cleaner.check_count(count, "properties")
         return properties, schema
+
+    def _declare(self, m: int, properties: dict, schema: dict, row: int | None, event_id: str | None) -> dict:
+        """Declared types (after items and identity properties: a lifted product_id is declared too)."""
+        declared = self.declared[m] if m >= 0 else self.declared_default
+        if declared:
+            typed, _ = self.types.declare(properties, declared, row=row, event_id=event_id)
+            return {**schema, **typed} if schema else typed
+        return schema
 
     def user_body(self, uid: str, traits: dict) -> bytes | Reject:
         """One `BatchUserImportRequest` from folded traits."""
@@ -130,8 +143,11 @@ class EventBuilder:
             self.cleaner.check_count(count, "traits")
         except Reject as reject:
             return reject
+        schema, _ = self.types.declare(properties, self.bp.trait_types, kind="user", uid=uid)
         if properties:
             body["properties"] = properties
+        if schema:
+            body["schema"] = {"properties": schema}
         return orjson.dumps(body)
 
 

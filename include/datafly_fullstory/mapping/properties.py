@@ -164,20 +164,6 @@ class PropertyCleaner:
 
     # schema and items
 
-    def declare(self, properties: dict, declared: dict[str, str]) -> dict[str, str]:
-        """Top-level types the blueprint declares (quantity: int): the value is coerced so the property
-        keeps one type across events; a value that cannot be coerced is left to FullStory's inference."""
-        schema = {}
-        for prop, type_name in declared.items():
-            value = properties.get(prop)
-            if value is None:
-                continue
-            coerced = _coerce_item(value, type_name + "s", None)
-            if coerced is not None:
-                properties[prop] = coerced
-                schema[prop] = type_name
-        return schema
-
     def take_items(self, props: dict) -> list | None:
         """Remove and return the first item list (products / items) holding objects."""
         for key in self.item_keys:

@@ -14,6 +14,7 @@ import pyarrow as pa
 from include.datafly_fullstory import outcomes, validated
 from include.datafly_fullstory.blueprint import Blueprint, load_blueprint
 from include.datafly_fullstory.chunks import ChunkWriter, clear_payloads, idempotency_key, write_manifest
+from include.datafly_fullstory.mapping import trait_diff, type_report
 from include.datafly_fullstory.mapping.batch import IDENTIFY_COLUMNS, BatchMapper
 from include.datafly_fullstory.mapping.consent import SCAN_COLUMNS, ConsentHistory, revocations
 from include.datafly_fullstory.mapping.settings import MappingSettings
@@ -31,6 +32,7 @@ def run_mapping(
     keep: Iterable[str] = (),
     first_number: int = 0,
     consent_history: ConsentHistory | None = None,
+    unchanged_users: trait_diff.UnchangedLookup | None = None,
 ) -> dict:
     """Map `validated/part-*.parquet` into `payloads/` chunks, `outcomes/mapping.parquet` and, last,
     `payloads/manifest.json`. Returns the manifest's summary.
@@ -41,7 +43,9 @@ def run_mapping(
     bytes the ledger points at); new chunks are numbered from `first_number`. With the run's `window`, each
     chunk entry carries its `idempotency_key` (see payloads.idempotency_key). Before any row is mapped, the
     window's consent is read to find revocations (mapping/consent.py), merged with earlier runs' through
-    `consent_history` (the ledger's) when given."""
+    `consent_history` (the ledger's) when given. With `unchanged_users` (the
+    ledger's trait lookup), user updates equal to the last one delivered are not sent (trait_diff.py);
+    values that cannot take their declared type are not sent and go to `type_problems.parquet`."""
     bp = blueprint if isinstance(blueprint, Blueprint) else load_blueprint(blueprint or "retail")
     settings = MappingSettings.from_dict(settings)
     reference_time = _as_utc(reference_time)
@@ -55,18 +59,27 @@ def run_mapping(
     mapper = BatchMapper(
         bp, settings, reference_time, largest_line=events.largest_line(), revocations=revoked
     )
-    outcome_tables, identify_parts, rows_read = [], [], 0
+    outcome_tables, identify_parts, rows_read, problems = [], [], 0, []
     for frame in validated.iter_frames(store, settings.batch_rows):
         rows_read += len(frame)
         batch = mapper.map_batch(frame)
         events.add(batch.lines, np.arange(len(batch.lines)), batch.rows, batch.event_ids)
         identify_parts.append(batch.identify)
+        problems.append(type_report.table(mapper.events.types.take_problems()))
         outcome_tables.append(outcomes.to_table(batch.outcomes))
     events.flush()
     users = ChunkWriter(
         store, "users", max_items=settings.max_items, max_bytes=settings.max_bytes, first_number=first_number
     )
-    user_lines, user_index, user_outcomes = mapper.fold_users(_concat(identify_parts, IDENTIFY_COLUMNS))
+    identify = _concat(identify_parts, IDENTIFY_COLUMNS)
+    user_lines, user_index, user_outcomes = mapper.fold_users(identify)
+    problems.append(
+        type_report.name_user_rows(type_report.table(mapper.events.types.take_problems()), identify)
+    )
+    user_lines, user_index, unchanged, n_unchanged = trait_diff.drop_unchanged(
+        user_lines, user_index, unchanged_users
+    )
+    outcome_tables.append(outcomes.to_table(unchanged))
     users.add(user_lines, *user_index)
     users.flush()
     outcome_tables.append(outcomes.to_table(user_outcomes))
@@ -82,6 +95,8 @@ def run_mapping(
         "chunks": chunks,
         "events_mapped": sum(c["items"] for c in events.chunks),
         "users_mapped": len(user_lines),
+        "users_unchanged": n_unchanged,
+        "type_problems": type_report.summary(type_report.write(store, problems)),
         "rows": {"read": rows_read, **_count_outcomes(mapping_outcomes)},
     }
     write_manifest(
