@@ -15,6 +15,7 @@ from typing import Any
 
 from include.datafly_fullstory import chunks as chunk_files
 from include.datafly_fullstory import dead_letters, outcomes
+from include.datafly_fullstory.deletions import deletion_problems
 from include.datafly_fullstory.delivery import stops
 from include.datafly_fullstory.errors import ParamError, RunProblems
 from include.datafly_fullstory.run import RunPlan
@@ -171,6 +172,7 @@ def map_stage(plan: RunPlan, extracted: Mapping[str, Any], ledger_url: str | Non
     from include.datafly_fullstory import claims
     from include.datafly_fullstory.blueprint import load_blueprint
     from include.datafly_fullstory.mapping import MappingSettings, run_mapping
+    from include.datafly_fullstory.mapping.suppression import Suppression
 
     plan = RunPlan.from_xcom(plan)
     store, window = plan.store, plan.window
@@ -183,6 +185,7 @@ def map_stage(plan: RunPlan, extracted: Mapping[str, Any], ledger_url: str | Non
     destination = plan.destination
     sent = ledger.abandon_unsent_chunks(destination, plan.run_id)
     first = 1 + max((int(c.name.rsplit("-", 1)[1]) for c in sent), default=-1)
+    suppression = Suppression(*ledger.suppressed_people(destination))  # deletion requests
     summary = run_mapping(
         store,
         load_blueprint(),
@@ -191,6 +194,7 @@ def map_stage(plan: RunPlan, extracted: Mapping[str, Any], ledger_url: str | Non
         window=window,
         keep=[c.name for c in sent],
         first_number=first,
+        suppression=suppression,
     )
     registered = claims.register_chunks(store, ledger, destination, summary["chunks"])
     _settle_mapping_outcomes(store, ledger, destination)
@@ -232,6 +236,7 @@ def summarise_run(
     mapped: Mapping[str, Any] | None,
     delivery_stats: Iterable[Mapping[str, Any] | None],
     ledger_url: str | None = None,
+    deletions: Mapping[str, Any] | None = None,
 ) -> RunStats:
     """Merge the outcomes, write stats.json and record the run in the ledger; `problems` lists what needs a
     person's attention. A stage that returned nothing (it failed) stops the run here, saying which."""
@@ -274,6 +279,8 @@ def summarise_run(
     run_stats.problems = ([pending_reason] if pending_reason else []) + run_stats.threshold_problems(
         plan.thresholds
     )
+    run_stats.deletions = dict(deletions or {})  # the deletions task's figures; a failed DELETE is a problem
+    run_stats.problems += deletion_problems(deletions)
     store.write_json(run_stats.asdict(), "stats.json")
     ledger = _ledger(plan, ledger_url)
     if ledger is not None:

@@ -11,6 +11,8 @@ SQL):
 - `dffs_chunks`: one row per request chunk: its Idempotency-Key, where its bytes are, when it was first
   POSTed, the batch job, and its status.
 - `dffs_runs`: one row per run and destination: the window, the look-back and the outcome counts.
+- `dffs_deletions`: deletion requests per destination and person (user_id or anonymous_id), their status
+  (deletion_ops.py); every row there suppresses its person.
 - `dffs_scans`: which landing files (by size and modification time) a run has read, so the look-back
   re-reads only files that changed.
 
@@ -44,6 +46,16 @@ from __future__ import annotations
 import time
 
 from include.datafly_fullstory.ledger.chunk_ops import ChunkOps
+from include.datafly_fullstory.ledger.deletion_ops import (
+    D_DELETED,
+    D_DELETING,
+    D_FAILED,
+    D_PENDING,
+    D_SUPPRESSED,
+    DeletionOps,
+    DeletionRow,
+    deletions,
+)
 from include.datafly_fullstory.ledger.engine import dispose_engines
 from include.datafly_fullstory.ledger.item_ops import ItemOps
 from include.datafly_fullstory.ledger.run_ops import RunOps
@@ -112,6 +124,13 @@ __all__ = [
     "runs",
     "dispose_engines",
     "wall_clock",
+    "D_DELETED",
+    "D_DELETING",
+    "D_FAILED",
+    "D_PENDING",
+    "D_SUPPRESSED",
+    "DeletionRow",
+    "deletions",
 ]
 
 
@@ -120,7 +139,7 @@ def wall_clock() -> float:
     return time.time()
 
 
-class Ledger(ItemOps, ChunkOps, RunOps):
+class Ledger(ItemOps, ChunkOps, RunOps, DeletionOps):
     """The delivery ledger of one database (see the package docstring)."""
 
     def _now(self) -> float:

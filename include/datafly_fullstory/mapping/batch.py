@@ -29,6 +29,7 @@ from include.datafly_fullstory.mapping.bodies import EventBuilder
 from include.datafly_fullstory.mapping.columns import _column, _isin, _text_lengths, _timestamps_ns
 from include.datafly_fullstory.mapping.properties import PropertyCleaner, Reject
 from include.datafly_fullstory.mapping.settings import MappingSettings
+from include.datafly_fullstory.mapping.suppression import Suppression, suppress
 from include.datafly_fullstory.mapping.verdicts import (
     Verdict,
     _parse_json_column,
@@ -75,8 +76,10 @@ class BatchMapper:
         reference_time: datetime,
         *,
         largest_line: int | None = None,
+        suppression: Suppression | None = None,
     ):
         self.bp, self.settings, self.reference_time = blueprint, settings, reference_time
+        self.suppression = suppression  # people with a deletion request: their rows are filtered first
         self.cleaner = PropertyCleaner(blueprint)
         self.events = EventBuilder(blueprint, self.cleaner, largest_line or settings.max_bytes)
         self._track = blueprint.track_names()
@@ -91,6 +94,7 @@ class BatchMapper:
     def _map_batch(self, df: pd.DataFrame) -> MappedBatch:
         n = len(df)
         verdict = Verdict(n)
+        suppress(self.suppression, verdict, df)
         dtype = _column(df, "type")
         mapping_idx, fs_names = self._resolve_names(dtype, _column(df, "event"))
         skip_unmapped(self.bp, verdict, dtype, fs_names)
