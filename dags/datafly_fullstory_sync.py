@@ -6,7 +6,7 @@ from the Parquet landing, validated, mapped with FullStory's retail blueprint an
 FullStory's Server API as batch import jobs, user updates first.
 
 **Tasks**: `plan` (the window and settings) -> `extract_and_validate` (bad rows to the quarantine)
--> `map_payloads` (request chunks) -> `deliver_users` -> `deliver_events` (mapped over chunk groups,
+and `deletions` (deletion requests, see below) -> `map_payloads` (request chunks) -> `deliver_users` -> `deliver_events` (mapped over chunk groups,
 capped by the `fullstory_api` pool) -> `summarise` (outcomes, `stats.json`, the asset's metadata).
 
 **Every input row gets exactly one outcome** in `runs/<run_id>/outcomes.parquet` under the state URI:
@@ -18,6 +18,11 @@ delivered, rejected (see `dead_letters.parquet`), quarantined (see `quarantine.p
 window's delivered chunks (recorded bytes and keys, within 23 h: FullStory replays, nothing is imported
 twice); `replay_dead_letters` re-sends earlier runs' fixable rejections; `allow_duplicates` re-sends
 everything and may import duplicates.
+
+**Deletion requests**: user ids and anonymous ids in the file named by the Variable
+`datafly_fullstory_deletions_uri` (Parquet or CSV, columns `user_id` / `anonymous_id`) or in the params
+`delete_user_ids` / `delete_anonymous_ids` are recorded in the ledger; FullStory is asked to delete each
+user once, and no run sends anything about these people again (outcome filtered, "deleted by request").
 
 **Exactly once**: the delivery ledger (SQLite beside the state, or Postgres through the Variable
 `datafly_fullstory_ledger_conn_id`) claims every row per FullStory org before anything is sent, so
@@ -149,6 +154,22 @@ PARAMS = {
         description="Fail the run when more rows than this were sent but their fate is "
         "unknown (a lost answer whose key expired): a person checks FullStory.",
     ),
+    "delete_user_ids": Param(
+        [],
+        type="array",
+        items={"type": "string"},
+        title="Delete users (uids)",
+        description="Deletion requests: FullStory deletes these users (DELETE /v2/users?uid=) and no run "
+        "sends anything about them again. Recorded once in the ledger; see docs/operations.md.",
+    ),
+    "delete_anonymous_ids": Param(
+        [],
+        type="array",
+        items={"type": "string"},
+        title="Suppress anonymous ids",
+        description="Deletion requests for anonymous ids: never sent again (FullStory has no anonymous "
+        "users to delete).",
+    ),
     "require_explicit_consent": Param(
         False,
         type="boolean",
@@ -209,6 +230,35 @@ def datafly_fullstory_sync():
         return _fail_fast(extract_stage, run_plan, ledger_url(run_plan["ledger"]))
 
     @task
+    def deletions(run_plan: dict, **context) -> dict:
+        """Deletion requests (Variable datafly_fullstory_deletions_uri, params delete_*): recorded, then sent."""
+        from airflow.sdk import Variable
+
+        from fullstory_provider.connection import destination_of
+        from fullstory_provider.hooks import FullStoryHook
+        from fullstory_provider.ledger_db import ledger_url
+        from include.datafly_fullstory.deletions import deletions_stage
+
+        params = context["params"]
+        hook = None if run_plan["dry_run"] else FullStoryHook(run_plan["fullstory_conn_id"])
+        try:
+            return _fail_fast(
+                deletions_stage,
+                run_plan,
+                ledger_url(run_plan["ledger"]),
+                hook,
+                source_uri=Variable.get("datafly_fullstory_deletions_uri", default=None),
+                user_ids=params.get("delete_user_ids"),
+                anonymous_ids=params.get("delete_anonymous_ids"),
+                client_destination=None
+                if hook is None
+                else destination_of(hook.settings.org_id, hook.settings.data_region),
+            )
+        finally:
+            if hook is not None:
+                hook.close()
+
+    @task
     def map_payloads(run_plan: dict, extracted: dict) -> dict:
         from fullstory_provider.ledger_db import ledger_url
         from include.datafly_fullstory.pipeline import map_stage
@@ -236,6 +286,7 @@ def datafly_fullstory_sync():
             *stages,
             [*_values(users), *_values(events)],
             ledger_url((stages[0] or {}).get("ledger")),
+            deletions=context["ti"].xcom_pull(task_ids="deletions"),
         )
         context["outlet_events"][FULLSTORY_SYNC].extra = run_stats.asset_metadata()
         print(run_stats.asstr())
@@ -245,6 +296,7 @@ def datafly_fullstory_sync():
     run_plan = plan()
     extracted = extract_and_validate(run_plan)
     mapped = map_payloads(run_plan, extracted)
+    deletions(run_plan) >> mapped  # requests recorded (and their people suppressed) before mapping
     delivery = {
         "state_uri": run_plan["state_uri"],
         "run_id": run_plan["run_id"],

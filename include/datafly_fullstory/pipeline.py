@@ -15,6 +15,7 @@ from typing import Any
 
 from include.datafly_fullstory import chunks as chunk_files
 from include.datafly_fullstory import dead_letters, outcomes
+from include.datafly_fullstory.deletions import deletion_problems
 from include.datafly_fullstory.delivery import stops
 from include.datafly_fullstory.errors import ParamError, RunProblems
 from include.datafly_fullstory.run import RunPlan
@@ -172,6 +173,7 @@ def map_stage(plan: RunPlan, extracted: Mapping[str, Any], ledger_url: str | Non
     from include.datafly_fullstory.blueprint import load_blueprint
     from include.datafly_fullstory.mapping import MappingSettings, run_mapping, trait_diff
     from include.datafly_fullstory.mapping.consent import ledger_history
+    from include.datafly_fullstory.mapping.suppression import Suppression
 
     plan = RunPlan.from_xcom(plan)
     store, window = plan.store, plan.window
@@ -184,6 +186,7 @@ def map_stage(plan: RunPlan, extracted: Mapping[str, Any], ledger_url: str | Non
     destination = plan.destination
     sent = ledger.abandon_unsent_chunks(destination, plan.run_id)
     first = 1 + max((int(c.name.rsplit("-", 1)[1]) for c in sent), default=-1)
+    suppression = Suppression(*ledger.suppressed_people(destination))  # deletion requests
     summary = run_mapping(
         store,
         load_blueprint(),
@@ -194,6 +197,7 @@ def map_stage(plan: RunPlan, extracted: Mapping[str, Any], ledger_url: str | Non
         first_number=first,
         consent_history=ledger_history(ledger, destination, plan.run_id),
         unchanged_users=lambda uids, hashes: ledger.unchanged_traits(destination, uids, hashes),
+        suppression=suppression,
     )
     registered = claims.register_chunks(store, ledger, destination, summary["chunks"])
     trait_diff.register(ledger, destination, plan.run_id, registered)
@@ -236,6 +240,7 @@ def summarise_run(
     mapped: Mapping[str, Any] | None,
     delivery_stats: Iterable[Mapping[str, Any] | None],
     ledger_url: str | None = None,
+    deletions: Mapping[str, Any] | None = None,
 ) -> RunStats:
     """Merge the outcomes, write stats.json and record the run in the ledger; `problems` lists what needs a
     person's attention. A stage that returned nothing (it failed) stops the run here, saying which."""
@@ -280,6 +285,8 @@ def summarise_run(
     run_stats.problems = ([pending_reason] if pending_reason else []) + run_stats.threshold_problems(
         plan.thresholds
     )
+    run_stats.deletions = dict(deletions or {})  # the deletions task's figures; a failed DELETE is a problem
+    run_stats.problems += deletion_problems(deletions)
     store.write_json(run_stats.asdict(), "stats.json")
     ledger = _ledger(plan, ledger_url)
     if ledger is not None:

@@ -65,6 +65,7 @@ class RunStats:
     previously: dict[str, int] = field(default_factory=dict)
     late: dict[str, Any] = field(default_factory=dict)
     dead_letters: int = 0
+    deletions: dict[str, Any] = field(default_factory=dict)  # the deletions task's figures (deletions.py)
     problems: list[str] = field(default_factory=list)
     type_problems: dict[str, Any] = field(
         default_factory=lambda: {"values": 0, "events": 0, "users": 0, "fields": {}}

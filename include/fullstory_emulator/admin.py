@@ -48,8 +48,9 @@ def state(emu, query, body) -> Reply:
         return json_reply(
             200,
             {
-                "events": len(emu.events),
+                "events": emu.events.live_count(),
                 "users": len(emu.users),
+                "deleted_users": emu.deleted_users,
                 "jobs": emu.jobs.counts(now),
                 "jobs_in_progress": emu.jobs.in_progress(),
                 "idempotency": emu.idempotency.summary(),
@@ -69,7 +70,7 @@ def events(emu, query, body) -> Reply:
     with emu.lock:
         log, job_ids = emu.events, emu.jobs.job_ids
         matching = range(len(log))
-        if name is not None or ident is not None:
+        if name is not None or ident is not None or log.live_count() != len(log):  # erased: deleted users
             matching = [i for i in matching if log.matches(i, name, ident)]
         page = [log.render(i, job_ids) for i in matching[offset : offset + limit]]
         total = len(matching)

@@ -65,6 +65,7 @@ class Emulator:
         )
         self.idempotency = IdempotencyStore(self.config.idempotency_ttl)
         self.requests: Counter = Counter()
+        self.deleted_users = 0  # DELETE /v2/users answered 200 (known or not)
 
     def reset(self, keep_faults: bool = False) -> None:
         with self.lock:

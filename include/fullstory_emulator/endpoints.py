@@ -68,6 +68,25 @@ def get_user(emu, parts, query, body) -> Reply:
         return json_reply(200, {**record.as_dict(), "is_being_deleted": False})
 
 
+def delete_user(emu, parts, query, body) -> Reply:
+    """DELETE /v2/users/{id} or DELETE /v2/users?uid=: forget the user and erase its events, answer 200 {}.
+    FullStory's docs give 200 as the only answer; deletion here is idempotent, so an unknown or already
+    deleted user is answered 200 {} as well (nothing to erase). Neither an id nor a uid: 400."""
+    uid = query.get("uid", [""])[0] if len(parts) == 2 else ""
+    if len(parts) == 2 and not uid:
+        raise v.ItemError("invalid_argument", "give the user's id in the path or its uid as ?uid=")
+    with emu.lock:
+        found = emu.users.by_uid.get(uid) if uid else parts[2]
+        record = emu.users.by_id.get(found) if found else None
+        if record is not None:
+            emu.events.erase_user(record.uid, record.id)
+            emu.users.delete(record)
+        elif uid:
+            emu.events.erase_user(uid, "")  # events sent by uid for a user never upserted
+        emu.deleted_users += 1
+    return Reply(200, b"{}")
+
+
 def create_users_batch(emu, parts, query, body) -> Reply:
     with gc_paused():
         return _create_users_batch(emu, body)
@@ -182,6 +201,8 @@ ROUTES = {
     "GET /v2/events/batch/{job_id}/errors": _job_view("events", "errors"),
     "POST /v2/users": create_user,
     "GET /v2/users/{id}": get_user,
+    "DELETE /v2/users": delete_user,
+    "DELETE /v2/users/{id}": delete_user,
     "POST /v2/users/batch": create_users_batch,
     "GET /v2/users/batch/{job_id}": _job_view("users", "status"),
     "GET /v2/users/batch/{job_id}/imports": _job_view("users", "imports"),

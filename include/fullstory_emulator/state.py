@@ -70,9 +70,30 @@ class EventLog:
         self._chunk_starts: list[int] = []
         self._chunk_props: list[bytes] = []
         self._decoded: tuple[int, list] = (-1, [])
+        self._erased: set[int] = set()  # events of deleted users (DELETE /v2/users): kept out of every view
 
     def __len__(self) -> int:
         return len(self._kinds)
+
+    def live_count(self) -> int:
+        """Events stored and not erased by a user deletion."""
+        return len(self._kinds) - len(self._erased)
+
+    def is_erased(self, i: int) -> bool:
+        return i in self._erased
+
+    def erase_user(self, uid: str | None, user_id: str) -> int:
+        """Erase the events that name this user (by `user.uid` or by `user.id`); returns how many."""
+        erased = 0
+        for i, ident in enumerate(self._idents):
+            kind = self._kinds[i] & ~MOST_RECENT_FLAG
+            if i not in self._erased and (
+                (kind == ID_USER_UID and uid is not None and ident == uid)
+                or (kind == ID_USER_ID and ident == user_id)
+            ):
+                self._erased.add(i)
+                erased += 1
+        return erased
 
     def append_many(self, events: list[tuple], received: float, job_no: int) -> tuple[int, int]:
         """Store accepted events (tuples from validation.check_event); returns their [start, end) range."""
@@ -143,6 +164,8 @@ class EventLog:
         return item
 
     def matches(self, i: int, name: str | None, ident: str | None) -> bool:
+        if i in self._erased:
+            return False
         return (name is None or self.name_at(i) == name) and (ident is None or self._idents[i] == ident)
 
 
@@ -229,6 +252,12 @@ class UserStore:
                 f"properties: the user would have {count} unique properties, at most {MAX_PROPERTIES}",
             )
         return merged
+
+    def delete(self, record: UserRecord) -> None:
+        """Forget a user: its record and its uid (a later upsert with that uid creates a new user)."""
+        self.by_id.pop(record.id, None)
+        if record.uid and self.by_uid.get(record.uid) == record.id:
+            del self.by_uid[record.uid]
 
     def upsert(self, item: dict) -> UserRecord:
         """Create or update (latest value wins, properties merge); an ItemError leaves no trace."""

@@ -45,7 +45,7 @@ BATCH_KINDS = ("events", "users")
 
 class FullStoryHook(BaseHook):
     """Typed calls to FullStory's Server API: batch import jobs for events and users, single events and
-    user upserts, `GET /me`. Counts requests, retries and status codes for the run's stats.
+    user upserts, user deletion, `GET /me`. Counts requests, retries and status codes for the run's stats.
 
     :param fullstory_conn_id: the Airflow connection (its fields: connection.py)
     :param timeout: (connect, read) seconds for every call; the connection's extra may override them
@@ -302,6 +302,14 @@ class FullStoryHook(BaseHook):
         key = idempotency_key or f"dffs-user-{uuid.uuid4()}"
         response = self._request("POST", "/v2/users", body=self._body(user), headers={"Idempotency-Key": key})
         return self._json(response)
+
+    def delete_user(self, uid: str) -> dict[str, Any]:
+        """DELETE /v2/users?uid=<uid>: FullStory deletes the user and all its data (a right-to-erasure
+        request). Retried like every call (429, 5xx, timeouts); 401/403/404 raise the typed errors. Deleting
+        is idempotent, so a retry after a lost answer is harmless."""
+        if not isinstance(uid, str) or not uid.strip():
+            raise ValueError("delete_user needs a non-empty uid")
+        return self._json(self._request("DELETE", "/v2/users", params={"uid": uid}))
 
     def whoami(self) -> dict[str, Any]:
         """GET /me -> {"email", "orgId", "role"}: who the key belongs to."""

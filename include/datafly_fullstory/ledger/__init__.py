@@ -12,6 +12,8 @@ SQL):
   POSTed, the batch job, and its status.
 - `dffs_runs`: one row per run and destination: the window, the look-back and the outcome counts.
 - `dffs_consent`: each person's latest consent state (consent_ops.py), so a revocation stops later runs too.
+- `dffs_deletions`: deletion requests per destination and person (user_id or anonymous_id), their status
+  (deletion_ops.py); every row there suppresses its person.
 - `dffs_scans`: which landing files (by size and modification time) a run has read, so the look-back
   re-reads only files that changed.
 
@@ -46,6 +48,16 @@ import time
 
 from include.datafly_fullstory.ledger.chunk_ops import ChunkOps
 from include.datafly_fullstory.ledger.consent_ops import ConsentOps, consent
+from include.datafly_fullstory.ledger.deletion_ops import (
+    D_DELETED,
+    D_DELETING,
+    D_FAILED,
+    D_PENDING,
+    D_SUPPRESSED,
+    DeletionOps,
+    DeletionRow,
+    deletions,
+)
 from include.datafly_fullstory.ledger.engine import dispose_engines
 from include.datafly_fullstory.ledger.item_ops import ItemOps
 from include.datafly_fullstory.ledger.run_ops import RunOps
@@ -118,6 +130,13 @@ __all__ = [
     "traits",
     "dispose_engines",
     "wall_clock",
+    "D_DELETED",
+    "D_DELETING",
+    "D_FAILED",
+    "D_PENDING",
+    "D_SUPPRESSED",
+    "DeletionRow",
+    "deletions",
 ]
 
 
@@ -126,7 +145,7 @@ def wall_clock() -> float:
     return time.time()
 
 
-class Ledger(ItemOps, ChunkOps, RunOps, ConsentOps, TraitOps):
+class Ledger(ItemOps, ChunkOps, RunOps, ConsentOps, TraitOps, DeletionOps):
     """The delivery ledger of one database (see the package docstring)."""
 
     def _now(self) -> float:

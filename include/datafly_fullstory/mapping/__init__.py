@@ -7,6 +7,7 @@ Modules, each importing only those listed before it:
 - `types.py`: declared types (`coerce`, `TypeChecker`); `type_report.py` owns `type_problems.parquet`;
 - `verdicts.py`: each row's outcome (`Verdict`) and the rules that decide it for a whole batch at once:
   Datafly type -> blueprint mapping, the run's `event_types`, analytics consent, identity;
+- `suppression.py`: `Suppression`, the people with a deletion request, whose rows are filtered first;
 - `bodies.py`: one serialised body per surviving row (`EventBuilder`) and per folded user;
 - `batch.py`: `BatchMapper`, one landing frame -> event lines, identify rows and outcomes; `identify`
   rows are folded per uid once the whole window is read (`fold_users`);

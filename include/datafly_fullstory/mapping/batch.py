@@ -31,6 +31,7 @@ from include.datafly_fullstory.mapping.consent import ConsentRules, Revocations
 from include.datafly_fullstory.mapping.nesting import JSON_COLUMNS, reject_deep
 from include.datafly_fullstory.mapping.properties import PropertyCleaner, Reject
 from include.datafly_fullstory.mapping.settings import MappingSettings
+from include.datafly_fullstory.mapping.suppression import Suppression, suppress
 from include.datafly_fullstory.mapping.verdicts import (
     Verdict,
     _parse_json_column,
@@ -78,9 +79,11 @@ class BatchMapper:
         *,
         largest_line: int | None = None,
         revocations: Revocations | None = None,
+        suppression: Suppression | None = None,
     ):
         self.bp, self.settings, self.reference_time = blueprint, settings, reference_time
         self.consent_rules, self.revocations = ConsentRules(blueprint), revocations
+        self.suppression = suppression  # people with a deletion request: their rows are filtered first
         self.cleaner = PropertyCleaner(blueprint)
         self.events = EventBuilder(blueprint, self.cleaner, largest_line or settings.max_bytes)
         self._track = blueprint.track_names()
@@ -95,6 +98,7 @@ class BatchMapper:
     def _map_batch(self, df: pd.DataFrame) -> MappedBatch:
         n = len(df)
         verdict = Verdict(n)
+        suppress(self.suppression, verdict, df)
         dtype = _column(df, "type")
         mapping_idx, fs_names = self._resolve_names(dtype, _column(df, "event"))
         skip_unmapped(self.bp, verdict, dtype, fs_names)

@@ -18,6 +18,7 @@ from include.datafly_fullstory.mapping import trait_diff, type_report
 from include.datafly_fullstory.mapping.batch import IDENTIFY_COLUMNS, BatchMapper
 from include.datafly_fullstory.mapping.consent import SCAN_COLUMNS, ConsentHistory, revocations
 from include.datafly_fullstory.mapping.settings import MappingSettings
+from include.datafly_fullstory.mapping.suppression import Suppression
 from include.datafly_fullstory.state import RunStore
 from include.datafly_fullstory.window import Window
 
@@ -33,6 +34,7 @@ def run_mapping(
     first_number: int = 0,
     consent_history: ConsentHistory | None = None,
     unchanged_users: trait_diff.UnchangedLookup | None = None,
+    suppression: Suppression | None = None,
 ) -> dict:
     """Map `validated/part-*.parquet` into `payloads/` chunks, `outcomes/mapping.parquet` and, last,
     `payloads/manifest.json`. Returns the manifest's summary.
@@ -45,7 +47,8 @@ def run_mapping(
     window's consent is read to find revocations (mapping/consent.py), merged with earlier runs' through
     `consent_history` (the ledger's) when given. With `unchanged_users` (the
     ledger's trait lookup), user updates equal to the last one delivered are not sent (trait_diff.py);
-    values that cannot take their declared type are not sent and go to `type_problems.parquet`."""
+    values that cannot take their declared type are not sent and go to `type_problems.parquet`. Rows of the people in
+    `suppression` (deletion requests) are filtered (mapping/suppression.py)."""
     bp = blueprint if isinstance(blueprint, Blueprint) else load_blueprint(blueprint or "retail")
     settings = MappingSettings.from_dict(settings)
     reference_time = _as_utc(reference_time)
@@ -57,7 +60,12 @@ def run_mapping(
         validated.iter_frames(store, settings.batch_rows, columns=SCAN_COLUMNS), bp, consent_history
     )
     mapper = BatchMapper(
-        bp, settings, reference_time, largest_line=events.largest_line(), revocations=revoked
+        bp,
+        settings,
+        reference_time,
+        largest_line=events.largest_line(),
+        revocations=revoked,
+        suppression=suppression,
     )
     outcome_tables, identify_parts, rows_read, problems = [], [], 0, []
     for frame in validated.iter_frames(store, settings.batch_rows):
