@@ -90,6 +90,14 @@ PARAMS = {
         "says: FullStory then holds rows delivered before twice. Only for a "
         "person who checked FullStory.",
     ),
+    "blueprint": Param(
+        None,
+        type=["null", "string"],
+        title="Blueprint",
+        description="The mapping blueprint for this run: a bundled variant name (retail) or a YAML path "
+        "(relative paths are under AIRFLOW_HOME). Default: the Variable datafly_fullstory_blueprint, else "
+        "retail.",
+    ),
     "lookback_hours": Param(
         None,
         type=["null", "number"],
@@ -220,6 +228,7 @@ def datafly_fullstory_sync():
             ),
             ledger_conn_id=Variable.get("datafly_fullstory_ledger_conn_id", default=None),
             executor=conf.get("core", "executor", fallback=None),
+            blueprint=Variable.get("datafly_fullstory_blueprint", default=None),
         ).to_xcom()
 
     @task

@@ -182,14 +182,14 @@ def map_stage(plan: RunPlan, extracted: Mapping[str, Any], ledger_url: str | Non
     dead_letters.clear(store)
     outcomes.remove_delivery_outcomes(store)  # delivery rewrites them from the ledger
     if ledger is None:
-        return run_mapping(store, load_blueprint(), settings, reference_time=window.end, window=window)
+        return run_mapping(store, load_blueprint(plan.blueprint), settings, reference_time=window.end, window=window)
     destination = plan.destination
     sent = ledger.abandon_unsent_chunks(destination, plan.run_id)
     first = 1 + max((int(c.name.rsplit("-", 1)[1]) for c in sent), default=-1)
     suppression = Suppression(*ledger.suppressed_people(destination))  # deletion requests
     summary = run_mapping(
         store,
-        load_blueprint(),
+        load_blueprint(plan.blueprint),
         settings,
         reference_time=window.end,
         window=window,

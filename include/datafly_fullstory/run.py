@@ -44,6 +44,7 @@ class RunPlan:
     fullstory_conn_id: str = "fullstory_default"
     thresholds: dict[str, float] = field(default_factory=dict)
     mapping: dict[str, Any] = field(default_factory=dict)  # MappingSettings fields
+    blueprint: str = "retail"  # a bundled variant name or a YAML path (blueprint.load_blueprint)
 
     @property
     def store(self) -> RunStore:
@@ -73,6 +74,7 @@ class RunPlan:
             "fullstory_conn_id": self.fullstory_conn_id,
             "thresholds": dict(self.thresholds),
             "mapping": dict(self.mapping),
+            "blueprint": self.blueprint,
         }
 
     @classmethod
@@ -104,6 +106,7 @@ def plan_run(
     destination: str | None = None,
     ledger_conn_id: str | None = None,
     executor: str | None = None,
+    blueprint: str | None = None,
 ) -> RunPlan:
     """The run's plan from its params, Variables and Airflow context; refuses what it cannot use."""
     window = resolve_window(
@@ -141,6 +144,7 @@ def plan_run(
         allow_duplicates=bool(params.get("allow_duplicates", False)),
         fullstory_conn_id=str(params.get("fullstory_conn_id") or "fullstory_default"),
         thresholds=_thresholds(params),
+        blueprint=resolve_blueprint(params.get("blueprint") or blueprint, airflow_home),
         mapping={
             "event_types": [str(t) for t in (params.get("event_types") or []) if str(t).strip()],
             "require_explicit_consent": bool(params.get("require_explicit_consent", False)),
@@ -162,6 +166,20 @@ def _thresholds(params: Mapping[str, Any]) -> dict[str, float]:
             raise ParamError(f"param {name}={value!r} must be a number between 0 and {limit}")
         thresholds[name] = float(value)
     return thresholds
+
+
+def resolve_blueprint(value: str | None, airflow_home: str) -> str:
+    """The run's blueprint (the `blueprint` param, else the Variable `datafly_fullstory_blueprint`): a bundled
+    variant name stays as it is, a YAML path is taken under AIRFLOW_HOME when relative. It is loaded and
+    checked here, so a wrong name or a broken file fails the plan task, naming the file and key."""
+    from include.datafly_fullstory.blueprint import load_blueprint
+
+    value = str(value or "retail").strip()
+    if value.endswith((".yaml", ".yml")):
+        path = Path(os.path.expanduser(value))
+        value = str(path if path.is_absolute() else Path(airflow_home) / path)
+    load_blueprint(value)
+    return value
 
 
 def resolve_uri(value: str | None, airflow_home: str, *, default: str | None = None) -> str:

@@ -5,6 +5,7 @@ import pytest
 
 from include.datafly_fullstory.pipeline import group_chunks
 from include.datafly_fullstory.run import RunPlan, plan_run, resolve_uri
+from include.datafly_fullstory.errors import InputError
 from include.datafly_fullstory.stats import RunStats
 
 H = datetime(2026, 11, 26, 7, tzinfo=UTC)
@@ -116,3 +117,68 @@ def test_each_threshold_sees_rows_that_did_not_reach_fullstory_and_is_named():
         "max_unknown_rows" in p
         for p in stats.threshold_problems({"max_rejected_ratio": 1, "max_unknown_rows": 1})
     )
+
+
+# ---- the blueprint is chosen per run ---------------------------------------------------------------------
+
+
+def test_the_run_uses_the_blueprint_its_param_or_variable_names(tmp_path):
+    """A param (or the Variable, passed as `blueprint`) chooses the blueprint file; the plan checks it, the
+    mapping stage maps with it. Here a copy of retail whose page views are named `page_seen`."""
+    from include.datafly_fullstory.blueprint import BLUEPRINT_DIR
+    from include.datafly_fullstory.chunks import read_manifest
+    from include.datafly_fullstory.pipeline import extract_stage, map_stage
+    from include.datafly_fullstory.sample import generate_landing
+
+    retail = (BLUEPRINT_DIR / "retail.yaml").read_text()
+    custom = retail.replace("variant: retail", "variant: screens").replace(
+        "  page_view:\n    match: {type: page}", "  page_seen:\n    match: {type: page}"
+    )
+    assert custom.count("page_seen") == 1
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "screens.yaml").write_text(custom)
+    generate_landing(tmp_path / "landing", 600, H, hours=1, files_per_hour=1)
+
+    def plan(**params):
+        return plan_run(
+            params={"dry_run": True, **params},
+            run_id="r",
+            landing_uri=str(tmp_path / "landing"),
+            state_uri=str(tmp_path / "state"),
+            airflow_home=str(tmp_path / "home"),
+            data_interval_start=H,
+            data_interval_end=H + timedelta(hours=1),
+        )
+
+    assert plan().blueprint == "retail"
+    chosen = plan(blueprint="screens.yaml")  # relative: under AIRFLOW_HOME
+    assert chosen.blueprint == str(tmp_path / "home" / "screens.yaml")
+    assert RunPlan.from_xcom(chosen.to_xcom()).blueprint == chosen.blueprint
+    assert (
+        plan_run(
+            params={"dry_run": True},
+            run_id="r",
+            landing_uri="l",
+            state_uri="s",
+            airflow_home=str(tmp_path / "home"),
+            data_interval_start=H,
+            data_interval_end=H + timedelta(hours=1),
+            blueprint="screens.yaml",
+        ).blueprint
+        == chosen.blueprint
+    )  # the Variable, when no param
+    with pytest.raises(InputError, match="nothere.yaml not found"):
+        plan(blueprint="nothere.yaml")
+    with pytest.raises(InputError, match="blueprint file .*fashion.yaml not found"):
+        plan(blueprint="fashion")
+
+    map_stage(chosen, extract_stage(chosen))
+    manifest = read_manifest(chosen.store)
+    assert manifest["blueprint"]["variant"] == "screens"
+    names = {
+        json.loads(line)["name"]
+        for c in manifest["chunks"]
+        if c["kind"] == "events"
+        for line in chosen.store.read_bytes("payloads", f"{c['name']}.jsonl").splitlines()
+    }
+    assert "page_seen" in names and "page_view" not in names
