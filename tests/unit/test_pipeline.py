@@ -3,9 +3,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from include.datafly_fullstory.errors import InputError
 from include.datafly_fullstory.pipeline import group_chunks
 from include.datafly_fullstory.run import RunPlan, plan_run, resolve_uri
-from include.datafly_fullstory.errors import InputError
 from include.datafly_fullstory.stats import RunStats
 
 H = datetime(2026, 11, 26, 7, tzinfo=UTC)
