@@ -61,7 +61,8 @@ def extract_stage(plan: RunPlan, ledger_url: str | None = None) -> dict[str, Any
     lookback = None
     lease = claims.ClaimOptions().lease_s
     if scan_start < window.start:
-        lookback = _lookback(ledger, destination, Window(scan_start, window.start), lease)
+        late = _late_stitch(plan, ledger, Window(scan_start, window.start))
+        lookback = _lookback(ledger, destination, Window(scan_start, window.start), lease, late)
     extracted = run_extract(plan.landing_uri, window, store, lookback=lookback)
     options = claims.ClaimOptions(
         force=plan.force,
@@ -90,10 +91,20 @@ def extract_stage(plan: RunPlan, ledger_url: str | None = None) -> dict[str, Any
     return {**extracted, "claims": report.as_dict()}
 
 
-def _lookback(ledger, destination: str, window: Window, lease: float):
+def _late_stitch(plan: RunPlan, ledger, lookback: Window):
+    from include.datafly_fullstory.blueprint import load_blueprint
+    from include.datafly_fullstory.mapping import MappingSettings
+    from include.datafly_fullstory.stitching import LateStitch
+
+    settings = MappingSettings.from_dict(plan.mapping)
+    return LateStitch(plan.store, ledger, plan.destination, lookback, load_blueprint(), settings)
+
+
+def _lookback(ledger, destination: str, window: Window, lease: float, late=None):
     """The look-back: files unchanged since a run read them over this range are not read again (unless a
-    dead run left claims there to take over); of the rows read, only those the ledger has no record of
-    (or a stale claim on) are the run's."""
+    dead run left claims there to take over, or hold rows skipped for want of identity whose anonymous id
+    is now identified: stitching.LateStitch); of the rows read, only those the ledger has no record of
+    (or a stale claim on, or that late stitching names) are the run's."""
     from include.datafly_fullstory import ledger as lg
     from include.datafly_fullstory.extract import LookBack
     from include.datafly_fullstory.landing import DEFAULT_PARTITION_SLACK
@@ -114,10 +125,12 @@ def _lookback(ledger, destination: str, window: Window, lease: float):
         if stale:
             return files
         seen = ledger.scans(destination, [f.uri for f in files])
+        rereads = late.files if late else set()
         return [
             f
             for f in files
-            if not (
+            if f.uri in rereads
+            or not (
                 (s := seen.get(f.uri)) is not None
                 and s.size == f.size
                 and f.mtime
@@ -131,14 +144,16 @@ def _lookback(ledger, destination: str, window: Window, lease: float):
         ids = frame["event_id"].dropna().astype(str).tolist()
         if not ids:
             return frame
+        readmit = late.event_ids if late else set()
         if not stale:
-            known = ledger.known(destination, ids)
+            known = ledger.known(destination, ids) - readmit
             return frame[~frame["event_id"].isin(known)]
         found = ledger.lookup(destination, ids)
         drop = {
             e
             for e, item in found.items()
-            if not (
+            if e not in readmit
+            and not (
                 item.state == lg.CLAIMED
                 and item.claimed_at < cutoff
                 and item.chunk_status in (None, lg.C_CLAIMED, lg.C_ABANDONED)
@@ -146,7 +161,7 @@ def _lookback(ledger, destination: str, window: Window, lease: float):
         }
         return frame[~frame["event_id"].isin(drop)]
 
-    return LookBack(window, select_files, new_rows)
+    return LookBack(window, select_files, new_rows, late.before if late else None)
 
 
 def _beyond_lookback(ledger, plan: RunPlan, scan_start: datetime) -> dict[str, Any]:
@@ -168,7 +183,7 @@ def _beyond_lookback(ledger, plan: RunPlan, scan_start: datetime) -> dict[str, A
 def map_stage(plan: RunPlan, extracted: Mapping[str, Any], ledger_url: str | None = None) -> dict[str, Any]:
     """Map the claimed rows into payload chunks (see mapping.run_mapping), hand each chunk its items in the
     ledger, record the rows mapping will not send, and list the chunks of earlier runs this run resumes."""
-    from include.datafly_fullstory import claims
+    from include.datafly_fullstory import claims, stitching
     from include.datafly_fullstory.blueprint import load_blueprint
     from include.datafly_fullstory.mapping import MappingSettings, run_mapping
 
@@ -178,11 +193,15 @@ def map_stage(plan: RunPlan, extracted: Mapping[str, Any], ledger_url: str | Non
     ledger = _ledger(plan, ledger_url)
     dead_letters.clear(store)
     outcomes.remove_delivery_outcomes(store)  # delivery rewrites them from the ledger
-    if ledger is None:
-        return run_mapping(store, load_blueprint(), settings, reference_time=window.end, window=window)
+    late_from = int(extracted["rows_read"]) - int(extracted.get("late", {}).get("rows", 0))
+    if ledger is None:  # a dry run: the window's own rows stitch (run_mapping's default map)
+        return run_mapping(
+            store, load_blueprint(), settings, reference_time=window.end, window=window, late_from=late_from
+        )
     destination = plan.destination
     sent = ledger.abandon_unsent_chunks(destination, plan.run_id)
     first = 1 + max((int(c.name.rsplit("-", 1)[1]) for c in sent), default=-1)
+    identities = stitching.identity_map(store, ledger, destination, load_blueprint(), settings)
     summary = run_mapping(
         store,
         load_blueprint(),
@@ -191,8 +210,11 @@ def map_stage(plan: RunPlan, extracted: Mapping[str, Any], ledger_url: str | Non
         window=window,
         keep=[c.name for c in sent],
         first_number=first,
+        identities=identities,
+        late_from=late_from,
     )
     registered = claims.register_chunks(store, ledger, destination, summary["chunks"])
+    stitching.record_waits(store, ledger, destination)  # before the skips are settled: never lost
     _settle_mapping_outcomes(store, ledger, destination)
     chunks = registered + chunk_files.resume_entries(store)
     chunk_files.write_manifest(
@@ -270,6 +292,7 @@ def summarise_run(
     run_stats.artifacts = store.uri()
     run_stats.previously = dict(extracted.get("claims", {}))
     run_stats.late = {**extracted.get("late", {}), "lookback_hours": plan.lookback_hours}
+    run_stats.identity = {**run_stats.identity, **mapped.get("identity", {})}
     run_stats.dead_letters = dead_letters.merge(store)
     run_stats.problems = ([pending_reason] if pending_reason else []) + run_stats.threshold_problems(
         plan.thresholds

@@ -33,8 +33,8 @@ Where what is (imports go one way: schema <- engine <- the *_ops modules <- this
   (`ChunkRow`, `ItemRow`) and written (`NewItem`, `ClaimColumns`).
 - `engine.py`: `engine_for` / `dispose_engines` (SQLite and Postgres specifics) and `LedgerBase`: the
   transactions and the temporary batch table `dffs_batch` the set-based statements join.
-- `item_ops.py` (claims and items), `chunk_ops.py` (chunks), `run_ops.py` (runs and scans): the
-  operations, combined into `Ledger` here.
+- `item_ops.py` (claims and items), `chunk_ops.py` (chunks), `run_ops.py` (runs and scans),
+  `identity_ops.py` (the identity map and rows waiting for it): the operations, combined into `Ledger` here.
 - here: `wall_clock`, the ledger's only clock. Tests move it with `monkeypatch.setattr(ledger,
   "wall_clock", ...)`; every operation reads it through `Ledger._now`, at each call.
 """
@@ -45,6 +45,7 @@ import time
 
 from include.datafly_fullstory.ledger.chunk_ops import ChunkOps
 from include.datafly_fullstory.ledger.engine import dispose_engines
+from include.datafly_fullstory.ledger.identity_ops import IdentityOps, IdentityPair, IdentityRow, Wait
 from include.datafly_fullstory.ledger.item_ops import ItemOps
 from include.datafly_fullstory.ledger.run_ops import RunOps
 from include.datafly_fullstory.ledger.schema import (
@@ -102,6 +103,9 @@ __all__ = [
     "UNKNOWN",
     "UNSENT_STATES",
     "ChunkRow",
+    "IdentityPair",
+    "IdentityRow",
+    "Wait",
     "ClaimColumns",
     "ClaimLost",
     "ItemRow",
@@ -120,7 +124,7 @@ def wall_clock() -> float:
     return time.time()
 
 
-class Ledger(ItemOps, ChunkOps, RunOps):
+class Ledger(ItemOps, ChunkOps, RunOps, IdentityOps):
     """The delivery ledger of one database (see the package docstring)."""
 
     def _now(self) -> float:

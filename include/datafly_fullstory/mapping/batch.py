@@ -75,8 +75,10 @@ class BatchMapper:
         reference_time: datetime,
         *,
         largest_line: int | None = None,
+        stitcher=None,
     ):
         self.bp, self.settings, self.reference_time = blueprint, settings, reference_time
+        self.stitcher = stitcher  # identity stitching (identity.py), or None
         self.cleaner = PropertyCleaner(blueprint)
         self.events = EventBuilder(blueprint, self.cleaner, largest_line or settings.max_bytes)
         self._track = blueprint.track_names()
@@ -98,7 +100,9 @@ class BatchMapper:
         ctx = _parse_json_column(_column(df, "context"), verdict, "context", pending=verdict.open())
         gate_consent(self.bp, self.settings, verdict, ctx)
         is_event = _isin(dtype, EVENT_TYPES)
-        ident = identity(self.bp, self.settings, self.reference_time, df, ctx, verdict, is_event)
+        ident = identity(
+            self.bp, self.settings, self.reference_time, df, ctx, verdict, is_event, self.stitcher
+        )
         lines, line_rows = self._build_events(df, ctx, verdict, is_event, mapping_idx, fs_names, ident)
         identify = self._collect_identify(df, verdict, dtype)
         rows = df["_row"].to_numpy(dtype=np.int64)

@@ -15,6 +15,7 @@ from include.datafly_fullstory import outcomes, validated
 from include.datafly_fullstory.blueprint import Blueprint, load_blueprint
 from include.datafly_fullstory.chunks import ChunkWriter, clear_payloads, idempotency_key, write_manifest
 from include.datafly_fullstory.mapping.batch import IDENTIFY_COLUMNS, BatchMapper
+from include.datafly_fullstory.mapping.identity import IdentityMap, Stitcher, window_pairs
 from include.datafly_fullstory.mapping.settings import MappingSettings
 from include.datafly_fullstory.state import RunStore
 from include.datafly_fullstory.window import Window
@@ -29,6 +30,8 @@ def run_mapping(
     window: Window | None = None,
     keep: Iterable[str] = (),
     first_number: int = 0,
+    identities: IdentityMap | None = None,
+    late_from: int | None = None,
 ) -> dict:
     """Map `validated/part-*.parquet` into `payloads/` chunks, `outcomes/mapping.parquet` and, last,
     `payloads/manifest.json`. Returns the manifest's summary.
@@ -37,7 +40,10 @@ def run_mapping(
     fixed when the run was planned): the same rows map to the same bytes whenever they are mapped.
     Re-running replaces `payloads/`, except the chunks named in `keep` (chunks an earlier try sent, whose
     bytes the ledger points at); new chunks are numbered from `first_number`. With the run's `window`, each
-    chunk entry carries its `idempotency_key` (see payloads.idempotency_key)."""
+    chunk entry carries its `idempotency_key` (see payloads.idempotency_key). `identities`: the identity map
+    events without a user_id or session id are stitched with (identity.py; rows from `late_from` on are the
+    look-back's; None: the map the rows' own pairs give); the mapping is a pure function of the rows and that
+    map too."""
     bp = blueprint if isinstance(blueprint, Blueprint) else load_blueprint(blueprint or "retail")
     settings = MappingSettings.from_dict(settings)
     reference_time = _as_utc(reference_time)
@@ -45,7 +51,10 @@ def run_mapping(
     events = ChunkWriter(
         store, "events", max_items=settings.max_items, max_bytes=settings.max_bytes, first_number=first_number
     )
-    mapper = BatchMapper(bp, settings, reference_time, largest_line=events.largest_line())
+    if identities is None:
+        identities = IdentityMap.of_pairs(window_pairs(store, bp, settings))
+    stitcher = Stitcher(identities, late_from)
+    mapper = BatchMapper(bp, settings, reference_time, largest_line=events.largest_line(), stitcher=stitcher)
     outcome_tables, identify_parts, rows_read = [], [], 0
     for frame in validated.iter_frames(store, settings.batch_rows):
         rows_read += len(frame)
@@ -74,6 +83,7 @@ def run_mapping(
         "events_mapped": sum(c["items"] for c in events.chunks),
         "users_mapped": len(user_lines),
         "rows": {"read": rows_read, **_count_outcomes(mapping_outcomes)},
+        "identity": stitcher.finish(store, mapping_outcomes),
     }
     write_manifest(
         store,
