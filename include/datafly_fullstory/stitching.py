@@ -33,7 +33,9 @@ def _as_pairs(folded: pd.DataFrame) -> list[lg.IdentityPair]:
         return None if v is None or v != v else float(v)
 
     return [
-        lg.IdentityPair(a, u, o, num(t1), num(t2), e)
+        lg.IdentityPair(
+            a, u, o if isinstance(o, str) else None, num(t1), num(t2), e if isinstance(e, str) else None
+        )
         for a, u, o, t1, t2, e in zip(
             *(
                 folded[c].tolist()

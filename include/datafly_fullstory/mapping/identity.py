@@ -102,7 +102,8 @@ def window_pairs(store: RunStore, bp: Blueprint, settings: MappingSettings, part
 
 def fold_pairs(pairs: pd.DataFrame) -> pd.DataFrame:
     """One row per anonymous id: the user of its earliest pair (by time, then event id), another user it
-    was seen with (None if none), the first and last time seen, the teaching event. Deterministic."""
+    was seen with (missing if none: None or NaN), the first and last time seen, the teaching event.
+    Deterministic: the same pairs in any order fold the same."""
     if not len(pairs):
         return pd.DataFrame(columns=["anonymous_id", "user_id", "other_user_id", "t1", "t2", "event_id"])
     ordered = pairs.sort_values(["anonymous_id", "ts", "event_id"], kind="stable", na_position="last")
@@ -141,8 +142,8 @@ class IdentityMap:
             folded["event_id"],
             strict=True,
         ):
-            if other is None:
-                out.users[anon] = (user, event_id)
+            if not isinstance(other, str):  # None (pandas may hold it as NaN)
+                out.users[anon] = (user, event_id if isinstance(event_id, str) else None)
             else:
                 out.conflicts[anon] = (user, other)
         return out
