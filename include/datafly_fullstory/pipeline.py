@@ -58,7 +58,7 @@ def extract_stage(plan: RunPlan, ledger_url: str | None = None) -> dict[str, Any
         return {**run_extract(plan.landing_uri, window, store), "claims": {}}
     destination, span, scan_start = plan.destination, plan.span, plan.scan_start
     ledger.start_run(destination, plan.run_id, window=span, scan_start=scan_start.isoformat())
-    lookback = None
+    lookback = late = None
     lease = claims.ClaimOptions().lease_s
     if scan_start < window.start:
         late = _late_stitch(plan, ledger, Window(scan_start, window.start))
@@ -88,6 +88,7 @@ def extract_stage(plan: RunPlan, ledger_url: str | None = None) -> dict[str, Any
             (scan_start.timestamp(), window.start.timestamp()),
         )
         extracted["late"]["beyond_lookback"] = _beyond_lookback(ledger, plan, scan_start)
+        extracted["late"]["rows_identified"] = late.admitted
     return {**extracted, "claims": report.as_dict()}
 
 
@@ -145,6 +146,8 @@ def _lookback(ledger, destination: str, window: Window, lease: float, late=None)
         if not ids:
             return frame
         readmit = late.event_ids if late else set()
+        if readmit:
+            late.admitted += int(frame["event_id"].isin(readmit).sum())
         if not stale:
             known = ledger.known(destination, ids) - readmit
             return frame[~frame["event_id"].isin(known)]

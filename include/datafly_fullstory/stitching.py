@@ -116,6 +116,7 @@ class LateStitch:
         self.bp, self.settings = bp, settings
         self.files: set[str] = set()
         self.event_ids: set[str] = set()
+        self.admitted = 0  # waiting rows the look-back read again (`late.rows_identified`)
 
     def before(self) -> None:
         learn(self.store, self.ledger, self.destination, self.bp, self.settings)

@@ -128,6 +128,7 @@ def late_stitching(driver, emulator, monkeypatch, kill: str | None) -> None:
     if kill:  # the killed events chunk was sent again under its key, or its job resumed: not re-imported
         assert stats2["delivery"]["reposted"] + stats2["delivery"]["resumed"] == 1
     assert stats2["identity"]["stitched_late"] == len(ANONYMOUS)
+    assert stats2["late"]["rows_identified"] == len(ANONYMOUS)  # read again from hour 10's unchanged file
     assert stats2["late"]["rows"] >= len(ANONYMOUS) and stats2["late"]["files_read"] >= 1
     outcomes2 = outcomes_of(driver, second)
     for e in ANONYMOUS:
