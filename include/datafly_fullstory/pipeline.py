@@ -122,26 +122,31 @@ def _lookback(ledger, destination: str, window: Window, lease: float, late=None)
         slack = DEFAULT_PARTITION_SLACK.total_seconds()
         return max(lo, f.partition[0].timestamp() - slack), min(hi, f.partition[1].timestamp() + slack)
 
+    only_waiting: set[str] = set()  # unchanged files read again only for their rows waiting for identity
+
     def select_files(files):
         if stale:
             return files
         seen = ledger.scans(destination, [f.uri for f in files])
         rereads = late.files if late else set()
-        return [
-            f
-            for f in files
-            if f.uri in rereads
-            or not (
+
+        def unchanged(f) -> bool:
+            return (
                 (s := seen.get(f.uri)) is not None
                 and s.size == f.size
-                and f.mtime
+                and bool(f.mtime)
                 and s.mtime == f.mtime
                 and s.covered_start <= needed(f)[0]
                 and s.covered_end >= needed(f)[1]
             )
-        ]
+
+        kept = [f for f in files if f.uri in rereads or not unchanged(f)]
+        only_waiting.update(f.uri for f in kept if f.uri in rereads and unchanged(f))
+        return kept
 
     def new_rows(frame):
+        if only_waiting:  # of those files, only the waiting rows (not, say, rows without an event id)
+            frame = frame[~frame["_file"].isin(only_waiting) | frame["event_id"].isin(late.event_ids)]
         ids = frame["event_id"].dropna().astype(str).tolist()
         if not ids:
             return frame
