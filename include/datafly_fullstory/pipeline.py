@@ -48,7 +48,7 @@ def _ledger(plan: RunPlan, ledger_url: str | None):
 def extract_stage(plan: RunPlan, ledger_url: str | None = None) -> dict[str, Any]:
     """Read and validate the window's landing (and the look-back's late rows) into the run folder, then
     claim the rows in the delivery ledger (see claims.py). A dry run claims nothing."""
-    from include.datafly_fullstory import claims
+    from include.datafly_fullstory import claims, stitching
     from include.datafly_fullstory.extract import run_extract
 
     plan = RunPlan.from_xcom(plan)
@@ -64,6 +64,8 @@ def extract_stage(plan: RunPlan, ledger_url: str | None = None) -> dict[str, Any
         late = _late_stitch(plan, ledger, Window(scan_start, window.start))
         lookback = _lookback(ledger, destination, Window(scan_start, window.start), lease, late)
     extracted = run_extract(plan.landing_uri, window, store, lookback=lookback)
+    if late is None:  # identity pairs are learned as early as possible (with a look-back: before it reads)
+        stitching.learn(store, ledger, destination, *_identity_inputs(plan))
     options = claims.ClaimOptions(
         force=plan.force,
         replay_dead_letters=plan.replay_dead_letters,
@@ -92,13 +94,18 @@ def extract_stage(plan: RunPlan, ledger_url: str | None = None) -> dict[str, Any
     return {**extracted, "claims": report.as_dict()}
 
 
-def _late_stitch(plan: RunPlan, ledger, lookback: Window):
+def _identity_inputs(plan: RunPlan):
+    """The blueprint and mapping settings identity learning reads rows with (consent decides)."""
     from include.datafly_fullstory.blueprint import load_blueprint
     from include.datafly_fullstory.mapping import MappingSettings
+
+    return load_blueprint(), MappingSettings.from_dict(plan.mapping)
+
+
+def _late_stitch(plan: RunPlan, ledger, lookback: Window):
     from include.datafly_fullstory.stitching import LateStitch
 
-    settings = MappingSettings.from_dict(plan.mapping)
-    return LateStitch(plan.store, ledger, plan.destination, lookback, load_blueprint(), settings)
+    return LateStitch(plan.store, ledger, plan.destination, lookback, *_identity_inputs(plan))
 
 
 def _lookback(ledger, destination: str, window: Window, lease: float, late=None):
