@@ -115,11 +115,13 @@ def quarantine_outcomes(quarantined: pd.DataFrame) -> pd.DataFrame:
 class LookBack:
     """The look-back of a scheduled run: rows of `window` (the hours before the run's own) that landed
     after their own run read them. `select_files` drops files read before and unchanged since;
-    `new_rows` keeps the rows of a frame the delivery ledger has no record of."""
+    `new_rows` keeps the rows of a frame the delivery ledger has no record of. `before`, when given, runs
+    once the window's rows are validated, before the look-back reads (identity learning, stitching.py)."""
 
     window: Window
     select_files: Callable[[list[LandingFile]], list[LandingFile]]
     new_rows: Callable[[pd.DataFrame], pd.DataFrame]
+    before: Callable[[], None] | None = None
 
 
 def run_extract(
@@ -174,6 +176,8 @@ def run_extract(
         )
         if lookback is not None:
             began = time.monotonic()
+            if lookback.before is not None:
+                lookback.before()
 
             def select(candidates: list[LandingFile]) -> list[LandingFile]:
                 chosen = lookback.select_files(candidates)

@@ -49,7 +49,7 @@ def _ledger(plan: RunPlan, ledger_url: str | None):
 def extract_stage(plan: RunPlan, ledger_url: str | None = None) -> dict[str, Any]:
     """Read and validate the window's landing (and the look-back's late rows) into the run folder, then
     claim the rows in the delivery ledger (see claims.py). A dry run claims nothing."""
-    from include.datafly_fullstory import claims
+    from include.datafly_fullstory import claims, stitching
     from include.datafly_fullstory.extract import run_extract
 
     plan = RunPlan.from_xcom(plan)
@@ -59,11 +59,14 @@ def extract_stage(plan: RunPlan, ledger_url: str | None = None) -> dict[str, Any
         return {**run_extract(plan.landing_uri, window, store), "claims": {}}
     destination, span, scan_start = plan.destination, plan.span, plan.scan_start
     ledger.start_run(destination, plan.run_id, window=span, scan_start=scan_start.isoformat())
-    lookback = None
+    lookback = late = None
     lease = claims.ClaimOptions().lease_s
     if scan_start < window.start:
-        lookback = _lookback(ledger, destination, Window(scan_start, window.start), lease)
+        late = _late_stitch(plan, ledger, Window(scan_start, window.start))
+        lookback = _lookback(ledger, destination, Window(scan_start, window.start), lease, late)
     extracted = run_extract(plan.landing_uri, window, store, lookback=lookback)
+    if late is None:  # identity pairs are learned as early as possible (with a look-back: before it reads)
+        stitching.learn(store, ledger, destination, *_identity_inputs(plan))
     options = claims.ClaimOptions(
         force=plan.force,
         replay_dead_letters=plan.replay_dead_letters,
@@ -88,13 +91,29 @@ def extract_stage(plan: RunPlan, ledger_url: str | None = None) -> dict[str, Any
             (scan_start.timestamp(), window.start.timestamp()),
         )
         extracted["late"]["beyond_lookback"] = _beyond_lookback(ledger, plan, scan_start)
+        extracted["late"]["rows_identified"] = late.admitted
     return {**extracted, "claims": report.as_dict()}
 
 
-def _lookback(ledger, destination: str, window: Window, lease: float):
+def _identity_inputs(plan: RunPlan):
+    """The blueprint and mapping settings identity learning reads rows with (consent decides)."""
+    from include.datafly_fullstory.blueprint import load_blueprint
+    from include.datafly_fullstory.mapping import MappingSettings
+
+    return load_blueprint(plan.blueprint), MappingSettings.from_dict(plan.mapping)
+
+
+def _late_stitch(plan: RunPlan, ledger, lookback: Window):
+    from include.datafly_fullstory.stitching import LateStitch
+
+    return LateStitch(plan.store, ledger, plan.destination, lookback, *_identity_inputs(plan))
+
+
+def _lookback(ledger, destination: str, window: Window, lease: float, late=None):
     """The look-back: files unchanged since a run read them over this range are not read again (unless a
-    dead run left claims there to take over); of the rows read, only those the ledger has no record of
-    (or a stale claim on) are the run's."""
+    dead run left claims there to take over, or hold rows skipped for want of identity whose anonymous id
+    is now identified: stitching.LateStitch); of the rows read, only those the ledger has no record of
+    (or a stale claim on, or that late stitching names) are the run's."""
     from include.datafly_fullstory import ledger as lg
     from include.datafly_fullstory.extract import LookBack
     from include.datafly_fullstory.landing import DEFAULT_PARTITION_SLACK
@@ -111,35 +130,46 @@ def _lookback(ledger, destination: str, window: Window, lease: float):
         slack = DEFAULT_PARTITION_SLACK.total_seconds()
         return max(lo, f.partition[0].timestamp() - slack), min(hi, f.partition[1].timestamp() + slack)
 
+    only_waiting: set[str] = set()  # unchanged files read again only for their rows waiting for identity
+
     def select_files(files):
         if stale:
             return files
         seen = ledger.scans(destination, [f.uri for f in files])
-        return [
-            f
-            for f in files
-            if not (
+        rereads = late.files if late else set()
+
+        def unchanged(f) -> bool:
+            return (
                 (s := seen.get(f.uri)) is not None
                 and s.size == f.size
-                and f.mtime
+                and bool(f.mtime)
                 and s.mtime == f.mtime
                 and s.covered_start <= needed(f)[0]
                 and s.covered_end >= needed(f)[1]
             )
-        ]
+
+        kept = [f for f in files if f.uri in rereads or not unchanged(f)]
+        only_waiting.update(f.uri for f in kept if f.uri in rereads and unchanged(f))
+        return kept
 
     def new_rows(frame):
+        if only_waiting:  # of those files, only the waiting rows (not, say, rows without an event id)
+            frame = frame[~frame["_file"].isin(only_waiting) | frame["event_id"].isin(late.event_ids)]
         ids = frame["event_id"].dropna().astype(str).tolist()
         if not ids:
             return frame
+        readmit = late.event_ids if late else set()
+        if readmit:
+            late.admitted += int(frame["event_id"].isin(readmit).sum())
         if not stale:
-            known = ledger.known(destination, ids)
+            known = ledger.known(destination, ids) - readmit
             return frame[~frame["event_id"].isin(known)]
         found = ledger.lookup(destination, ids)
         drop = {
             e
             for e, item in found.items()
-            if not (
+            if e not in readmit
+            and not (
                 item.state == lg.CLAIMED
                 and item.claimed_at < cutoff
                 and item.chunk_status in (None, lg.C_CLAIMED, lg.C_ABANDONED)
@@ -147,7 +177,7 @@ def _lookback(ledger, destination: str, window: Window, lease: float):
         }
         return frame[~frame["event_id"].isin(drop)]
 
-    return LookBack(window, select_files, new_rows)
+    return LookBack(window, select_files, new_rows, late.before if late else None)
 
 
 def _beyond_lookback(ledger, plan: RunPlan, scan_start: datetime) -> dict[str, Any]:
@@ -169,7 +199,7 @@ def _beyond_lookback(ledger, plan: RunPlan, scan_start: datetime) -> dict[str, A
 def map_stage(plan: RunPlan, extracted: Mapping[str, Any], ledger_url: str | None = None) -> dict[str, Any]:
     """Map the claimed rows into payload chunks (see mapping.run_mapping), hand each chunk its items in the
     ledger, record the rows mapping will not send, and list the chunks of earlier runs this run resumes."""
-    from include.datafly_fullstory import claims
+    from include.datafly_fullstory import claims, stitching
     from include.datafly_fullstory.blueprint import load_blueprint
     from include.datafly_fullstory.mapping import MappingSettings, run_mapping, trait_diff
     from include.datafly_fullstory.mapping.consent import ledger_history
@@ -181,15 +211,20 @@ def map_stage(plan: RunPlan, extracted: Mapping[str, Any], ledger_url: str | Non
     ledger = _ledger(plan, ledger_url)
     dead_letters.clear(store)
     outcomes.remove_delivery_outcomes(store)  # delivery rewrites them from the ledger
-    if ledger is None:
-        return run_mapping(store, load_blueprint(plan.blueprint), settings, reference_time=window.end, window=window)
+    late_from = int(extracted["rows_read"]) - int(extracted.get("late", {}).get("rows", 0))
+    blueprint = load_blueprint(plan.blueprint)
+    if ledger is None:  # a dry run: the window's own rows stitch (run_mapping's default map)
+        return run_mapping(
+            store, blueprint, settings, reference_time=window.end, window=window, late_from=late_from
+        )
     destination = plan.destination
     sent = ledger.abandon_unsent_chunks(destination, plan.run_id)
     first = 1 + max((int(c.name.rsplit("-", 1)[1]) for c in sent), default=-1)
     suppression = Suppression(*ledger.suppressed_people(destination))  # deletion requests
+    identities = stitching.identity_map(store, ledger, destination, blueprint, settings)
     summary = run_mapping(
         store,
-        load_blueprint(plan.blueprint),
+        blueprint,
         settings,
         reference_time=window.end,
         window=window,
@@ -198,8 +233,11 @@ def map_stage(plan: RunPlan, extracted: Mapping[str, Any], ledger_url: str | Non
         consent_history=ledger_history(ledger, destination, plan.run_id),
         unchanged_users=lambda uids, hashes: ledger.unchanged_traits(destination, uids, hashes),
         suppression=suppression,
+        identities=identities,
+        late_from=late_from,
     )
     registered = claims.register_chunks(store, ledger, destination, summary["chunks"])
+    stitching.record_waits(store, ledger, destination)  # before the skips are settled: never lost
     trait_diff.register(ledger, destination, plan.run_id, registered)
     _settle_mapping_outcomes(store, ledger, destination)
     chunks = registered + chunk_files.resume_entries(store)
@@ -281,6 +319,7 @@ def summarise_run(
     run_stats.artifacts = store.uri()
     run_stats.previously = dict(extracted.get("claims", {}))
     run_stats.late = {**extracted.get("late", {}), "lookback_hours": plan.lookback_hours}
+    run_stats.identity = {**run_stats.identity, **mapped.get("identity", {})}
     run_stats.dead_letters = dead_letters.merge(store)
     run_stats.problems = ([pending_reason] if pending_reason else []) + run_stats.threshold_problems(
         plan.thresholds

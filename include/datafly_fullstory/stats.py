@@ -25,6 +25,9 @@ THRESHOLDS: dict[str, tuple[str, float, str]] = {
     "max_filtered_ratio": ("filtered", 1.0, "filtered (consent, event_types)"),
     "max_unknown_rows": ("unknown", 0, "of unknown fate (sent, answer lost)"),
 }
+# Identity stitching (mapping/identity.py, stitching.py): events stitched to a user by their anonymous id
+# (in this window / look-back rows), anonymous ids seen with two users, rows skipped for want of identity.
+IDENTITY_FIGURES = ("stitched", "stitched_late", "conflicts", "conflicted_rows", "anonymous_unidentified")
 # What one delivery task reports about its chunks (DeliveryReport), in the order the summary names them.
 DELIVERY_FIGURES = (
     "chunks",
@@ -64,6 +67,7 @@ class RunStats:
     artifacts: str | None = None
     previously: dict[str, int] = field(default_factory=dict)
     late: dict[str, Any] = field(default_factory=dict)
+    identity: dict[str, int] = field(default_factory=lambda: dict.fromkeys(IDENTITY_FIGURES, 0))
     dead_letters: int = 0
     deletions: dict[str, Any] = field(default_factory=dict)  # the deletions task's figures (deletions.py)
     problems: list[str] = field(default_factory=list)

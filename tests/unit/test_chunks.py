@@ -209,5 +209,12 @@ def test_an_empty_window_writes_an_empty_manifest(tmp_path):
         "users_unchanged": 0,
         "type_problems": {"values": 0, "events": 0, "users": 0, "fields": {}},
         "rows": {"read": 0, "filtered": 0, "skipped": 0, "rejected": 0},
+        "identity": {
+            "stitched": 0,
+            "stitched_late": 0,
+            "conflicts": 0,
+            "conflicted_rows": 0,
+            "anonymous_unidentified": 0,
+        },
     }
     assert store.read_table("outcomes", "mapping.parquet").num_rows == 0

@@ -9,6 +9,7 @@ from include.datafly_fullstory import dead_letters, outcomes
 from include.datafly_fullstory import ledger as lg
 from include.datafly_fullstory.chunks import Chunk, read_lines, read_run_index
 from include.datafly_fullstory.delivery.jobs import ITEM_KIND, ItemError
+from include.datafly_fullstory.mapping import identity
 from include.datafly_fullstory.state import RunStore
 
 
@@ -33,6 +34,7 @@ def write_chunk_outcomes(
         out, why = outcome_of(states.get(event_id), chunk, row, store.run_id)
         outcome.append(out)
         reason.append(why)
+    reason = identity.annotate(store, index["row"].tolist(), outcome, reason)  # "stitched: ..." notes
     write_outcomes(store, chunk, index, outcome, reason)
     if lines is None and any(o == "rejected" for o in outcome):
         lines = read_lines(chunk, row.sha256)

@@ -36,8 +36,9 @@ Where what is (imports go one way: schema <- engine <- the *_ops modules <- this
   (`ChunkRow`, `ItemRow`) and written (`NewItem`, `ClaimColumns`).
 - `engine.py`: `engine_for` / `dispose_engines` (SQLite and Postgres specifics) and `LedgerBase`: the
   transactions and the temporary batch table `dffs_batch` the set-based statements join.
-- `item_ops.py` (claims and items), `chunk_ops.py` (chunks), `run_ops.py` (runs and scans): the
-  operations, combined into `Ledger` here; `trait_ops.py` (`dffs_traits`, the last user update delivered).
+- `item_ops.py` (claims and items), `chunk_ops.py` (chunks), `run_ops.py` (runs and scans),
+  `identity_ops.py` (the identity map and rows waiting for it): the operations, combined into `Ledger` here;
+  `trait_ops.py` (`dffs_traits`, the last user update delivered).
 - here: `wall_clock`, the ledger's only clock. Tests move it with `monkeypatch.setattr(ledger,
   "wall_clock", ...)`; every operation reads it through `Ledger._now`, at each call.
 """
@@ -59,6 +60,7 @@ from include.datafly_fullstory.ledger.deletion_ops import (
     deletions,
 )
 from include.datafly_fullstory.ledger.engine import dispose_engines
+from include.datafly_fullstory.ledger.identity_ops import IdentityOps, IdentityPair, IdentityRow, Wait
 from include.datafly_fullstory.ledger.item_ops import ItemOps
 from include.datafly_fullstory.ledger.run_ops import RunOps
 from include.datafly_fullstory.ledger.schema import (
@@ -117,6 +119,9 @@ __all__ = [
     "UNKNOWN",
     "UNSENT_STATES",
     "ChunkRow",
+    "IdentityPair",
+    "IdentityRow",
+    "Wait",
     "ClaimColumns",
     "ClaimLost",
     "ConsentOps",
@@ -145,7 +150,7 @@ def wall_clock() -> float:
     return time.time()
 
 
-class Ledger(ItemOps, ChunkOps, RunOps, ConsentOps, TraitOps, DeletionOps):
+class Ledger(ItemOps, ChunkOps, RunOps, ConsentOps, TraitOps, DeletionOps, IdentityOps):
     """The delivery ledger of one database (see the package docstring)."""
 
     def _now(self) -> float:

@@ -8,6 +8,8 @@ Modules, each importing only those listed before it:
 - `verdicts.py`: each row's outcome (`Verdict`) and the rules that decide it for a whole batch at once:
   Datafly type -> blueprint mapping, the run's `event_types`, analytics consent, identity;
 - `suppression.py`: `Suppression`, the people with a deletion request, whose rows are filtered first;
+- `identity.py`: identity stitching: an event with no user_id and no session id gets the user its
+  anonymous id was identified as (`IdentityMap`, `Stitcher`), and the file `identity.parquet`;
 - `bodies.py`: one serialised body per surviving row (`EventBuilder`) and per folded user;
 - `batch.py`: `BatchMapper`, one landing frame -> event lines, identify rows and outcomes; `identify`
   rows are folded per uid once the whole window is read (`fold_users`);

@@ -80,10 +80,12 @@ class BatchMapper:
         largest_line: int | None = None,
         revocations: Revocations | None = None,
         suppression: Suppression | None = None,
+        stitcher=None,
     ):
         self.bp, self.settings, self.reference_time = blueprint, settings, reference_time
         self.consent_rules, self.revocations = ConsentRules(blueprint), revocations
         self.suppression = suppression  # people with a deletion request: their rows are filtered first
+        self.stitcher = stitcher  # identity stitching (identity.py), or None
         self.cleaner = PropertyCleaner(blueprint)
         self.events = EventBuilder(blueprint, self.cleaner, largest_line or settings.max_bytes)
         self._track = blueprint.track_names()
@@ -109,7 +111,9 @@ class BatchMapper:
         if self.revocations is not None:
             self.revocations.mark(verdict, df)
         is_event = _isin(dtype, EVENT_TYPES)
-        ident = identity(self.bp, self.settings, self.reference_time, df, ctx, verdict, is_event)
+        ident = identity(
+            self.bp, self.settings, self.reference_time, df, ctx, verdict, is_event, self.stitcher
+        )
         lines, line_rows = self._build_events(df, ctx, verdict, is_event, mapping_idx, fs_names, ident)
         identify = self._collect_identify(df, verdict, dtype)
         rows = df["_row"].to_numpy(dtype=np.int64)

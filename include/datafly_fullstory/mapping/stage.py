@@ -17,6 +17,7 @@ from include.datafly_fullstory.chunks import ChunkWriter, clear_payloads, idempo
 from include.datafly_fullstory.mapping import trait_diff, type_report
 from include.datafly_fullstory.mapping.batch import IDENTIFY_COLUMNS, BatchMapper
 from include.datafly_fullstory.mapping.consent import SCAN_COLUMNS, ConsentHistory, revocations
+from include.datafly_fullstory.mapping.identity import IdentityMap, Stitcher, window_pairs
 from include.datafly_fullstory.mapping.settings import MappingSettings
 from include.datafly_fullstory.mapping.suppression import Suppression
 from include.datafly_fullstory.state import RunStore
@@ -35,6 +36,8 @@ def run_mapping(
     consent_history: ConsentHistory | None = None,
     unchanged_users: trait_diff.UnchangedLookup | None = None,
     suppression: Suppression | None = None,
+    identities: IdentityMap | None = None,
+    late_from: int | None = None,
 ) -> dict:
     """Map `validated/part-*.parquet` into `payloads/` chunks, `outcomes/mapping.parquet` and, last,
     `payloads/manifest.json`. Returns the manifest's summary.
@@ -43,12 +46,15 @@ def run_mapping(
     fixed when the run was planned): the same rows map to the same bytes whenever they are mapped.
     Re-running replaces `payloads/`, except the chunks named in `keep` (chunks an earlier try sent, whose
     bytes the ledger points at); new chunks are numbered from `first_number`. With the run's `window`, each
-    chunk entry carries its `idempotency_key` (see payloads.idempotency_key). Before any row is mapped, the
+    chunk entry carries its `idempotency_key` (see chunks.idempotency_key). Before any row is mapped, the
     window's consent is read to find revocations (mapping/consent.py), merged with earlier runs' through
     `consent_history` (the ledger's) when given. With `unchanged_users` (the
     ledger's trait lookup), user updates equal to the last one delivered are not sent (trait_diff.py);
     values that cannot take their declared type are not sent and go to `type_problems.parquet`. Rows of the people in
-    `suppression` (deletion requests) are filtered (mapping/suppression.py)."""
+    `suppression` (deletion requests) are filtered (mapping/suppression.py). `identities`: the identity map
+    events without a user_id or session id are stitched with (identity.py; rows from `late_from` on are the
+    look-back's; None: the map the rows' own pairs give); the mapping is a pure function of the rows and that
+    map too."""
     bp = blueprint if isinstance(blueprint, Blueprint) else load_blueprint(blueprint or "retail")
     settings = MappingSettings.from_dict(settings)
     reference_time = _as_utc(reference_time)
@@ -59,6 +65,9 @@ def run_mapping(
     revoked = revocations(
         validated.iter_frames(store, settings.batch_rows, columns=SCAN_COLUMNS), bp, consent_history
     )
+    if identities is None:
+        identities = IdentityMap.of_pairs(window_pairs(store, bp, settings))
+    stitcher = Stitcher(identities, late_from)
     mapper = BatchMapper(
         bp,
         settings,
@@ -66,6 +75,7 @@ def run_mapping(
         largest_line=events.largest_line(),
         revocations=revoked,
         suppression=suppression,
+        stitcher=stitcher,
     )
     outcome_tables, identify_parts, rows_read, problems = [], [], 0, []
     for frame in validated.iter_frames(store, settings.batch_rows):
@@ -106,6 +116,7 @@ def run_mapping(
         "users_unchanged": n_unchanged,
         "type_problems": type_report.summary(type_report.write(store, problems)),
         "rows": {"read": rows_read, **_count_outcomes(mapping_outcomes)},
+        "identity": stitcher.finish(store, mapping_outcomes),
     }
     write_manifest(
         store,

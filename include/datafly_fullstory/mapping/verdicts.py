@@ -107,9 +107,11 @@ def identity(
     ctx: list,
     verdict: Verdict,
     is_event: np.ndarray,
+    stitcher=None,
 ) -> dict:
     """Which identification each event carries: a valid FullStory session id wins (FullStory refuses
-    a user next to it), else `user.uid`; `use_most_recent` only for events in the last
+    a user next to it), else `user.uid`, else (with a `stitcher`, identity.py) the user its anonymous id
+    was identified as; `use_most_recent` only for events in the last
     `recent_session_minutes` before the run's window end (the reference time), whose session may still
     be open when the run delivers them."""
     paths = bp.identity
@@ -120,6 +122,11 @@ def identity(
     sid = pd.Series([session_id(c) for c in ctx], dtype="str")
     has_sid = sid.str.fullmatch(SESSION_ID.pattern).fillna(False).to_numpy(dtype=bool)
     bad_sid = sid.notna().to_numpy() & ~has_sid
+    if stitcher is not None:
+        uid, uid_len = stitcher.apply(
+            df, verdict, is_event & ~has_sid & ~has_uid & verdict.open(), uid, uid_len
+        )
+        has_uid = uid_len > 0
     verdict.mark(
         is_event & ~has_sid & ~has_uid & bad_sid,
         "skipped",

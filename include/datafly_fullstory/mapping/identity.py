@@ -1,0 +1,268 @@
+"""Identity stitching in the mapping: an event with neither a FullStory session id nor a user_id, whose
+anonymous id a row that carries both has identified, is sent with `user.uid` of that user.
+
+- `collect_pairs(frame, bp, settings)`: the (anonymous_id, user_id, time, event_id) pairs of a landing
+  frame: rows that carry both ids (identify, or page/track with a user_id), except rows whose analytics
+  consent is denied (or, with `require_explicit_consent`, not granted): a row FullStory may not receive
+  does not identify anyone to it.
+- `IdentityMap`: anonymous id -> (user, the event that taught it), and the anonymous ids seen with two
+  users. `IdentityMap.of_pairs` folds a window's pairs (a dry run, which has no ledger); a real run's map
+  comes from the ledger's (`stitching.py`).
+- The conflict rule: an anonymous id seen with two different users (a shared device, a mix-up upstream) is
+  never stitched, to either user: attributing one person's anonymous events to another is worse than not
+  sending them, and a "latest wins" rule would make the same row map to different users from one run to
+  the next. Such rows stay `skipped`, saying so, and the stats count them.
+- `Stitcher`: used by `verdicts.identity` per batch; records what it did per row and, at the end of the
+  stage, writes `identity.parquet` (this module owns the file) and returns the stage's identity figures.
+
+`identity.parquet` in the run folder: one row per event the stitcher looked at (no session id, no user_id):
+`row`, `event_id`, `anonymous_id`, `status` (`stitched` | `conflict` | `unidentified`), `user_id`,
+`source_event_id` (the event that identified it), `file` (the landing file), `ts` (epoch s), `late` (a
+look-back row). Delivery reads the `stitched` rows' notes for their outcome's reason (`stitch_notes`); the map
+stage records the `unidentified` rows as waiting for their anonymous id (late stitching).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import orjson
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from include.datafly_fullstory.blueprint import Blueprint
+from include.datafly_fullstory.mapping.columns import _column, _getter, _text_lengths, _timestamps_ns
+from include.datafly_fullstory.mapping.settings import MappingSettings
+from include.datafly_fullstory.state import RunStore
+
+FILE = "identity.parquet"
+SCHEMA = pa.schema(
+    [
+        ("row", pa.int64()),
+        ("event_id", pa.string()),
+        ("anonymous_id", pa.string()),
+        ("status", pa.string()),
+        ("user_id", pa.string()),
+        ("source_event_id", pa.string()),
+        ("file", pa.string()),
+        ("ts", pa.float64()),
+        ("late", pa.bool_()),
+    ]
+)
+PAIR_COLUMNS = ["anonymous_id", "user_id", "timestamp", "event_id", "context"]
+_NAT = np.iinfo(np.int64).min
+
+
+def collect_pairs(frame: pd.DataFrame, bp: Blueprint, settings: MappingSettings) -> pd.DataFrame:
+    """The rows of `frame` that identify an anonymous id: columns anonymous_id, user_id, ts (epoch s, NaN
+    when unknown), event_id. Needs the columns of PAIR_COLUMNS."""
+    both = (_text_lengths(frame["anonymous_id"]) > 0) & (_text_lengths(frame["user_id"]) > 0)
+    at = np.flatnonzero(both)
+    ctx = _column(frame, "context")[at]
+    consent = _getter(bp.consent_paths, "scalar")
+    states = []
+    for text in ctx:
+        try:
+            parsed = orjson.loads(text) if text is not None else None
+        except orjson.JSONDecodeError:
+            parsed = None
+        value = consent(parsed) if type(parsed) is dict else None
+        states.append(bp.consent_values.get(value) if value is not None else None)
+    state = pd.Series(states, dtype=object)
+    allowed = (state != False).to_numpy()  # noqa: E712  (None: absent, counts as granted)
+    if settings.require_explicit_consent:
+        allowed &= (state == True).to_numpy()  # noqa: E712
+    at = at[allowed]
+    ts = _timestamps_ns(frame["timestamp"])[at]
+    return pd.DataFrame(
+        {
+            "anonymous_id": _column(frame, "anonymous_id")[at],
+            "user_id": _column(frame, "user_id")[at],
+            "ts": np.where(ts == _NAT, np.nan, ts / 1e9),
+            "event_id": _column(frame, "event_id")[at],
+        }
+    )
+
+
+def window_pairs(store: RunStore, bp: Blueprint, settings: MappingSettings, parts=None) -> pd.DataFrame:
+    """The pairs of the run's validated parts (all, or the named ones), read a few columns at a time."""
+    from include.datafly_fullstory import validated
+
+    frames = [
+        collect_pairs(validated.read_part(store, name, columns=PAIR_COLUMNS).to_pandas(), bp, settings)
+        for name in (validated.parts(store) if parts is None else parts)
+    ]
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        return pd.DataFrame({"anonymous_id": [], "user_id": [], "ts": [], "event_id": []})
+    return pd.concat(frames, ignore_index=True)
+
+
+def fold_pairs(pairs: pd.DataFrame) -> pd.DataFrame:
+    """One row per anonymous id: the user of its earliest pair (by time, then event id), another user it
+    was seen with (missing if none: None or NaN), the first and last time seen, the teaching event.
+    Deterministic: the same pairs in any order fold the same."""
+    if not len(pairs):
+        return pd.DataFrame(columns=["anonymous_id", "user_id", "other_user_id", "t1", "t2", "event_id"])
+    ordered = pairs.sort_values(["anonymous_id", "ts", "event_id"], kind="stable", na_position="last")
+    grouped = ordered.groupby("anonymous_id", sort=True)
+    head = grouped.head(1).set_index("anonymous_id")  # the earliest pair of each anonymous id
+    users = grouped["user_id"].agg(lambda u: sorted(set(u)))
+    other = [next((x for x in us if x != u), None) for us, u in zip(users, head["user_id"], strict=True)]
+    return pd.DataFrame(
+        {
+            "anonymous_id": head.index.to_numpy(dtype=object),
+            "user_id": head["user_id"].to_numpy(dtype=object),
+            "other_user_id": np.array(other, dtype=object),
+            "t1": grouped["ts"].min().to_numpy(),
+            "t2": grouped["ts"].max().to_numpy(),
+            "event_id": head["event_id"].to_numpy(dtype=object),
+        }
+    )
+
+
+@dataclass
+class IdentityMap:
+    """anonymous id -> (user_id, teaching event id); conflicted anonymous ids -> the two users seen."""
+
+    users: dict[str, tuple[str, str | None]] = field(default_factory=dict)
+    conflicts: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    @classmethod
+    def of_pairs(cls, pairs: pd.DataFrame) -> IdentityMap:
+        """The map a window's own pairs give (no ledger: a dry run)."""
+        folded = fold_pairs(pairs)
+        out = cls()
+        for anon, user, other, event_id in zip(
+            folded["anonymous_id"],
+            folded["user_id"],
+            folded["other_user_id"],
+            folded["event_id"],
+            strict=True,
+        ):
+            if not isinstance(other, str):  # None (pandas may hold it as NaN)
+                out.users[anon] = (user, event_id if isinstance(event_id, str) else None)
+            else:
+                out.conflicts[anon] = (user, other)
+        return out
+
+
+class Stitcher:
+    """Stitches one stage's events (see the module docstring); rows numbered from `late_from` on are the
+    look-back's."""
+
+    def __init__(self, identities: IdentityMap | None, late_from: int | None = None):
+        self.map = identities or IdentityMap()
+        self.late_from = late_from
+        self._records: list[pd.DataFrame] = []
+
+    def apply(self, df: pd.DataFrame, verdict, candidates: np.ndarray, uid: np.ndarray, uid_len: np.ndarray):
+        """For the candidate rows (events still open with no session id and no user_id): a known anonymous
+        id gives the row its user; a conflicted one skips it, naming both users. Returns (uid, uid_len)."""
+        pos = np.flatnonzero(candidates)
+        if not len(pos):
+            return uid, uid_len
+        anon = _column(df, "anonymous_id")[pos]
+        users, conflicts = self.map.users, self.map.conflicts
+        found = [users.get(a) if a else None for a in anon]
+        stitched = np.fromiter((f is not None for f in found), dtype=bool, count=len(pos))
+        conflicted = np.fromiter((bool(a) and a in conflicts for a in anon), dtype=bool, count=len(pos))
+        uid, uid_len = uid.copy(), uid_len.copy()
+        user = np.array([f[0] if f else None for f in found], dtype=object)
+        source = np.array([f[1] if f else None for f in found], dtype=object)
+        uid[pos[stitched]] = user[stitched]
+        uid_len[pos[stitched]] = [len(u) for u in user[stitched]]
+        if conflicted.any():
+            verdict.set(
+                pos[conflicted],
+                "skipped",
+                [
+                    f"anonymous_id {a} is identified as two users ({conflicts[a][0]}, {conflicts[a][1]}): "
+                    "not stitched to either (identity conflict rule, docs/mapping.md); the event has no "
+                    "user_id and no FullStory session id"
+                    for a in anon[conflicted]
+                ],
+            )
+        status = np.where(stitched, "stitched", np.where(conflicted, "conflict", "unidentified"))
+        rows = df["_row"].to_numpy(dtype=np.int64)[pos]
+        ts = _timestamps_ns(df["timestamp"])[pos]
+        self._records.append(
+            pd.DataFrame(
+                {
+                    "row": rows,
+                    "event_id": _column(df, "event_id")[pos],
+                    "anonymous_id": anon,
+                    "status": status,
+                    "user_id": user,
+                    "source_event_id": source,
+                    "file": _column(df, "_file")[pos],
+                    "ts": np.where(ts == _NAT, np.nan, ts / 1e9),
+                    "late": rows >= self.late_from if self.late_from is not None else False,
+                }
+            )
+        )
+        return uid, uid_len
+
+    def finish(self, store: RunStore, mapping_outcomes: pa.Table) -> dict[str, int]:
+        """Write `identity.parquet` and return the figures. A stitched row the mapping did not send after
+        all (rejected: a user id over the uid limit, a limit of its body) is recorded as not stitched."""
+        table = (
+            pa.Table.from_pandas(
+                pd.concat(self._records, ignore_index=True), schema=SCHEMA, preserve_index=False
+            )
+            if self._records
+            else SCHEMA.empty_table()
+        )
+        decided = pc.is_in(table.column("row"), value_set=mapping_outcomes.column("row"))
+        unsent = pc.and_(pc.equal(table.column("status"), "stitched"), decided)
+        table = table.set_column(
+            table.schema.get_field_index("status"),
+            "status",
+            pc.if_else(unsent, "unsent", table.column("status")),
+        )
+        store.write_table(table, FILE)
+        status, late = table.column("status").to_pylist(), table.column("late").to_pylist()
+        return {
+            "stitched": sum(1 for s, x in zip(status, late, strict=True) if s == "stitched" and not x),
+            "stitched_late": sum(1 for s, x in zip(status, late, strict=True) if s == "stitched" and x),
+            "conflicts": len(self.map.conflicts),
+            "conflicted_rows": status.count("conflict"),
+            "anonymous_unidentified": status.count("unidentified") + status.count("conflict"),
+        }
+
+
+def read(store: RunStore, status: str | None = None) -> pa.Table:
+    """The run's `identity.parquet` (empty when the mapping wrote none), optionally of one status."""
+    if not store.exists(FILE):
+        return SCHEMA.empty_table()
+    table = store.read_table(FILE)
+    return table if status is None else table.filter(pc.equal(table.column("status"), status))
+
+
+def stitch_notes(store: RunStore, rows) -> dict[int, str]:
+    """row -> "stitched: anonymous_id <a> -> user <u> (learned from event <e>)" for the stitched rows among
+    `rows` (delivery adds it to a delivered row's reason)."""
+    table = read(store, "stitched")
+    if not table.num_rows:
+        return {}
+    table = table.filter(pc.is_in(table.column("row"), value_set=pa.array(list(rows), pa.int64())))
+    return {
+        r: f"stitched: anonymous_id {a} -> user {u} (learned from event {e})"
+        for r, a, u, e in zip(
+            *(table.column(c).to_pylist() for c in ("row", "anonymous_id", "user_id", "source_event_id")),
+            strict=True,
+        )
+    }
+
+
+def annotate(store: RunStore, rows, outcome: list[str], reason: list[str | None]) -> list[str | None]:
+    """`reason` with the stitch note added to each delivered stitched row's (see `stitch_notes`)."""
+    notes = stitch_notes(store, rows)
+    if not notes:
+        return reason
+    return [
+        (f"{why}; {notes[r]}" if why else notes[r]) if out == "delivered" and r in notes else why
+        for r, out, why in zip(rows, outcome, reason, strict=True)
+    ]
