@@ -33,7 +33,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from include.datafly_fullstory.blueprint import Blueprint
-from include.datafly_fullstory.mapping.columns import _column, _getter, _text_lengths, _timestamps_ns
+from include.datafly_fullstory.mapping.columns import _column, _text_lengths, _timestamps_ns
+from include.datafly_fullstory.mapping.consent import ABSENT, GRANTED, ConsentRules
 from include.datafly_fullstory.mapping.settings import MappingSettings
 from include.datafly_fullstory.state import RunStore
 
@@ -60,20 +61,18 @@ def collect_pairs(frame: pd.DataFrame, bp: Blueprint, settings: MappingSettings)
     when unknown), event_id. Needs the columns of PAIR_COLUMNS."""
     both = (_text_lengths(frame["anonymous_id"]) > 0) & (_text_lengths(frame["user_id"]) > 0)
     at = np.flatnonzero(both)
-    ctx = _column(frame, "context")[at]
-    consent = _getter(bp.consent_paths, "scalar")
-    states = []
-    for text in ctx:
+    parsed = []
+    for text in _column(frame, "context")[at]:
         try:
-            parsed = orjson.loads(text) if text is not None else None
-        except orjson.JSONDecodeError:
-            parsed = None
-        value = consent(parsed) if type(parsed) is dict else None
-        states.append(bp.consent_values.get(value) if value is not None else None)
-    state = pd.Series(states, dtype=object)
-    allowed = (state != False).to_numpy()  # noqa: E712  (None: absent, counts as granted)
-    if settings.require_explicit_consent:
-        allowed &= (state == True).to_numpy()  # noqa: E712
+            value = orjson.loads(text) if text is not None else None
+        except (orjson.JSONDecodeError, TypeError):  # TypeError: nested past orjson's limit
+            value = None
+        parsed.append(value if type(value) is dict else None)
+    # The consent rules of the mapping (consent.py): only a row FullStory may receive teaches a pair.
+    state, _ = ConsentRules(bp).states(parsed)
+    allowed = state == GRANTED
+    if not settings.require_explicit_consent:
+        allowed |= state == ABSENT
     at = at[allowed]
     ts = _timestamps_ns(frame["timestamp"])[at]
     return pd.DataFrame(
