@@ -98,6 +98,13 @@ def main() -> int:
     return 0
 
 
+def _share(stats: dict) -> str:
+    """Stitched events as a share of the events mapped into chunks."""
+    stitched = stats["identity"]["stitched"] + stats["identity"]["stitched_late"]
+    mapped = sum(stats.get("identification", {}).values()) - stats.get("identification", {}).get("skipped", 0)
+    return f"{stitched / mapped:.0%}" if mapped else "-"
+
+
 def print_stats_table(hours: int) -> None:
     import orjson
 
@@ -114,6 +121,7 @@ def print_stats_table(hours: int) -> None:
         "quarantined",
         "filtered",
         "skipped",
+        "stitched",
         "events",
         "users",
         "requests",
@@ -132,6 +140,7 @@ def print_stats_table(hours: int) -> None:
             r["quarantined"],
             r["filtered"],
             r["skipped"],
+            f"{s['identity']['stitched'] + s['identity']['stitched_late']} ({_share(s)})",
             s["events"]["delivered"],
             s["users"]["delivered"],
             s["http"]["requests"],

@@ -320,6 +320,8 @@ def summarise_run(
     run_stats.previously = dict(extracted.get("claims", {}))
     run_stats.late = {**extracted.get("late", {}), "lookback_hours": plan.lookback_hours}
     run_stats.identity = {**run_stats.identity, **mapped.get("identity", {})}
+    run_stats.events_by_name = dict(mapped.get("events_by_name", {}))
+    run_stats.identification = dict(mapped.get("identification", {}))
     run_stats.dead_letters = dead_letters.merge(store)
     run_stats.problems = ([pending_reason] if pending_reason else []) + run_stats.threshold_problems(
         plan.thresholds

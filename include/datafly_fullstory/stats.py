@@ -68,6 +68,10 @@ class RunStats:
     previously: dict[str, int] = field(default_factory=dict)
     late: dict[str, Any] = field(default_factory=dict)
     identity: dict[str, int] = field(default_factory=lambda: dict.fromkeys(IDENTITY_FIGURES, 0))
+    # Event lines mapped into chunks, per FullStory event name and per identification mode (session_id,
+    # uid, use_most_recent, stitched; skipped: events without any identification).
+    events_by_name: dict[str, int] = field(default_factory=dict)
+    identification: dict[str, int] = field(default_factory=dict)
     dead_letters: int = 0
     deletions: dict[str, Any] = field(default_factory=dict)  # the deletions task's figures (deletions.py)
     problems: list[str] = field(default_factory=list)
@@ -131,9 +135,14 @@ class RunStats:
             chunks = (
                 f"{self.delivery['chunks']} chunk(s)" + (f" ({', '.join(parts)})" if parts else "") + ", "
             )
+        ident = ", ".join(f"{n} {m.replace('_', ' ')}" for m, n in self.identification.items() if n)
+        ident = f"identified by {ident}; " if ident else ""
+        top = sorted(self.events_by_name.items(), key=lambda kv: (-kv[1], kv[0]))
+        names = ", ".join(f"{name} {n}" for name, n in top[:5]) + (" ..." if len(top) > 5 else "")
+        names = f"events {names}; " if names else ""
         return (
-            f"{head}{counts}{items}{chunks}{self.batches} batches, {http.get('requests', 0)} requests "
-            f"({http.get('retries', 0)} retries), {self.bytes_sent} bytes in {self.duration_s:.1f}s"
+            f"{head}{counts}{ident}{names}{items}{chunks}{self.batches} batches, {http.get('requests', 0)} "
+            f"requests ({http.get('retries', 0)} retries), {self.bytes_sent} bytes in {self.duration_s:.1f}s"
         )
 
     __str__ = asstr

@@ -216,5 +216,7 @@ def test_an_empty_window_writes_an_empty_manifest(tmp_path):
             "conflicted_rows": 0,
             "anonymous_unidentified": 0,
         },
+        "events_by_name": {},
+        "identification": {"session_id": 0, "uid": 0, "use_most_recent": 0, "stitched": 0, "skipped": 0},
     }
     assert store.read_table("outcomes", "mapping.parquet").num_rows == 0

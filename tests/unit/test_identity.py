@@ -17,6 +17,7 @@ from include.datafly_fullstory.ledger import IdentityPair, Ledger, NewItem, Wait
 from include.datafly_fullstory.mapping import identity, run_mapping
 from include.datafly_fullstory.mapping.verdicts import NO_IDENTITY
 from include.datafly_fullstory.state import RunStore
+from include.datafly_fullstory.stats import RunStats
 from include.datafly_fullstory.window import Window
 
 H = datetime(2026, 11, 20, 10, tzinfo=UTC)
@@ -236,3 +237,27 @@ def test_stitchable_waits_are_skipped_rows_whose_anonymous_id_is_now_known(ledge
     assert led.stitchable_waits(DEST, since=0.0, until=2000.0) == {"w1": "f1"}
     # The compare-and-set: a second run cannot take the same row.
     assert led.take_over(DEST, "r3", ["w5"], from_states=("skipped",), window=window) == set()
+
+
+def test_the_stats_count_events_per_name_and_per_identification_mode(tmp_path):
+    rows = [
+        landing_row(0, anon="a1", context={"fullstory": {"session_id": SID}}),  # session id
+        landing_row(1, anon="a2", user="u-2", minute=1),  # uid (early in the window)
+        landing_row(2, "track", anon="a3", user="u-3", minute=59),  # uid, session may still be open
+        landing_row(3, anon="a2", minute=2),  # stitched to u-2 by row 1
+        landing_row(4, "track", anon="a9", minute=3),  # nobody: skipped
+        landing_row(5, "identify", anon="a5", user="u-5", traits={"email": "u5@example.com"}),  # not an event
+    ]
+    _, summary, decided, bodies = map_rows(tmp_path, rows)
+    assert summary["identification"] == {
+        "session_id": 1,
+        "uid": 1,
+        "use_most_recent": 1,
+        "stitched": 1,
+        "skipped": 1,
+    }
+    assert summary["events_by_name"] == {"page_view": 3, "Product Added": 1}
+    assert decided[4][0] == "skipped" and set(bodies) == {0, 1, 2, 3}
+    stats = RunStats(events_by_name=summary["events_by_name"], identification=summary["identification"])
+    assert "identified by 1 session id, 1 uid, 1 use most recent, 1 stitched, 1 skipped" in stats.asstr()
+    assert "events page_view 3, Product Added 1;" in stats.asstr()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import gc
 from collections.abc import Generator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 import numpy as np
@@ -33,6 +33,7 @@ from include.datafly_fullstory.mapping.properties import PropertyCleaner, Reject
 from include.datafly_fullstory.mapping.settings import MappingSettings
 from include.datafly_fullstory.mapping.suppression import Suppression, suppress
 from include.datafly_fullstory.mapping.verdicts import (
+    IDENTITY_REASONS,
     Verdict,
     _parse_json_column,
     filter_event_types,
@@ -53,6 +54,8 @@ class MappedBatch:
     event_ids: np.ndarray
     identify: pd.DataFrame
     outcomes: pd.DataFrame
+    by_name: dict[str, int] = field(default_factory=dict)  # event lines per FullStory event name
+    identification: dict[str, int] = field(default_factory=dict)  # event rows per identification mode
 
 
 @contextmanager
@@ -124,6 +127,8 @@ class BatchMapper:
             event_ids=event_ids[line_rows],
             identify=identify,
             outcomes=verdict.frame(rows, event_ids, np.where(dtype == "identify", "user", "event")),
+            by_name=_counts(fs_names[line_rows]),
+            identification=identification_modes(df, ident, line_rows, verdict, is_event),
         )
 
     def _resolve_names(self, dtype: np.ndarray, event: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -250,3 +255,36 @@ class BatchMapper:
             if type(traits) is dict:
                 merged.update(traits)
         return self.events.user_body(uid, merged)
+
+
+IDENTIFICATION_MODES = ("session_id", "uid", "use_most_recent", "stitched", "skipped")
+
+
+def identification_modes(df: pd.DataFrame, ident: dict, line_rows: np.ndarray, verdict, is_event) -> dict:
+    """How the batch's event lines are identified: a FullStory session id; the row's own user_id (with
+    `use_most_recent` when its session may still be open); a user stitched from its anonymous id; and the
+    events skipped for want of any identification."""
+    has_sid = pd.notna(ident["sid"][line_rows])
+    own_uid = _text_lengths(df["user_id"])[line_rows] > 0
+    recent = ident["recent"][line_rows]
+    skipped = (
+        is_event
+        & (verdict.outcome == "skipped")
+        & np.array(
+            [isinstance(r, str) and r.startswith(IDENTITY_REASONS) for r in verdict.reason], dtype=bool
+        )
+    )
+    return {
+        "session_id": int(has_sid.sum()),
+        "uid": int((~has_sid & own_uid & ~recent).sum()),
+        "use_most_recent": int((~has_sid & own_uid & recent).sum()),
+        "stitched": int((~has_sid & ~own_uid).sum()),
+        "skipped": int(skipped.sum()),
+    }
+
+
+def _counts(values: np.ndarray) -> dict[str, int]:
+    if not len(values):
+        return {}
+    counts = pd.Series(values, dtype=object).value_counts()
+    return {str(k): int(v) for k, v in counts.items()}

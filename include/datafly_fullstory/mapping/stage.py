@@ -3,6 +3,7 @@ chunks through the payload writers, this stage's outcomes and, last, the payload
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,7 +16,7 @@ from include.datafly_fullstory import outcomes, validated
 from include.datafly_fullstory.blueprint import Blueprint, load_blueprint
 from include.datafly_fullstory.chunks import ChunkWriter, clear_payloads, idempotency_key, write_manifest
 from include.datafly_fullstory.mapping import trait_diff, type_report
-from include.datafly_fullstory.mapping.batch import IDENTIFY_COLUMNS, BatchMapper
+from include.datafly_fullstory.mapping.batch import IDENTIFICATION_MODES, IDENTIFY_COLUMNS, BatchMapper
 from include.datafly_fullstory.mapping.consent import SCAN_COLUMNS, ConsentHistory, revocations
 from include.datafly_fullstory.mapping.identity import IdentityMap, Stitcher, window_pairs
 from include.datafly_fullstory.mapping.settings import MappingSettings
@@ -78,9 +79,12 @@ def run_mapping(
         stitcher=stitcher,
     )
     outcome_tables, identify_parts, rows_read, problems = [], [], 0, []
+    by_name, identification = Counter(), Counter(dict.fromkeys(IDENTIFICATION_MODES, 0))
     for frame in validated.iter_frames(store, settings.batch_rows):
         rows_read += len(frame)
         batch = mapper.map_batch(frame)
+        by_name.update(batch.by_name)
+        identification.update(batch.identification)
         events.add(batch.lines, np.arange(len(batch.lines)), batch.rows, batch.event_ids)
         identify_parts.append(batch.identify)
         problems.append(type_report.table(mapper.events.types.take_problems()))
@@ -117,6 +121,8 @@ def run_mapping(
         "type_problems": type_report.summary(type_report.write(store, problems)),
         "rows": {"read": rows_read, **_count_outcomes(mapping_outcomes)},
         "identity": stitcher.finish(store, mapping_outcomes),
+        "events_by_name": dict(by_name.most_common()),
+        "identification": dict(identification),
     }
     write_manifest(
         store,

@@ -32,6 +32,8 @@ NO_IDENTITY = (
     "Fix: pass the browser's FS('getSession', {format: 'id'}) into Signal as "
     "context.fullstory.session_id, or identify the user"
 )
+# How the reasons of events skipped for want of identification begin (the stats count them).
+IDENTITY_REASONS = ("no FullStory identification", "the FullStory session id in the context", "anonymous_id ")
 
 
 class Verdict:
