@@ -31,7 +31,7 @@ from include.datafly_fullstory.mapping.consent import ConsentRules, Revocations
 from include.datafly_fullstory.mapping.nesting import JSON_COLUMNS, reject_deep
 from include.datafly_fullstory.mapping.properties import PropertyCleaner, Reject
 from include.datafly_fullstory.mapping.settings import MappingSettings
-from include.datafly_fullstory.mapping.suppression import Suppression, suppress
+from include.datafly_fullstory.mapping.suppression import Suppression, suppress, suppress_stitched
 from include.datafly_fullstory.mapping.verdicts import (
     IDENTITY_REASONS,
     Verdict,
@@ -117,6 +117,7 @@ class BatchMapper:
         ident = identity(
             self.bp, self.settings, self.reference_time, df, ctx, verdict, is_event, self.stitcher
         )
+        suppress_stitched(self.suppression, verdict, ident["uid"])
         lines, line_rows = self._build_events(df, ctx, verdict, is_event, mapping_idx, fs_names, ident)
         identify = self._collect_identify(df, verdict, dtype)
         rows = df["_row"].to_numpy(dtype=np.int64)

@@ -46,3 +46,15 @@ def suppress(suppression: Suppression | None, verdict, df: pd.DataFrame) -> None
     by_user, by_anon = suppressed_rows(suppression, df)
     verdict.mark(by_user, "filtered", f"{REASON} (user_id is on this destination's deletion list)")
     verdict.mark(by_anon, "filtered", f"{REASON} (anonymous_id is on this destination's deletion list)")
+
+
+def suppress_stitched(suppression: Suppression | None, verdict, uid: np.ndarray) -> None:
+    """Rows stitched to a suppressed user (their anonymous id was identified as that person) are that
+    person's rows too: `filtered`, like the rows that carry the user_id themselves."""
+    if not suppression or not suppression.user_ids:
+        return
+    verdict.mark(
+        _isin(uid, suppression.user_ids),
+        "filtered",
+        f"{REASON} (the user this row's anonymous_id was identified as is on this destination's deletion list)",
+    )
