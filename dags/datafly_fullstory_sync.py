@@ -2,16 +2,19 @@
 # Datafly Signal -> FullStory sync
 
 Every hour, the events Datafly Signal landed in the warehouse for the hour that just ended are read
-from the Parquet landing, validated, mapped with FullStory's retail blueprint and delivered to
-FullStory's Server API as batch import jobs, user updates first.
+from the Parquet landing, validated, mapped with FullStory's retail blueprint (or the one the `blueprint`
+param or the Variable `datafly_fullstory_blueprint` names) and delivered to FullStory's Server API as batch
+import jobs, user updates first. Anonymous events are stitched to the user their anonymous id was
+identified as (in this window or an earlier one); analytics consent fails closed, and a later denial stops
+the person's earlier rows; user updates whose traits are unchanged are not sent again.
 
 **Tasks**: `plan` (the window and settings) -> `extract_and_validate` (bad rows to the quarantine)
-and `deletions` (deletion requests, see below) -> `map_payloads` (request chunks) -> `deliver_users` -> `deliver_events` (mapped over chunk groups,
-capped by the `fullstory_api` pool) -> `summarise` (outcomes, `stats.json`, the asset's metadata).
+and `deletions` (deletion requests, see below) -> `map_payloads` (request chunks) -> `deliver_users`
+-> `deliver_events` (mapped over chunk groups, capped by the `fullstory_api` pool) -> `summarise` (outcomes, `stats.json`, the asset's metadata).
 
 **Every input row gets exactly one outcome** in `runs/<run_id>/outcomes.parquet` under the state URI:
-delivered, rejected (see `dead_letters.parquet`), quarantined (see `quarantine.parquet`), filtered
-(consent), skipped (with the reason) or dry_run.
+delivered (stitched ones say so), rejected (see `dead_letters.parquet`), quarantined (see
+`quarantine.parquet`), filtered (consent, deletion requests), skipped (with the reason) or dry_run.
 
 **Manual runs** (Trigger DAG w/ config): `window_start` / `window_end` reprocess any window;
 `dry_run` maps and writes payloads without sending; `event_types` limits the run; `force` replays a

@@ -164,10 +164,21 @@ def print_reasons(run_dir: Path) -> None:
 
     table = pq.read_table(run_dir / "outcomes.parquet", columns=["outcome", "reason"]).to_pandas()
     other = table[table["outcome"] != "delivered"]
-    counts = other.assign(reason=other["reason"].fillna("").str.slice(0, 110)).value_counts().head(8)
-    print(f"\nWhy the last window's other {len(other)} rows were not delivered (top reasons):")
-    for (outcome, reason), n in counts.items():
-        print(f"  {n:>5}  {outcome:<12} {reason}")
+    # Reasons that name a run, a time or a row are grouped under one line: <run>, <time>, <row>.
+    reason = (
+        other["reason"]
+        .fillna("")
+        .str.replace(r"run \S+?(?=:\s|,\s|\)|\s|$)", "run <run>", regex=True)
+        .str.replace(r"\d{4}-\d\d-\d\dT[\d:.]+(Z|[+-]\d\d:\d\d)?", "<time>", regex=True)
+        .str.replace(r"\(row [^)]*\)", "(row <row>)", regex=True)
+        .str.slice(0, 110)
+    )
+    counts = other.assign(reason=reason).value_counts().head(10)
+    stitched = table["reason"].fillna("").str.startswith("stitched").sum()
+    print(f"\nThe last window: {stitched} events delivered stitched (anonymous_id -> user, docs/mapping.md).")
+    print(f"Why its other {len(other)} rows were not delivered (top reasons):")
+    for (outcome, why), n in counts.items():
+        print(f"  {n:>5}  {outcome:<12} {why}")
 
 
 if __name__ == "__main__":
