@@ -12,24 +12,19 @@ from __future__ import annotations
 
 import copy
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import jsonschema
 import numpy as np
 import orjson
-import pandas as pd
 import pytest
 
 from include.datafly_fullstory import sample
-from include.datafly_fullstory.blueprint import load_blueprint
 from include.datafly_fullstory.mapping import BatchMapper, MappingSettings
 from include.fullstory_emulator import schema
 from include.fullstory_emulator import validation as emulator
+from tests.mapping_rows import BLUEPRINT, NOW, SID, row, run
 
-NOW = datetime(2026, 11, 26, 10, 0, tzinfo=UTC)
-OLD = NOW - timedelta(hours=2)
-SID = "5812340000000001:6723450000000002"
-BLUEPRINT = load_blueprint()
 GA4_ORDER = {
     "transaction_id": "ORD-1",
     "value": 100.0,
@@ -43,53 +38,6 @@ GA4_ORDER = {
 }
 
 
-def row(type_="track", event=None, *, properties=None, context=None, traits=None, user_id="user-1", ts=OLD):
-    return {
-        "type": type_,
-        "event": event,
-        "name": None,
-        "anonymous_id": "dfid-1",
-        "user_id": user_id,
-        "timestamp": ts,
-        "context": context,
-        "properties": properties,
-        "traits": traits,
-        "event_id": None,
-    }
-
-
-def frame(rows: list[dict]) -> pd.DataFrame:
-    """A landing frame (contracts.md) from row dicts; dict JSON fields are serialised."""
-    records = []
-    for i, r in enumerate(rows):
-        rec = dict(r)
-        for col in ("context", "properties", "traits"):
-            if isinstance(rec[col], dict | list):
-                rec[col] = json.dumps(rec[col])
-        rec["event_id"] = rec["event_id"] or f"evt-{i}"
-        records.append(rec)
-    df = pd.DataFrame.from_records(records)
-    df["timestamp"] = pd.to_datetime(df["timestamp"], utc=True).dt.as_unit("ns")
-    df["received_at"] = df["timestamp"]
-    df["sent_at"] = df["timestamp"]
-    df["source_id"] = "web-shop"
-    df["_row"] = np.arange(len(df), dtype=np.int64)
-    df["_file"] = "part-0.parquet"
-    return df
-
-
-def run(rows: list[dict]):
-    """Map rows; returns (event bodies by row, user bodies with their rows)."""
-    mapper = BatchMapper(BLUEPRINT, MappingSettings(), NOW)
-    batch = mapper.map_batch(frame(rows))
-    bodies = {int(r): orjson.loads(line) for r, line in zip(batch.rows, batch.lines, strict=True)}
-    lines, (line_of, user_rows, _), _ = mapper.fold_users(batch.identify)
-    users = [
-        (orjson.loads(line), sorted(int(r) for r in user_rows[line_of == i])) for i, line in enumerate(lines)
-    ]
-    return bodies, users
-
-
 @pytest.fixture(scope="module")
 def generated() -> dict:
     """Every body kind the mapping produces: 4,000 sample rows plus edge rows (session id, GA4 order,
@@ -101,7 +49,7 @@ def generated() -> dict:
     mapper = BatchMapper(BLUEPRINT, MappingSettings(), NOW)
     batch = mapper.map_batch(df)
     user_lines, _, _ = mapper.fold_users(batch.identify)
-    edge_bodies, edge_users = run(
+    edge_bodies, _, edge_users = run(
         [
             row("page", context={"fullstory": {"session_id": SID}}, user_id=None),
             row(event="purchase", properties=GA4_ORDER, ts=NOW),
