@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import orjson
@@ -16,6 +17,7 @@ NOW = datetime(2026, 11, 26, 10, 0, tzinfo=UTC)
 OLD = NOW - timedelta(hours=2)
 SID = "5812340000000001:6723450000000002"
 BLUEPRINT = load_blueprint()
+BLUEPRINT_PATH = Path(BLUEPRINT.source)
 
 
 def row(
@@ -78,3 +80,15 @@ def run(rows: list[dict], settings: dict | None = None, now: datetime = NOW, blu
     for r in user_outcomes.itertuples():
         outcomes[int(r.row)] = (r.outcome, r.reason)
     return bodies, outcomes, users
+
+
+def one(r: dict, **kwargs) -> dict:
+    bodies, outcomes, _ = run([r], **kwargs)
+    assert 0 in bodies, outcomes
+    return bodies[0]
+
+
+def fate(r: dict, **kwargs) -> tuple[str, str]:
+    bodies, outcomes, _ = run([r], **kwargs)
+    assert 0 not in bodies, bodies
+    return outcomes[0]

@@ -15,7 +15,7 @@ from include.datafly_fullstory.ledger import Ledger
 from include.datafly_fullstory.mapping import consent
 from include.datafly_fullstory.mapping.stage import run_mapping
 from include.datafly_fullstory.state import RunStore
-from tests.unit.test_mapping import NOW, OLD, fate, frame, one, row, run
+from tests.mapping_rows import NOW, OLD, fate, frame, one, row, run
 
 DENIED_VALUES = [False, "false", "FALSE", "Denied", "denied ", "0", 0, 0.0, "No", "no", "opt-out", "Rejected"]
 GRANTED_VALUES = [True, "true", "TRUE", " Granted", "1", 1, 1.0, "Yes", "opt-in", "Accepted"]

@@ -1,32 +1,16 @@
-"""Golden tests of the mapping: every row of the seed's event-mapping and identity tables, each rule of
-docs/mapping.md, and every generated body against FullStory's Swagger spec."""
+"""Golden tests of the mapping: every row of the seed's event-mapping and identity tables and each rule of
+docs/mapping.md. The bodies against FullStory's schema: test_bodies_contract.py."""
 
 from __future__ import annotations
 
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import yaml
 
 from include.datafly_fullstory.blueprint import load_blueprint
 from include.datafly_fullstory.mapping.verdicts import NO_IDENTITY
-from tests.mapping_rows import BLUEPRINT, NOW, OLD, SID, row, run
-
-BLUEPRINT_PATH = Path(BLUEPRINT.source)
-
-
-def one(r: dict, **kwargs) -> dict:
-    bodies, outcomes, _ = run([r], **kwargs)
-    assert 0 in bodies, outcomes
-    return bodies[0]
-
-
-def fate(r: dict, **kwargs) -> tuple[str, str]:
-    bodies, outcomes, _ = run([r], **kwargs)
-    assert 0 not in bodies, bodies
-    return outcomes[0]
-
+from tests.mapping_rows import BLUEPRINT_PATH, NOW, OLD, SID, fate, one, row, run
 
 # ---- the seed's event mapping table -----------------------------------------------------------------
 

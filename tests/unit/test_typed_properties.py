@@ -20,7 +20,7 @@ from include.datafly_fullstory.mapping.types import BAD, coerce
 from include.datafly_fullstory.state import RunStore
 from include.fullstory_emulator import schema
 from include.fullstory_emulator import validation as emulator
-from tests.unit.test_mapping import BLUEPRINT, BLUEPRINT_PATH, NOW, frame, one, row, run
+from tests.mapping_rows import BLUEPRINT, BLUEPRINT_PATH, NOW, frame, one, row, run
 
 # ---- coercion rules -----------------------------------------------------------------------------------
 
