@@ -18,6 +18,18 @@ OLD = NOW - timedelta(hours=2)
 SID = "5812340000000001:6723450000000002"
 BLUEPRINT = load_blueprint()
 BLUEPRINT_PATH = Path(BLUEPRINT.source)
+# A GA4 purchase: its items[] and value/transaction_id spellings.
+GA4_ORDER = {
+    "transaction_id": "ORD-1",
+    "value": 100.0,
+    "currency": "EUR",
+    "tax": 20.0,
+    "shipping": 4.95,
+    "items": [
+        {"item_id": "P1", "item_name": "Boot", "item_category": "Shoes", "price": 60, "quantity": 1},
+        {"item_id": "2", "item_name": "Hat", "price": 20.0, "quantity": 2},
+    ],
+}
 
 
 def row(

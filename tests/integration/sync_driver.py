@@ -213,3 +213,23 @@ class SyncDriver:
 
     def store(self, run: Run) -> RunStore:
         return RunStore(str(self.state), run.run_id)
+
+
+def driver_for(request, tmp_path: Path, emulator, monkeypatch, *, max_items: int = 60) -> SyncDriver:
+    """A driver over the landing already written to `tmp_path/landing`, with a fresh state and ledger:
+    SQLite, or with `request.param == "postgres"` a new database of the session's Postgres server."""
+    import uuid
+
+    for name in ("AIRFLOW_CONN_FULLSTORY_DEFAULT", "AIRFLOW_CONN_DFFS_LEDGER"):
+        monkeypatch.delenv(name, raising=False)
+    postgres_url = None
+    if request.param == "postgres":
+        postgres_url = request.getfixturevalue("postgres_server").new_database(f"sd_{uuid.uuid4().hex[:12]}")
+    return SyncDriver(
+        landing=tmp_path / "landing",
+        state=tmp_path / "state",
+        airflow_home=tmp_path,
+        emulator=emulator,
+        postgres_url=postgres_url,
+        max_items=max_items,
+    )

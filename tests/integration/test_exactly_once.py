@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
@@ -29,7 +28,7 @@ from include.datafly_fullstory import dead_letters
 from include.datafly_fullstory import ledger as lg
 from include.datafly_fullstory.delivery import loop
 from include.datafly_fullstory.sample import LandingSpec, generate_table, write_landing
-from tests.integration.sync_driver import Killed, SyncDriver
+from tests.integration.sync_driver import Killed, SyncDriver, driver_for
 
 H10 = datetime(2026, 11, 20, 10, tzinfo=UTC)
 ROWS = 900  # over three hours: about 300 a window, several chunks of 60 items
@@ -47,18 +46,7 @@ def driver(request, tmp_path, landing_table, fullstory_emulator, monkeypatch):
     """The DAG's tasks on a fresh state and ledger: SQLite by default; `postgres` (through indirect
     parametrisation) keeps the ledger in a new database of the session's Postgres server."""
     write_landing(landing_table, tmp_path / "landing")
-    for name in ("AIRFLOW_CONN_FULLSTORY_DEFAULT", "AIRFLOW_CONN_DFFS_LEDGER"):
-        monkeypatch.delenv(name, raising=False)
-    postgres_url = None
-    if request.param == "postgres":
-        postgres_url = request.getfixturevalue("postgres_server").new_database(f"eo_{uuid.uuid4().hex[:12]}")
-    d = SyncDriver(
-        landing=tmp_path / "landing",
-        state=tmp_path / "state",
-        airflow_home=tmp_path,
-        emulator=fullstory_emulator,
-        postgres_url=postgres_url,
-    )
+    d = driver_for(request, tmp_path, fullstory_emulator, monkeypatch)
     yield d
     lg.dispose_engines()
 

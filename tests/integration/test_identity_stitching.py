@@ -9,7 +9,6 @@ Counted in the emulator by `datafly_event_id`.
 
 from __future__ import annotations
 
-import uuid
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
@@ -21,7 +20,7 @@ import pytest
 from include.datafly_fullstory import ledger as lg
 from include.datafly_fullstory.landing import CANONICAL_COLUMNS, TIMESTAMP_COLUMNS
 from include.datafly_fullstory.sample import LandingSpec, generate_table, write_landing
-from tests.integration.sync_driver import SyncDriver
+from tests.integration.sync_driver import driver_for
 from tests.integration.test_exactly_once import assert_no_duplicates, kill_at, ledger_states
 
 H10 = datetime(2026, 11, 20, 10, tzinfo=UTC)
@@ -78,19 +77,8 @@ def driver(request, tmp_path, fullstory_emulator, monkeypatch):
     extra = visitor_rows().cast(background.select(CANONICAL_COLUMNS).schema)
     table = pa.concat_tables([background.select(CANONICAL_COLUMNS), extra]).sort_by("timestamp")
     write_landing(table, tmp_path / "landing")
-    for name in ("AIRFLOW_CONN_FULLSTORY_DEFAULT", "AIRFLOW_CONN_DFFS_LEDGER"):
-        monkeypatch.delenv(name, raising=False)
-    postgres_url = None
-    if request.param == "postgres":
-        postgres_url = request.getfixturevalue("postgres_server").new_database(f"id_{uuid.uuid4().hex[:12]}")
-    d = SyncDriver(
-        landing=tmp_path / "landing",
-        state=tmp_path / "state",
-        airflow_home=tmp_path,
-        emulator=fullstory_emulator,
-        postgres_url=postgres_url,
-        max_items=500,  # one users chunk and one events chunk per run: the kill below hits the events one
-    )
+    # one users chunk and one events chunk per run: the kill below hits the events one
+    d = driver_for(request, tmp_path, fullstory_emulator, monkeypatch, max_items=500)
     yield d
     lg.dispose_engines()
 

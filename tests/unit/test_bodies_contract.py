@@ -23,19 +23,7 @@ from include.datafly_fullstory import sample
 from include.datafly_fullstory.mapping import BatchMapper, MappingSettings
 from include.fullstory_emulator import schema
 from include.fullstory_emulator import validation as emulator
-from tests.mapping_rows import BLUEPRINT, NOW, SID, row, run
-
-GA4_ORDER = {
-    "transaction_id": "ORD-1",
-    "value": 100.0,
-    "currency": "EUR",
-    "tax": 20.0,
-    "shipping": 4.95,
-    "items": [
-        {"item_id": "P1", "item_name": "Boot", "item_category": "Shoes", "price": 60, "quantity": 1},
-        {"item_id": "2", "item_name": "Hat", "price": 20.0, "quantity": 2},
-    ],
-}
+from tests.mapping_rows import BLUEPRINT, GA4_ORDER, NOW, SID, row, run
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import yaml
 
 from include.datafly_fullstory.blueprint import load_blueprint
 from include.datafly_fullstory.mapping.verdicts import NO_IDENTITY
-from tests.mapping_rows import BLUEPRINT_PATH, NOW, OLD, SID, fate, one, row, run
+from tests.mapping_rows import BLUEPRINT_PATH, GA4_ORDER, NOW, OLD, SID, fate, one, row, run
 
 # ---- the seed's event mapping table -----------------------------------------------------------------
 
@@ -90,17 +90,6 @@ ORDER = {
     "products": [
         {"product_id": "P1", "sku": "S1", "name": "Boot", "category": "Shoes", "price": 60, "quantity": 1},
         {"product_id": 2, "name": "Hat", "price": "20.0", "quantity": 2.0},
-    ],
-}
-GA4_ORDER = {
-    "transaction_id": "ORD-1",
-    "value": 100.0,
-    "currency": "EUR",
-    "tax": 20.0,
-    "shipping": 4.95,
-    "items": [
-        {"item_id": "P1", "item_name": "Boot", "item_category": "Shoes", "price": 60, "quantity": 1},
-        {"item_id": "2", "item_name": "Hat", "price": 20.0, "quantity": 2},
     ],
 }
 
