@@ -46,17 +46,44 @@ def _ledger(plan: RunPlan, ledger_url: str | None):
     return Ledger(ledger_url)
 
 
-def extract_stage(plan: RunPlan, ledger_url: str | None = None) -> dict[str, Any]:
-    """Read and validate the window's landing (and the look-back's late rows) into the run folder, then
-    claim the rows in the delivery ledger (see claims.py). A dry run claims nothing."""
+def parts_stage(plan: RunPlan) -> list[int]:
+    """Plan the window into parts (parts.py) after clearing an earlier extract of the run; returns the part
+    numbers, one extract task each."""
+    from include.datafly_fullstory import extract, parts
+
+    plan = RunPlan.from_xcom(plan)
+    extract.clear(plan.store)
+    planned = parts.plan_parts(plan.landing_uri, plan.window, plan.store, max_rows=plan.part_rows)
+    return [p.number for p in planned]
+
+
+def extract_part_stage(plan: RunPlan, part: int) -> dict[str, Any]:
+    """Read and validate one part of the window (extract.extract_part)."""
+    from include.datafly_fullstory import parts
+    from include.datafly_fullstory.extract import extract_part
+
+    plan = RunPlan.from_xcom(plan)
+    planned = {p.number: p for p in parts.read(plan.store)}
+    if int(part) not in planned:
+        raise ParamError(f"part {part} is not in the run's plan of parts ({len(planned)} part(s))")
+    return extract_part(plan.landing_uri, plan.window, plan.store, planned[int(part)])
+
+
+def extract_stage(
+    plan: RunPlan, ledger_url: str | None = None, part_results: list[dict] | None = None
+) -> dict[str, Any]:
+    """Join the window's parts (read by the extract tasks, `part_results`; without them, read here) and the
+    look-back's late rows into the run folder, then claim the rows in the delivery ledger (see claims.py).
+    A dry run claims nothing."""
     from include.datafly_fullstory import claims, stitching
     from include.datafly_fullstory.extract import run_extract
 
     plan = RunPlan.from_xcom(plan)
     store, window = plan.store, plan.window
+    source = {"part_results": part_results, "part_rows": plan.part_rows}
     ledger = _ledger(plan, ledger_url)
     if ledger is None:
-        return {**run_extract(plan.landing_uri, window, store), "claims": {}}
+        return {**run_extract(plan.landing_uri, window, store, **source), "claims": {}}
     destination, span, scan_start = plan.destination, plan.span, plan.scan_start
     ledger.start_run(destination, plan.run_id, window=span, scan_start=scan_start.isoformat())
     lookback = late = None
@@ -64,7 +91,7 @@ def extract_stage(plan: RunPlan, ledger_url: str | None = None) -> dict[str, Any
     if scan_start < window.start:
         late = _late_stitch(plan, ledger, Window(scan_start, window.start))
         lookback = _lookback(ledger, destination, Window(scan_start, window.start), lease, late)
-    extracted = run_extract(plan.landing_uri, window, store, lookback=lookback)
+    extracted = run_extract(plan.landing_uri, window, store, lookback=lookback, **source)
     if late is None:  # identity pairs are learned as early as possible (with a look-back: before it reads)
         stitching.learn(store, ledger, destination, *_identity_inputs(plan))
     options = claims.ClaimOptions(
@@ -196,46 +223,103 @@ def _beyond_lookback(ledger, plan: RunPlan, scan_start: datetime) -> dict[str, A
     return {"files": len(files), "examples": [f.uri for f in files[:5]]}
 
 
-def map_stage(plan: RunPlan, extracted: Mapping[str, Any], ledger_url: str | None = None) -> dict[str, Any]:
-    """Map the claimed rows into payload chunks (see mapping.run_mapping), hand each chunk its items in the
-    ledger, record the rows mapping will not send, and list the chunks of earlier runs this run resumes."""
-    from include.datafly_fullstory import claims, stitching
+def map_prepare_stage(
+    plan: RunPlan, extracted: Mapping[str, Any], ledger_url: str | None = None
+) -> dict[str, Any]:
+    """The mapping's first step (mapping/stage.py prepare_mapping) with the ledger's part in it: chunks an
+    earlier try registered but never sent are abandoned (new ones are numbered after the sent ones), and
+    the deletion requests, the identity map and earlier runs' consent come from the ledger. Returns what
+    the part tasks and the last step need: `parts` (one map task each), `first_number`, `late_from`."""
+    from include.datafly_fullstory import stitching
     from include.datafly_fullstory.blueprint import load_blueprint
-    from include.datafly_fullstory.mapping import MappingSettings, run_mapping, trait_diff
+    from include.datafly_fullstory.mapping import MappingSettings
     from include.datafly_fullstory.mapping.consent import ledger_history
+    from include.datafly_fullstory.mapping.stage import prepare_mapping, window_parts
     from include.datafly_fullstory.mapping.suppression import Suppression
 
     plan = RunPlan.from_xcom(plan)
-    store, window = plan.store, plan.window
+    store = plan.store
     settings = MappingSettings.from_dict(plan.mapping)
     ledger = _ledger(plan, ledger_url)
     dead_letters.clear(store)
     outcomes.remove_delivery_outcomes(store)  # delivery rewrites them from the ledger
     late_from = int(extracted["rows_read"]) - int(extracted.get("late", {}).get("rows", 0))
     blueprint = load_blueprint(plan.blueprint)
-    if ledger is None:  # a dry run: the window's own rows stitch (run_mapping's default map)
-        return run_mapping(
-            store, blueprint, settings, reference_time=window.end, window=window, late_from=late_from
+    first = 0
+    if ledger is None:  # a dry run: the window's own rows stitch (prepare_mapping's default map)
+        prepare_mapping(store, blueprint, settings)
+    else:
+        destination = plan.destination
+        sent = ledger.abandon_unsent_chunks(destination, plan.run_id)
+        first = 1 + max((int(c.name.rsplit("-", 1)[1]) for c in sent), default=-1)
+        prepare_mapping(
+            store,
+            blueprint,
+            settings,
+            keep=[c.name for c in sent],
+            consent_history=ledger_history(ledger, destination, plan.run_id),
+            suppression=Suppression(*ledger.suppressed_people(destination)),  # deletion requests
+            identities=stitching.identity_map(store, ledger, destination, blueprint, settings),
         )
+    return {"parts": window_parts(store), "first_number": first, "late_from": late_from}
+
+
+def map_part_stage(plan: RunPlan, prepared: Mapping[str, Any], part: int) -> dict[str, Any]:
+    """Map one window part's events (mapping/stage.py map_part)."""
+    from include.datafly_fullstory.blueprint import load_blueprint
+    from include.datafly_fullstory.mapping.stage import map_part
+
+    plan = RunPlan.from_xcom(plan)
+    return map_part(
+        plan.store,
+        load_blueprint(plan.blueprint),
+        plan.mapping,
+        int(part),
+        reference_time=plan.window.end,
+        first_number=int(prepared["first_number"]),
+        late_from=int(prepared["late_from"]),
+    )
+
+
+def map_stage(
+    plan: RunPlan,
+    extracted: Mapping[str, Any],
+    ledger_url: str | None = None,
+    prepared: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The mapping's last step: users, outcomes, the manifest (mapping/stage.py finish_mapping); then each
+    chunk gets its items in the ledger, the rows mapping will not send are recorded, and the chunks of
+    earlier runs this run resumes are listed. Without `prepared` (the first step's result, the parts mapped
+    by their own tasks) all three steps run here."""
+    from include.datafly_fullstory import claims, stitching
+    from include.datafly_fullstory.blueprint import load_blueprint
+    from include.datafly_fullstory.mapping import MappingSettings, trait_diff
+    from include.datafly_fullstory.mapping.stage import finish_mapping
+
+    plan = RunPlan.from_xcom(plan)
+    store, window = plan.store, plan.window
+    if prepared is None:
+        prepared = map_prepare_stage(plan, extracted, ledger_url)
+        for part in prepared["parts"]:
+            map_part_stage(plan, prepared, part)
+    settings = MappingSettings.from_dict(plan.mapping)
+    ledger = _ledger(plan, ledger_url)
     destination = plan.destination
-    sent = ledger.abandon_unsent_chunks(destination, plan.run_id)
-    first = 1 + max((int(c.name.rsplit("-", 1)[1]) for c in sent), default=-1)
-    suppression = Suppression(*ledger.suppressed_people(destination))  # deletion requests
-    identities = stitching.identity_map(store, ledger, destination, blueprint, settings)
-    summary = run_mapping(
+    summary = finish_mapping(
         store,
-        blueprint,
+        load_blueprint(plan.blueprint),
         settings,
         reference_time=window.end,
         window=window,
-        keep=[c.name for c in sent],
-        first_number=first,
-        consent_history=ledger_history(ledger, destination, plan.run_id),
-        unchanged_users=lambda uids, hashes: ledger.unchanged_traits(destination, uids, hashes),
-        suppression=suppression,
-        identities=identities,
-        late_from=late_from,
+        first_number=int(prepared["first_number"]),
+        unchanged_users=None
+        if ledger is None
+        else (lambda uids, hashes: ledger.unchanged_traits(destination, uids, hashes)),
+        late_from=int(prepared["late_from"]),
+        parts=prepared["parts"],
     )
+    if ledger is None:
+        return summary
     registered = claims.register_chunks(store, ledger, destination, summary["chunks"])
     stitching.record_waits(store, ledger, destination)  # before the skips are settled: never lost
     trait_diff.register(ledger, destination, plan.run_id, registered)

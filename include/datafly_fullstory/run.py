@@ -21,6 +21,8 @@ from include.datafly_fullstory.state import RunStore
 from include.datafly_fullstory.stats import THRESHOLDS
 from include.datafly_fullstory.window import Window, parse_instant, resolve_window
 
+DEFAULT_PART_ROWS = 500_000  # rows per window part (parts.py): a task of ~10-20 s per core
+
 DEFAULT_LOOKBACK_HOURS = 24.0
 MAX_LOOKBACK_HOURS = 24 * 14
 DISTRIBUTED_EXECUTORS = ("CeleryExecutor", "KubernetesExecutor", "CeleryKubernetesExecutor", "EdgeExecutor")
@@ -45,6 +47,7 @@ class RunPlan:
     thresholds: dict[str, float] = field(default_factory=dict)
     mapping: dict[str, Any] = field(default_factory=dict)  # MappingSettings fields
     blueprint: str = "retail"  # a bundled variant name or a YAML path (blueprint.load_blueprint)
+    part_rows: int = DEFAULT_PART_ROWS  # rows per window part: one extract and one map task each (parts.py)
 
     @property
     def store(self) -> RunStore:
@@ -75,6 +78,7 @@ class RunPlan:
             "thresholds": dict(self.thresholds),
             "mapping": dict(self.mapping),
             "blueprint": self.blueprint,
+            "part_rows": self.part_rows,
         }
 
     @classmethod
@@ -128,6 +132,10 @@ def plan_run(
             "exactly once per org"
         )
     state = resolve_uri(state_uri, airflow_home, default="state")
+    part_rows = params.get("part_rows")
+    part_rows = DEFAULT_PART_ROWS if part_rows is None else part_rows
+    if not isinstance(part_rows, int) or isinstance(part_rows, bool) or part_rows < 1000:
+        raise ParamError(f"param part_rows={part_rows!r} must be a whole number of at least 1000 rows")
     return RunPlan(
         run_id=run_id,
         window=window,
@@ -145,6 +153,7 @@ def plan_run(
         fullstory_conn_id=str(params.get("fullstory_conn_id") or "fullstory_default"),
         thresholds=_thresholds(params),
         blueprint=resolve_blueprint(params.get("blueprint") or blueprint, airflow_home),
+        part_rows=part_rows,
         mapping={
             "event_types": [str(t) for t in (params.get("event_types") or []) if str(t).strip()],
             "require_explicit_consent": bool(params.get("require_explicit_consent", False)),

@@ -1,9 +1,14 @@
 """Validated parts: the rows of a run that passed validation; this module writes and reads them.
 
-`validated/part-NNNNN.parquet` in the run folder, in landing order, with the landing's columns
-(`landing.FRAME_SCHEMA`) plus `_row` (the row's number in the run, the key of its outcome) and `_file` (the
-landing file it came from). The extract stage writes them, the claims step narrows them to the rows this run
-delivers, and the mapping stage reads them batch by batch (bounded memory).
+`validated/part-KKKKK-NNNNN.parquet` in the run folder (`K` the window part that read the rows, parts.py;
+`N` the batch within it), in landing order, with the landing's columns (`landing.FRAME_SCHEMA`) plus `_row`
+(the row's number in the run, the key of its outcome) and `_file` (the landing file it came from). The
+extract tasks write them, the claims step narrows them to the rows this run delivers, and the mapping stage
+reads them batch by batch (bounded memory).
+
+The claims step does not overwrite what extract wrote: its narrowed copy of a part goes to
+`validated/claimed/<name>`, which readers take instead when present. Claiming again (a retried task) starts
+from the extracted rows after `reset_claims`, so a row taken out by an earlier try is never lost.
 """
 
 from __future__ import annotations
@@ -17,14 +22,21 @@ import pyarrow.parquet as pq
 from include.datafly_fullstory.state import RunStore
 
 FOLDER = "validated"
+CLAIMED = "claimed"
 
 
-def part_path(number: int) -> str:
-    """The run-folder path of part `number`."""
-    return f"{FOLDER}/part-{number:05d}.parquet"
+def part_path(number: int | tuple[int, int]) -> str:
+    """The run-folder path of part `number` (an int, or (window part, batch))."""
+    return f"{FOLDER}/{part_name(number)}"
 
 
-def write_part(store: RunStore, number: int, table: pa.Table) -> str:
+def part_name(number: int | tuple[int, int]) -> str:
+    if isinstance(number, tuple):
+        return f"part-{number[0]:05d}-{number[1]:05d}.parquet"
+    return f"part-{number:05d}.parquet"
+
+
+def write_part(store: RunStore, number: int | tuple[int, int], table: pa.Table) -> str:
     path = part_path(number)
     store.write_table(table, path)
     return path
@@ -43,21 +55,63 @@ def parts(store: RunStore) -> list[str]:
     return [n for n in store.list(FOLDER, suffix=".parquet") if n.startswith("part-")]
 
 
+def window_part_of(name: str) -> int:
+    """The window part a file name belongs to (0 for the single-part names `part-NNNNN.parquet`)."""
+    pieces = name.removesuffix(".parquet").split("-")
+    return int(pieces[1]) if len(pieces) == 3 else 0
+
+
+def parts_of(store: RunStore, window_part: int) -> list[str]:
+    return [n for n in parts(store) if window_part_of(n) == window_part]
+
+
+def _source(store: RunStore, name: str) -> tuple[str, ...]:
+    claimed = (FOLDER, CLAIMED, name)
+    return claimed if store.exists(*claimed) else (FOLDER, name)
+
+
 def read_part(store: RunStore, name: str, columns: list[str] | None = None) -> pa.Table:
+    return store.read_table(*_source(store, name), columns=columns)
+
+
+def read_extracted(store: RunStore, name: str, columns: list[str] | None = None) -> pa.Table:
+    """A part as extract wrote it, before the claims step narrowed it."""
     return store.read_table(FOLDER, name, columns=columns)
 
 
 def replace_part(store: RunStore, name: str, table: pa.Table) -> None:
-    store.write_table(table, FOLDER, name)
+    """The claims step's narrowed copy of a part (see the module docstring)."""
+    store.write_table(table, FOLDER, CLAIMED, name)
+
+
+def replace_extracted(store: RunStore, name: str, table: pa.Table) -> None:
+    """Rewrite a part as extract's own output (rows found to be duplicates of an earlier part's)."""
+    if table.num_rows:
+        store.write_table(table, FOLDER, name)
+    else:
+        store.remove(FOLDER, name)
+
+
+def reset_claims(store: RunStore) -> None:
+    store.remove(FOLDER, CLAIMED)
+
+
+def remove_parts(store: RunStore, names) -> None:
+    for name in names:
+        store.remove(FOLDER, name)
+        store.remove(FOLDER, CLAIMED, name)
 
 
 def clear(store: RunStore) -> None:
     store.remove(FOLDER)
 
 
-def iter_frames(store: RunStore, batch_rows: int, columns: list[str] | None = None) -> Iterator[pd.DataFrame]:
-    """The validated rows as frames, one per record batch of at most `batch_rows` rows (only `columns`)."""
-    for name in parts(store):
-        with store.fs.open(store.path(FOLDER, name), "rb") as fh:
+def iter_frames(
+    store: RunStore, batch_rows: int, columns: list[str] | None = None, names=None
+) -> Iterator[pd.DataFrame]:
+    """The validated rows as frames, one per record batch of at most `batch_rows` rows (only `columns`), of
+    every part or of the parts `names`."""
+    for name in parts(store) if names is None else names:
+        with store.fs.open(store.path(*_source(store, name)), "rb") as fh:
             for record_batch in pq.ParquetFile(fh).iter_batches(batch_size=batch_rows, columns=columns):
                 yield record_batch.to_pandas()

@@ -204,16 +204,23 @@ class Stitcher:
         )
         return uid, uid_len
 
+    def records(self) -> pa.Table:
+        """The stitching records so far (one part's, for mapping/context.py)."""
+        if not self._records:
+            return SCHEMA.empty_table()
+        return pa.Table.from_pandas(
+            pd.concat(self._records, ignore_index=True), schema=SCHEMA, preserve_index=False
+        )
+
+    def add_records(self, table: pa.Table) -> None:
+        """Records of another part (the finish step gathers every part's)."""
+        if table.num_rows:
+            self._records.append(table.to_pandas())
+
     def finish(self, store: RunStore, mapping_outcomes: pa.Table) -> dict[str, int]:
         """Write `identity.parquet` and return the figures. A stitched row the mapping did not send after
         all (rejected: a user id over the uid limit, a limit of its body) is recorded as not stitched."""
-        table = (
-            pa.Table.from_pandas(
-                pd.concat(self._records, ignore_index=True), schema=SCHEMA, preserve_index=False
-            )
-            if self._records
-            else SCHEMA.empty_table()
-        )
+        table = self.records()
         decided = pc.is_in(table.column("row"), value_set=mapping_outcomes.column("row"))
         unsent = pc.and_(pc.equal(table.column("status"), "stitched"), decided)
         table = table.set_column(

@@ -1,5 +1,14 @@
-"""The mapping stage's I/O: `run_mapping` reads a run's validated parts batch by batch, writes event and user
-chunks through the payload writers, this stage's outcomes and, last, the payload manifest."""
+"""The mapping stage's I/O, in three steps that can run as separate tasks on separate workers:
+
+1. `prepare_mapping`: the window-wide facts every part maps with (consent revocations, the identity map,
+   deletion requests), read once from the validated rows and saved (mapping/context.py);
+2. `map_part`: one window part's events (its validated parts, batch by batch) -> event chunks numbered in
+   the part's own range (`first_number + part * PART_CHUNKS`), its outcomes and identify rows;
+3. `finish_mapping`: every part's identify rows folded per user into user chunks, the stage's outcomes
+   (`outcomes/mapping.parquet`), the figures and, last, the payload manifest.
+
+`run_mapping` runs the three in one process; either way a row maps to the same outcome and the same body.
+"""
 
 from __future__ import annotations
 
@@ -18,11 +27,15 @@ from include.datafly_fullstory.chunks import ChunkWriter, clear_payloads, idempo
 from include.datafly_fullstory.mapping import trait_diff, type_report
 from include.datafly_fullstory.mapping.batch import IDENTIFICATION_MODES, IDENTIFY_COLUMNS, BatchMapper
 from include.datafly_fullstory.mapping.consent import SCAN_COLUMNS, ConsentHistory, revocations
+from include.datafly_fullstory.mapping.context import MappingContext, PartResult
+from include.datafly_fullstory.mapping.context import clear as clear_context
 from include.datafly_fullstory.mapping.identity import IdentityMap, Stitcher, window_pairs
 from include.datafly_fullstory.mapping.settings import MappingSettings
 from include.datafly_fullstory.mapping.suppression import Suppression
 from include.datafly_fullstory.state import RunStore
 from include.datafly_fullstory.window import Window
+
+PART_CHUNKS = 100_000  # event chunk numbers each window part may use
 
 
 def run_mapping(
@@ -56,31 +69,112 @@ def run_mapping(
     events without a user_id or session id are stitched with (identity.py; rows from `late_from` on are the
     look-back's; None: the map the rows' own pairs give); the mapping is a pure function of the rows and that
     map too."""
-    bp = blueprint if isinstance(blueprint, Blueprint) else load_blueprint(blueprint or "retail")
+    bp = _blueprint(blueprint)
     settings = MappingSettings.from_dict(settings)
-    reference_time = _as_utc(reference_time)
-    clear_payloads(store, set(keep))
-    events = ChunkWriter(
-        store, "events", max_items=settings.max_items, max_bytes=settings.max_bytes, first_number=first_number
+    context = prepare_mapping(
+        store,
+        bp,
+        settings,
+        keep=keep,
+        consent_history=consent_history,
+        suppression=suppression,
+        identities=identities,
     )
+    for part in window_parts(store):
+        map_part(
+            store,
+            bp,
+            settings,
+            part,
+            reference_time=reference_time,
+            first_number=first_number,
+            late_from=late_from,
+            context=context,
+        )
+    return finish_mapping(
+        store,
+        bp,
+        settings,
+        reference_time=reference_time,
+        window=window,
+        first_number=first_number,
+        unchanged_users=unchanged_users,
+        late_from=late_from,
+        context=context,
+    )
+
+
+def window_parts(store: RunStore) -> list[int]:
+    """The window parts the validated rows came from (map_part's unit of work)."""
+    return sorted({validated.window_part_of(n) for n in validated.parts(store)}) or [0]
+
+
+def prepare_mapping(
+    store: RunStore,
+    blueprint: Blueprint | str | Path | None,
+    settings: MappingSettings | dict | None,
+    *,
+    keep: Iterable[str] = (),
+    consent_history: ConsentHistory | None = None,
+    suppression: Suppression | None = None,
+    identities: IdentityMap | None = None,
+) -> MappingContext:
+    """Step 1 (see the module docstring): clears `payloads/` (but `keep`) and the mapping's working files,
+    reads the window's revocations and, without `identities`, the identity map its own pairs give."""
+    bp = _blueprint(blueprint)
+    settings = MappingSettings.from_dict(settings)
+    clear_payloads(store, set(keep))
+    clear_context(store)
     revoked = revocations(
         validated.iter_frames(store, settings.batch_rows, columns=SCAN_COLUMNS), bp, consent_history
     )
     if identities is None:
         identities = IdentityMap.of_pairs(window_pairs(store, bp, settings))
-    stitcher = Stitcher(identities, late_from)
-    mapper = BatchMapper(
+    context = MappingContext(revoked, identities, suppression or Suppression())
+    context.save(store)
+    return context
+
+
+def _mapper(bp, settings, reference_time, context: MappingContext, stitcher, largest_line) -> BatchMapper:
+    return BatchMapper(
         bp,
         settings,
-        reference_time,
-        largest_line=events.largest_line(),
-        revocations=revoked,
-        suppression=suppression,
+        _as_utc(reference_time),
+        largest_line=largest_line,
+        revocations=context.revocations,
+        suppression=context.suppression,
         stitcher=stitcher,
     )
+
+
+def map_part(
+    store: RunStore,
+    blueprint: Blueprint | str | Path | None,
+    settings: MappingSettings | dict | None,
+    part: int,
+    *,
+    reference_time: datetime | str,
+    first_number: int = 0,
+    late_from: int | None = None,
+    context: MappingContext | None = None,
+) -> dict:
+    """Step 2: map one window part's events into chunks `events-<first_number + part * PART_CHUNKS + i>`
+    and save what else it produced (mapping/context.py). Returns its small summary."""
+    bp = _blueprint(blueprint)
+    settings = MappingSettings.from_dict(settings)
+    context = context or MappingContext.load(store)
+    events = ChunkWriter(
+        store,
+        "events",
+        max_items=settings.max_items,
+        max_bytes=settings.max_bytes,
+        first_number=first_number + part * PART_CHUNKS,
+    )
+    stitcher = Stitcher(context.identities, late_from)
+    mapper = _mapper(bp, settings, reference_time, context, stitcher, events.largest_line())
     outcome_tables, identify_parts, rows_read, problems = [], [], 0, []
     by_name, identification = Counter(), Counter(dict.fromkeys(IDENTIFICATION_MODES, 0))
-    for frame in validated.iter_frames(store, settings.batch_rows):
+    for frame in validated.iter_frames(store, settings.batch_rows, names=validated.parts_of(store, part)):
         rows_read += len(frame)
         batch = mapper.map_batch(frame)
         by_name.update(batch.by_name)
@@ -90,10 +184,64 @@ def run_mapping(
         problems.append(type_report.table(mapper.events.types.take_problems()))
         outcome_tables.append(outcomes.to_table(batch.outcomes))
     events.flush()
+    if len(events.chunks) > PART_CHUNKS:
+        raise ValueError(
+            f"window part {part} made {len(events.chunks)} event chunks, more than the {PART_CHUNKS} a part may "
+            "number: plan the window in smaller parts"
+        )
+    summary = {
+        "part": part,
+        "rows_read": rows_read,
+        "chunks": events.chunks,
+        "events_by_name": dict(by_name),
+        "identification": dict(identification),
+    }
+    PartResult(
+        part,
+        summary,
+        pa.concat_tables(outcome_tables) if outcome_tables else outcomes.SCHEMA.empty_table(),
+        _concat(identify_parts, IDENTIFY_COLUMNS),
+        pa.concat_tables(problems) if problems else type_report.table([]),
+        stitcher.records(),
+    ).save(store)
+    return {"part": part, "rows_read": rows_read, "chunks": len(events.chunks)}
+
+
+def finish_mapping(
+    store: RunStore,
+    blueprint: Blueprint | str | Path | None,
+    settings: MappingSettings | dict | None,
+    *,
+    reference_time: datetime | str,
+    window: Window | None = None,
+    first_number: int = 0,
+    unchanged_users: trait_diff.UnchangedLookup | None = None,
+    late_from: int | None = None,
+    context: MappingContext | None = None,
+    parts: Iterable[int] | None = None,
+) -> dict:
+    """Step 3: users from every part's identify rows, the stage's outcomes, figures and the manifest."""
+    bp = _blueprint(blueprint)
+    settings = MappingSettings.from_dict(settings)
+    reference_time = _as_utc(reference_time)
+    context = context or MappingContext.load(store)
+    results = [PartResult.load(store, n) for n in (window_parts(store) if parts is None else sorted(parts))]
+    stitcher = Stitcher(context.identities, late_from)
     users = ChunkWriter(
         store, "users", max_items=settings.max_items, max_bytes=settings.max_bytes, first_number=first_number
     )
-    identify = _concat(identify_parts, IDENTIFY_COLUMNS)
+    mapper = _mapper(bp, settings, reference_time, context, stitcher, users.largest_line())
+    outcome_tables = [r.outcomes for r in results]
+    problems = [r.type_problems for r in results]
+    by_name, identification = Counter(), Counter(dict.fromkeys(IDENTIFICATION_MODES, 0))
+    event_chunks, rows_read = [], 0
+    for r in results:
+        stitcher.add_records(r.identity)
+        by_name.update(r.summary["events_by_name"])
+        identification.update(r.summary["identification"])
+        event_chunks += r.summary["chunks"]
+        rows_read += int(r.summary["rows_read"])
+    identify = _concat([r.identify for r in results], IDENTIFY_COLUMNS)
     user_lines, user_index, user_outcomes = mapper.fold_users(identify)
     problems.append(
         type_report.name_user_rows(type_report.table(mapper.events.types.take_problems()), identify)
@@ -105,9 +253,9 @@ def run_mapping(
     users.add(user_lines, *user_index)
     users.flush()
     outcome_tables.append(outcomes.to_table(user_outcomes))
-    mapping_outcomes = pa.concat_tables(outcome_tables) if outcome_tables else outcomes.SCHEMA.empty_table()
+    mapping_outcomes = pa.concat_tables([t.cast(outcomes.SCHEMA) for t in outcome_tables])
     outcomes.write_outcomes(store, "mapping", mapping_outcomes)
-    chunks = users.chunks + events.chunks
+    chunks = users.chunks + event_chunks
     if window is not None:
         chunks = [
             {**c, "idempotency_key": idempotency_key(store.run_id, window, c["kind"], c["name"], c["sha256"])}
@@ -115,7 +263,7 @@ def run_mapping(
         ]
     summary = {
         "chunks": chunks,
-        "events_mapped": sum(c["items"] for c in events.chunks),
+        "events_mapped": sum(c["items"] for c in event_chunks),
         "users_mapped": len(user_lines),
         "users_unchanged": n_unchanged,
         "type_problems": type_report.summary(type_report.write(store, problems)),
@@ -133,6 +281,10 @@ def run_mapping(
         reference_time=reference_time.isoformat(),
     )
     return summary
+
+
+def _blueprint(blueprint: Blueprint | str | Path | None) -> Blueprint:
+    return blueprint if isinstance(blueprint, Blueprint) else load_blueprint(blueprint or "retail")
 
 
 def _count_outcomes(table: pa.Table) -> dict[str, int]:
