@@ -134,8 +134,8 @@ def plan_run(
     state = resolve_uri(state_uri, airflow_home, default="state")
     part_rows = params.get("part_rows")
     part_rows = DEFAULT_PART_ROWS if part_rows is None else part_rows
-    if not isinstance(part_rows, int) or isinstance(part_rows, bool) or part_rows < 1000:
-        raise ParamError(f"param part_rows={part_rows!r} must be a whole number of at least 1000 rows")
+    if not isinstance(part_rows, int) or isinstance(part_rows, bool) or part_rows < 1:
+        raise ParamError(f"param part_rows={part_rows!r} must be a whole number of rows, at least 1")
     return RunPlan(
         run_id=run_id,
         window=window,

@@ -1,6 +1,7 @@
 """Drives the sync DAG's real tasks, in the DAG's order, for exactly-once tests.
 
-Each task is what the DAG's task calls: `pipeline.plan_run` / `extract_stage` / `map_stage` /
+Each task is what the DAG's task calls: `pipeline.plan_run` / `parts_stage` / `extract_part_stage` (one per
+window part) / `extract_stage` / `map_prepare_stage` / `map_part_stage` (one per part) / `map_stage` /
 `FullStoryDeliveryOperator.execute` (one per chunk group, real hook, real HTTP to the emulator) /
 `summarise_run`. A run keeps its tasks' return values like XCom does, so a failed task can be retried,
 the whole run cleared, or a new run started, exactly as an Airflow user would. A `Killed` raised inside a
@@ -24,6 +25,10 @@ from include.datafly_fullstory.run import plan_run
 from include.datafly_fullstory.state import RunStore
 
 GROUP_SIZE = 2
+
+
+def _index(name: str) -> int:
+    return int(name.rstrip("]").split("[")[1])
 
 
 class Killed(BaseException):  # noqa: N818 - stands for a SIGKILL: `except Exception` does not catch it
@@ -63,12 +68,14 @@ class SyncDriver:
         emulator,
         max_items: int = 60,
         postgres_url: str | None = None,
+        part_rows: int = 100,
     ):
         """`postgres_url`: keep the ledger in that Postgres database, reached as deployments do, through an
         Airflow connection named by `datafly_fullstory_ledger_conn_id` (else the SQLite default)."""
         import os
 
         self.landing, self.state, self.home, self.max_items = landing, state, airflow_home, max_items
+        self.part_rows = part_rows  # small parts: the tests' windows run as several parts where files allow
         self.ledger_conn_id = None
         self.ledger_db_url = f"sqlite:///{state / 'ledger.sqlite'}"
         if postgres_url:
@@ -118,7 +125,11 @@ class SyncDriver:
     # ---- tasks -------------------------------------------------------------------------------------------
 
     def tasks(self, run: Run) -> list[str]:
-        names = ["plan", "extract", "map"]
+        names = ["plan", "plan_parts"]
+        names += [f"extract_part[{i}]" for i in range(len(run.xcom.get("plan_parts", ())))]
+        names += ["extract", "map_prepare"]
+        names += [f"map_part[{i}]" for i in range(len((run.xcom.get("map_prepare") or {}).get("parts", ())))]
+        names += ["map"]
         if "map" in run.xcom:
             chunks = run.xcom["map"]["chunks"]
             for kind in ("users", "events"):
@@ -129,7 +140,7 @@ class SyncDriver:
     def execute(self, run: Run, name: str) -> Any:
         if name == "plan":
             plan = plan_run(
-                params=run.params,
+                params={"part_rows": self.part_rows, **run.params},
                 run_id=run.run_id,
                 landing_uri=str(self.landing),
                 state_uri=str(self.state),
@@ -143,10 +154,20 @@ class SyncDriver:
             # several chunks per window
             return dataclasses.replace(plan, mapping={**plan.mapping, "max_items": self.max_items}).to_xcom()
         url = ledger_url(run.plan["ledger"])
+        if name == "plan_parts":
+            return pipeline.parts_stage(run.plan)
+        if name.startswith("extract_part["):
+            return pipeline.extract_part_stage(run.plan, run.xcom["plan_parts"][_index(name)])
         if name == "extract":
-            return pipeline.extract_stage(run.plan, url)
+            parts = [run.xcom[f"extract_part[{i}]"] for i in range(len(run.xcom["plan_parts"]))]
+            return pipeline.extract_stage(run.plan, url, part_results=parts)
+        if name == "map_prepare":
+            return pipeline.map_prepare_stage(run.plan, run.xcom["extract"], url)
+        if name.startswith("map_part["):
+            prepared = run.xcom["map_prepare"]
+            return pipeline.map_part_stage(run.plan, prepared, prepared["parts"][_index(name)])
         if name == "map":
-            return pipeline.map_stage(run.plan, run.xcom["extract"], url)
+            return pipeline.map_stage(run.plan, run.xcom["extract"], url, prepared=run.xcom["map_prepare"])
         if name.startswith("deliver_"):
             kind, index = name.removeprefix("deliver_").rstrip("]").split("[")
             group = pipeline.group_chunks(run.xcom["map"]["chunks"], kind, GROUP_SIZE)[int(index)]
@@ -197,6 +218,14 @@ class SyncDriver:
                     run.done.append(name)
             names = self.tasks(run)  # delivery groups appear once mapping has run
             i += 1
+        return run
+
+    def go_through(self, run: Run, last: str) -> Run:
+        """Run the tasks in order up to and including `last` (which must succeed)."""
+        while last not in run.done:
+            name = next(n for n in self.tasks(run) if n not in run.done)
+            run.xcom[name] = self.execute(run, name)
+            run.done.append(name)
         return run
 
     def retry(self, run: Run) -> Run:
