@@ -321,9 +321,10 @@ def seal(store: RunStore, results: list[dict], sink, outcome_frames: list, count
         counts["rows_read"] += result["rows_read"]
         counts["rows_valid"] += result["rows_valid"] - n_moved
         counts["rows_quarantined"] += result["rows_quarantined"] + n_moved
-        summary = merge_summaries(
-            summary, _with_duplicates(result["validation"], int(earlier.sum()), n_moved)
-        )
+        if result["rows_read"]:  # an empty part's summary has no rule details to add
+            summary = merge_summaries(
+                summary, _with_duplicates(result["validation"], int(earlier.sum()), n_moved)
+            )
         if quarantined.num_rows:
             sink.write(quarantined)
             outcome_frames.append(quarantine_outcomes(quarantined.to_pandas()))

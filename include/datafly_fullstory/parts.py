@@ -77,7 +77,7 @@ class Part:
 
 def group(files: Iterable[PartFile], max_rows: int) -> list[Part]:
     """Consecutive files in parts of at most `max_rows` rows (a larger file is a part alone). A file
-    without rows of the window (a neighbouring hour's, opened for clock skew) goes with the part before it:
+    without rows of the window (a neighbouring hour's, opened for clock skew) goes with the part it is next to:
     it is still read (its footer) and recorded as read. A window without files has one empty part, so the
     extract task still runs and writes the window's (empty) outputs."""
     parts: list[Part] = []
@@ -90,7 +90,7 @@ def group(files: Iterable[PartFile], max_rows: int) -> list[Part]:
         first, current, rows = first + rows, [], 0
 
     for f in files:
-        if current and f.rows and rows + f.rows > max_rows:
+        if rows and f.rows and rows + f.rows > max_rows:
             close()
         current.append(f)
         rows += f.rows
