@@ -8,9 +8,13 @@ import jobs, user updates first. Anonymous events are stitched to the user their
 identified as (in this window or an earlier one); analytics consent fails closed, and a later denial stops
 the person's earlier rows; user updates whose traits are unchanged are not sent again.
 
-**Tasks**: `plan` (the window and settings) -> `extract_and_validate` (bad rows to the quarantine)
-and `deletions` (deletion requests, see below) -> `map_payloads` (request chunks) -> `deliver_users`
--> `deliver_events` (mapped over chunk groups, capped by the `fullstory_api` pool) -> `summarise` (outcomes, `stats.json`, the asset's metadata).
+**Tasks**: `plan` (the window and settings) -> `plan_parts` (the window in parts of `part_rows` rows)
+-> `extract_part` (mapped: each part read and validated, bad rows to the quarantine) -> `extract_and_validate`
+(the parts joined, late rows, rows claimed) and `deletions` (deletion requests, see below) ->
+`prepare_mapping` (consent, identities) -> `map_part` (mapped: each part's events) -> `map_payloads` (users,
+request chunks) -> `deliver_users` -> `deliver_events` (mapped over chunk groups, capped by the
+`fullstory_api` pool) -> `summarise` (outcomes, `stats.json`, the asset's metadata). The mapped tasks spread
+over the workers of a Celery or Kubernetes deployment (docs/deploying.md).
 
 **Every input row gets exactly one outcome** in `runs/<run_id>/outcomes.parquet` under the state URI:
 delivered (stitched ones say so), rejected (see `dead_letters.parquet`), quarantined (see
@@ -109,6 +113,14 @@ PARAMS = {
         title="Look-back hours",
         description="Also deliver rows that landed late for this many hours before the "
         "window (default 24 for scheduled runs, 0 with window_start/window_end).",
+    ),
+    "part_rows": Param(
+        500_000,
+        type="integer",
+        minimum=1000,
+        title="Rows per part",
+        description="The window is read, validated and mapped in parts of at most this many rows (whole "
+        "landing files), one task each, so several workers share a window.",
     ),
     "replay_dead_letters": Param(
         False,
@@ -235,11 +247,23 @@ def datafly_fullstory_sync():
         ).to_xcom()
 
     @task
-    def extract_and_validate(run_plan: dict) -> dict:
+    def plan_parts(run_plan: dict) -> list[int]:
+        from include.datafly_fullstory.pipeline import parts_stage
+
+        return _fail_fast(parts_stage, run_plan)
+
+    @task
+    def extract_part(run_plan: dict, part: int) -> dict:
+        from include.datafly_fullstory.pipeline import extract_part_stage
+
+        return _fail_fast(extract_part_stage, run_plan, part)
+
+    @task
+    def extract_and_validate(run_plan: dict, parts) -> dict:
         from fullstory_provider.ledger_db import ledger_url
         from include.datafly_fullstory.pipeline import extract_stage
 
-        return _fail_fast(extract_stage, run_plan, ledger_url(run_plan["ledger"]))
+        return _fail_fast(extract_stage, run_plan, ledger_url(run_plan["ledger"]), _values(parts))
 
     @task
     def deletions(run_plan: dict, **context) -> dict:
@@ -271,11 +295,30 @@ def datafly_fullstory_sync():
                 hook.close()
 
     @task
-    def map_payloads(run_plan: dict, extracted: dict) -> dict:
+    def prepare_mapping(run_plan: dict, extracted: dict) -> dict:
+        from fullstory_provider.ledger_db import ledger_url
+        from include.datafly_fullstory.pipeline import map_prepare_stage
+
+        return _fail_fast(map_prepare_stage, run_plan, extracted, ledger_url(run_plan["ledger"]))
+
+    @task
+    def map_parts(prepared: dict) -> list[int]:
+        """The window parts to map: one map_part task each."""
+        return list(prepared["parts"])
+
+    @task
+    def map_part(run_plan: dict, prepared: dict, part: int) -> dict:
+        from include.datafly_fullstory.pipeline import map_part_stage
+
+        return _fail_fast(map_part_stage, run_plan, prepared, part)
+
+    @task
+    def map_payloads(run_plan: dict, extracted: dict, prepared: dict, parts) -> dict:
         from fullstory_provider.ledger_db import ledger_url
         from include.datafly_fullstory.pipeline import map_stage
 
-        return _fail_fast(map_stage, run_plan, extracted, ledger_url(run_plan["ledger"]))
+        _values(parts)  # every part mapped (a failed one fails this task upstream)
+        return _fail_fast(map_stage, run_plan, extracted, ledger_url(run_plan["ledger"]), prepared)
 
     @task
     def chunk_groups(mapped: dict, kind: str) -> list[list[str]]:
@@ -306,9 +349,12 @@ def datafly_fullstory_sync():
         return run_stats.asdict()
 
     run_plan = plan()
-    extracted = extract_and_validate(run_plan)
-    mapped = map_payloads(run_plan, extracted)
-    deletions(run_plan) >> mapped  # requests recorded (and their people suppressed) before mapping
+    extracted_parts = extract_part.partial(run_plan=run_plan).expand(part=plan_parts(run_plan))
+    extracted = extract_and_validate(run_plan, extracted_parts)
+    prepared = prepare_mapping(run_plan, extracted)
+    deletions(run_plan) >> prepared  # requests recorded (and their people suppressed) before mapping
+    mapped_parts = map_part.partial(run_plan=run_plan, prepared=prepared).expand(part=map_parts(prepared))
+    mapped = map_payloads(run_plan, extracted, prepared, mapped_parts)
     delivery = {
         "state_uri": run_plan["state_uri"],
         "run_id": run_plan["run_id"],
