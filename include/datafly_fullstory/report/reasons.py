@@ -38,11 +38,15 @@ PATTERNS: tuple[tuple[str, str], ...] = (
 
 
 def pattern_of(reasons: pa.Array | pa.ChunkedArray) -> pa.Array:
-    """Each reason with the parts naming one run, time, row, id, chunk or job replaced by a placeholder."""
-    out = pc.fill_null(reasons, NO_REASON)
+    """Each reason with the parts naming one run, time, row, id, chunk or job replaced by a placeholder.
+    The patterns run once per distinct reason (of a batch, most rows share a few), not once per row."""
+    encoded = pc.dictionary_encode(pc.fill_null(reasons, NO_REASON))
+    if isinstance(encoded, pa.ChunkedArray):
+        encoded = encoded.combine_chunks()
+    distinct = encoded.dictionary
     for pattern, replacement in PATTERNS:
-        out = pc.replace_substring_regex(out, pattern=pattern, replacement=replacement)
-    return out
+        distinct = pc.replace_substring_regex(distinct, pattern=pattern, replacement=replacement)
+    return pc.take(distinct, encoded.indices)
 
 
 @dataclass

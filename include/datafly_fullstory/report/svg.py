@@ -279,9 +279,10 @@ def sparkline(
     the range on the left. A run without the figure (None) leaves a gap."""
     left, right, top, bottom = 44, 8, 8, 8
     known = [v for v in values if v is not None]
-    lo, hi = (min(known), max(known)) if known else (0.0, 1.0)
-    if hi == lo:
-        lo, hi = (lo - 1, hi + 1) if lo else (0.0, 1.0)
+    lo, hi = (min(known), max(known)) if known else (0.0, 0.0)
+    flat = hi == lo  # every run the same: one label, the line in the middle
+    if flat:
+        lo, hi = lo - 1, hi + 1
     n = max(1, len(values) - 1)
 
     def xy(i: int, v: float) -> tuple[float, float]:
@@ -291,10 +292,13 @@ def sparkline(
         )
 
     body = [
-        f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="{AXIS}"/>',
-        _text(left - 4, top + 8, fmt(hi), anchor="end", size=9, fill="#52606d"),
-        _text(left - 4, height - bottom, fmt(lo), anchor="end", size=9, fill="#52606d"),
+        f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="{AXIS}"/>'
     ]
+    if flat:
+        body.append(_text(left - 4, height / 2 + 3, fmt(lo + 1), anchor="end", size=9, fill="#52606d"))
+    else:
+        body.append(_text(left - 4, top + 8, fmt(hi), anchor="end", size=9, fill="#52606d"))
+        body.append(_text(left - 4, height - bottom, fmt(lo), anchor="end", size=9, fill="#52606d"))
     segment: list[str] = []
     for i, v in enumerate(values):
         if v is None:
