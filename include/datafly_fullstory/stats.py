@@ -168,7 +168,7 @@ class RunStats:
         keys, finite numbers; Airflow takes `dict[str, JsonValue]`). Should it pass ASSET_METADATA_MAX_BYTES,
         the open-ended maps (`events_by_name`, `type_problems.fields`) keep their largest entries and
         `trimmed` says how many each left out; stats.json always has them all."""
-        meta = _json_safe(self.asdict())
+        meta = json_safe(self.asdict())
         if len(orjson.dumps(meta)) <= ASSET_METADATA_MAX_BYTES:
             return meta
         trimmed = {}
@@ -242,12 +242,13 @@ def read_stats(store: RunStore) -> dict[str, Any]:
     return data
 
 
-def _json_safe(value: Any) -> Any:
-    """Plain JSON values: string keys, lists for tuples, null for NaN and infinities."""
+def json_safe(value: Any) -> Any:
+    """Plain JSON values: string keys, lists for tuples, null for NaN and infinities (the asset event's
+    metadata, the run report's data)."""
     if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if value is None or isinstance(value, str | bool | int | float):

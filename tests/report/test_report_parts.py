@@ -181,6 +181,10 @@ def test_with_many_run_folders_only_a_bounded_number_of_stats_is_read(tmp_path, 
     assert found.folders == history.MAX_READS + 41 and found.not_read == 41
     assert len(found.runs) == history.MAX_RUNS
     assert found.runs[-1]["window_start"] == (current_start - timedelta(hours=1)).isoformat()
+    write_outcome_rows(current, ["delivered"], [None])
+    run_report.write_report(current, stats_for(current, current_start, delivered=1))
+    html = current.read_bytes("report.html").decode()
+    assert f"41 older run folder(s) were not looked at (the report reads at most {history.MAX_READS}" in html
 
 
 # ---- the report never fails the run ---------------------------------------------------------------------
@@ -217,3 +221,18 @@ def test_a_part_that_cannot_be_read_is_drawn_as_such(tmp_path):
     )
     assert parsed.figure("rows.delivered") == shown(1)
     assert "This part could not be drawn: FileNotFoundError" in store.read_bytes("report.html").decode()
+
+
+def test_a_dry_run_report_says_nothing_was_sent(tmp_path):
+    store = RunStore(str(tmp_path), "manual__2026-11-02T00:00:00+00:00")
+    write_outcome_rows(
+        store, ["dry_run"] * 3 + ["skipped"], ["dry run: nothing was sent"] * 3 + ["no identification"]
+    )
+    stats = stats_for(store, H0, dry_run=3, skipped=1)
+    stats.dry_run = True
+    assert run_report.write_report(store, stats)["error"] is None
+    html = store.read_bytes("report.html").decode()
+    parsed = parse_report(html)
+    assert parsed.figure("rows.dry_run") == "3" and parsed.data["run"]["dry_run"] is True
+    assert "A dry run sends nothing." in html and ">dry run</span>" in html
+    assert parsed.data["delivery"]["jobs"] == 0 and parsed.data["errors"] == {}

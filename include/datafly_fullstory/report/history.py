@@ -56,6 +56,7 @@ class History:
             "unreadable": self.unreadable,
             "unreadable_count": self.unreadable_count,
             "max_runs": MAX_RUNS,
+            "max_reads": MAX_READS,
         }
 
 

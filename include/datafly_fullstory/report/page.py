@@ -15,6 +15,7 @@ from typing import Any
 
 from include.datafly_fullstory.report import svg
 from include.datafly_fullstory.report.svg import COLORS, MUTED, NEUTRAL, Bar, number, percent
+from include.datafly_fullstory.stats import json_safe
 
 OUTCOME_ORDER = (
     "delivered",
@@ -87,7 +88,7 @@ def _fig(key: str, text: str, cls: str = "num") -> str:
 
 
 def _json_block(data: Mapping[str, Any]) -> str:
-    text = json.dumps(data, sort_keys=True, allow_nan=False, default=str)
+    text = json.dumps(json_safe(data), sort_keys=True, allow_nan=False)
     text = text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
     return f'<script type="application/json" id="report-data">{text}</script>'
 
@@ -323,7 +324,7 @@ def _delivery(data: Mapping[str, Any]) -> str:
     )
     if stats.get("dry_run"):
         return f'<section id="delivery"><h2>Delivery timeline</h2><p class="note">A dry run sends nothing.</p>{head}</section>'
-    if not d.get("series"):
+    if not d.get("series") or not d.get("jobs"):
         return (
             '<section id="delivery"><h2>Delivery timeline</h2>'
             '<p class="note">No batch job was sent or polled in this run (nothing to deliver, or every chunk '
@@ -432,7 +433,7 @@ def _trends(data: Mapping[str, Any]) -> str:
     if history["not_read"]:
         notes.append(
             f"{history['not_read']} older run folder(s) were not looked at (the report reads at most "
-            f"{history['read'] + history['missing_count'] + history['unreadable_count']} per run)."
+            f"{history['max_reads']} stats.json files)."
         )
     if history["later"]:
         notes.append(f"{history['later']} run(s) of later windows are left out.")
