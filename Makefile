@@ -30,7 +30,7 @@ demo: venv
 	$(PY) scripts/demo.py
 
 test: venv
-	@if [ -n "$$CHROMIUM" ] && [ -x "$$CHROMIUM" ] || command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ]; then :; \
+	@c="$${CHROMIUM:-$$(command -v chromium || echo /usr/bin/chromium)}"; if [ -f "$$c" ] && [ -x "$$c" ]; then :; \
 	else echo "make test: Chromium is not installed, so the run report's browser test (tests/report/test_report_browser.py) is skipped. Install it with 'apt-get install -y chromium' (as root), or set CHROMIUM to a Chromium binary."; fi
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 

@@ -70,7 +70,9 @@ CHECK = """<script>
 </script>"""
 
 
+@pytest.fixture(scope="session")
 def chromium() -> str:
+    """The Chromium binary; skips (fails in CI) before the demo run is made when there is none."""
     path = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
     if not (os.path.isfile(path) and os.access(path, os.X_OK)):
         if os.environ.get("CI"):
@@ -119,8 +121,8 @@ def png_pixels(path: Path) -> tuple[int, int, bytes]:
     return width, height, zlib.decompress(idat)
 
 
-def test_the_report_renders_its_charts_in_chromium(report_demo, tmp_path):
-    binary = chromium()
+def test_the_report_renders_its_charts_in_chromium(chromium, report_demo, tmp_path):
+    binary = chromium
     driver, runs, _ = report_demo
     store = driver.store(runs[-1])
     stats = read_stats(store)
