@@ -30,6 +30,8 @@ demo: venv
 	$(PY) scripts/demo.py
 
 test: venv
+	@c="$${CHROMIUM:-$$(command -v chromium || echo /usr/bin/chromium)}"; if [ -f "$$c" ] && [ -x "$$c" ]; then :; \
+	else echo "make test: Chromium is not installed, so the run report's browser test (tests/report/test_report_browser.py) is skipped. Install it with 'apt-get install -y chromium' (as root), or set CHROMIUM to a Chromium binary."; fi
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 lint: venv

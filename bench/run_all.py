@@ -21,6 +21,7 @@ FULL = {
     "bench_pipeline.py": ["--rows", "1000000"],
     "bench_ledger.py": ["--rows", "1000000"],
     "bench_lookback.py": ["--rows-per-hour", "40000"],
+    "bench_report.py": ["--rows", "10000000"],
 }
 QUICK = {
     "bench_landing.py": ["--rows", "100000", "--big-rows", "0"],
@@ -30,6 +31,7 @@ QUICK = {
     "bench_pipeline.py": ["--rows", "100000"],
     "bench_ledger.py": ["--rows", "100000"],
     "bench_lookback.py": ["--rows-per-hour", "4000"],
+    "bench_report.py": ["--rows", "200000"],
 }
 
 

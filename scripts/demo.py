@@ -2,8 +2,9 @@
 
 Initialises a project-local Airflow home (.airflow/, SQLite, no examples), applies
 airflow_settings.yaml, generates a sample landing for the last three full hours, starts the emulator,
-runs the DAG for each hourly window with `airflow dags test`, prints each run's stats and stops the
-emulator. Nothing is written outside the checkout.
+runs the DAG for each hourly window with `airflow dags test`, prints each run's stats, stops the
+emulator and ends with the path of the last run's report (report.html, docs/report.md). Nothing is
+written outside the checkout.
 """
 
 from __future__ import annotations
@@ -93,9 +94,20 @@ def main() -> int:
                 f"in {time.monotonic() - began:.1f}s"
             )
         held = emulator.state()
-    print_stats_table(HOURS)
+    last = print_stats_table(HOURS)
     print(f"Emulator holds {held.get('events', '?')} events and {held.get('users', '?')} users.")
+    print_report(last)
     return 0
+
+
+def print_report(stats: dict) -> None:
+    """The last line: where the last run's report is (a self-contained page: open it in any browser)."""
+    report = stats.get("report") or {}
+    if report.get("error"):
+        print(f"\nThe last run's report could not be rendered ({report['error']}); its page says so.")
+    if not report.get("path") or not Path(report["path"]).is_file():
+        raise SystemExit(f"demo: the last run wrote no report (stats.json says {report})")
+    print(f"\nRun report of the last window (open it in a browser): {report['path']}")
 
 
 def _share(stats: dict) -> str:
@@ -105,7 +117,7 @@ def _share(stats: dict) -> str:
     return f"{stitched / mapped:.0%}" if mapped else "-"
 
 
-def print_stats_table(hours: int) -> None:
+def print_stats_table(hours: int) -> dict:
     import orjson
 
     runs = HOME / "state" / "runs"
@@ -156,6 +168,7 @@ def print_stats_table(hours: int) -> None:
         f"Delivery ledger (what reached FullStory, per org; SQL in docs/exactly-once.md): "
         f"{runs.parent / 'ledger.sqlite'}"
     )
+    return rows[-1]
 
 
 def print_reasons(run_dir: Path) -> None:

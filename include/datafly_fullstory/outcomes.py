@@ -7,6 +7,8 @@ no outcome or two.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -148,6 +150,15 @@ def _pending(table: pa.Table, rows_read: int, reason: str) -> pa.Table:
         },
         schema=SCHEMA,
     )
+
+
+def iter_merged(store: RunStore, columns: list[str], batch_size: int = 65_536) -> Iterator[pa.RecordBatch]:
+    """`outcomes.parquet` as record batches of the given columns, so a reader of a 10M-row run holds one
+    batch at a time (the run report's group-bys)."""
+    import pyarrow.parquet as pq
+
+    with store.fs.open(store.path("outcomes.parquet"), "rb") as fh:
+        yield from pq.ParquetFile(fh).iter_batches(batch_size=batch_size, columns=columns)
 
 
 def count_by_outcome(table: pa.Table) -> dict[str, int]:

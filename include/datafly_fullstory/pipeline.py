@@ -412,7 +412,11 @@ def summarise_run(
     )
     run_stats.deletions = dict(deletions or {})  # the deletions task's figures; a failed DELETE is a problem
     run_stats.problems += deletion_problems(deletions)
+    from include.datafly_fullstory import report as run_report
+
+    run_stats.report = run_report.location(store)  # report.html, written right after stats.json
     store.write_json(run_stats.asdict(), "stats.json")
+    run_report.write_report(store, run_stats)  # never fails the run: an error goes to stats.json's `report`
     ledger = _ledger(plan, ledger_url)
     if ledger is not None:
         ledger.finish_run(

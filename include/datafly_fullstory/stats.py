@@ -3,17 +3,30 @@
 In the manner of dlt's `LoadInfo`: each delivery task returns partial figures (a plain dict, through XCom)
 that `add` sums; the summarise task fills in the rows by outcome and the run's facts, `asdict()` is the
 `stats.json` contract (docs/stats.md: keys may be added, none renamed), `asstr()` the one line for the task
-log, and `problems` what needs a person (a threshold tripped, delivery stopped part-way), raised by
-`raise_on_problems()`.
+log, `asset_metadata()` the same document for the sync's Asset event, and `problems` what needs a person
+(a threshold tripped, delivery stopped part-way), raised by `raise_on_problems()`. This module owns
+`stats.json`: `write_stats` / `read_stats`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+import orjson
+
 from include.datafly_fullstory.errors import RunProblems
+from include.datafly_fullstory.state import RunStore
+
+STATS_FILE = "stats.json"
+# The Asset event's extra is stored by Airflow in a JSON column of its metadata database and shown in the
+# UI's asset event list: keep it well under what every backend takes (MySQL's JSON is bounded by
+# max_allowed_packet) and readable. The whole stats document is a few KB; only the open-ended maps below
+# can grow with the data, and past this size they keep their largest entries (see `asset_metadata`).
+ASSET_METADATA_MAX_BYTES = 64 * 1024
+ASSET_METADATA_TRIM_TO = 50  # entries kept per open-ended map when trimming
 
 ROW_OUTCOMES = ("delivered", "rejected", "quarantined", "filtered", "skipped", "unknown")
 # Thresholds (run params): the share of the run's rows (for `unknown`, the count) above which the run fails.
@@ -78,6 +91,9 @@ class RunStats:
     type_problems: dict[str, Any] = field(
         default_factory=lambda: {"values": 0, "events": 0, "users": 0, "fields": {}}
     )
+    # The run report (report/): {"path": <report.html in the run folder>, "error": null or why it could not
+    # be written}. A report that fails to render never fails the run; its error is recorded here.
+    report: dict[str, Any] = field(default_factory=dict)
 
     # ---- adding up -----------------------------------------------------------------------------------
 
@@ -148,14 +164,31 @@ class RunStats:
     __str__ = asstr
 
     def asset_metadata(self) -> dict[str, Any]:
-        """What the sync's Asset event carries."""
-        return {
-            "window_start": self.window_start,
-            "window_end": self.window_end,
-            "rows": dict(self.rows),
-            "dry_run": self.dry_run,
-            "artifacts": self.artifacts,
-        }
+        """What the sync's Asset event carries: the whole `stats.json` document, as plain JSON values (string
+        keys, finite numbers; Airflow takes `dict[str, JsonValue]`). Should it pass ASSET_METADATA_MAX_BYTES,
+        the open-ended maps (`events_by_name`, `type_problems.fields`) keep their largest entries and
+        `trimmed` says how many each left out; stats.json always has them all."""
+        meta = json_safe(self.asdict())
+        if len(orjson.dumps(meta)) <= ASSET_METADATA_MAX_BYTES:
+            return meta
+        trimmed = {}
+        for path in (("events_by_name",), ("type_problems", "fields")):
+            parent = meta
+            for key in path[:-1]:
+                parent = parent.get(key) if isinstance(parent.get(key), dict) else {}
+            values = parent.get(path[-1])
+            if isinstance(values, dict) and len(values) > ASSET_METADATA_TRIM_TO:
+                top = sorted(values.items(), key=lambda kv: (-_size(kv[1]), kv[0]))[:ASSET_METADATA_TRIM_TO]
+                parent[path[-1]] = dict(top)
+                trimmed[".".join(path)] = len(values) - len(top)
+        meta["trimmed"] = trimmed
+        if len(orjson.dumps(meta)) > ASSET_METADATA_MAX_BYTES:  # still too large: the figures, not the maps
+            meta["events_by_name"], meta["type_problems"]["fields"] = {}, {}
+            meta["trimmed"] = {
+                "events_by_name": len(self.events_by_name),
+                "type_problems.fields": len(self.type_problems.get("fields") or {}),
+            }
+        return meta
 
     # ---- problems ------------------------------------------------------------------------------------
 
@@ -191,6 +224,43 @@ class RunStats:
 
 
 _FIELDS = frozenset(f.name for f in fields(RunStats))
+
+
+def write_stats(store: RunStore, stats: RunStats) -> None:
+    """`stats.json` in the run folder (atomic)."""
+    store.write_json(stats.asdict(), STATS_FILE)
+
+
+def read_stats(store: RunStore) -> dict[str, Any]:
+    """A run's `stats.json` as written (a dict; older runs may lack newer keys). Raises FileNotFoundError
+    when the run has none, ValueError when it is not a JSON object."""
+    if not store.exists(STATS_FILE):
+        raise FileNotFoundError(f"no {STATS_FILE} in {store.uri()}")
+    data = orjson.loads(store.read_bytes(STATS_FILE))
+    if not isinstance(data, dict):
+        raise ValueError(f"{store.uri(STATS_FILE)} holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def json_safe(value: Any) -> Any:
+    """Plain JSON values: string keys, lists for tuples, null for NaN and infinities (the asset event's
+    metadata, the run report's data)."""
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, str | bool | int | float):
+        return value
+    return str(value)
+
+
+def _size(value: Any) -> float:
+    """How large an entry of an open-ended map is: its number, or the sum of a nested map's numbers."""
+    if isinstance(value, Mapping):
+        return sum(_size(v) for v in value.values())
+    return float(value) if _is_number(value) else 0.0
 
 
 def _merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:

@@ -7,6 +7,8 @@
 - `outcomes.py`: a chunk's rows -> their outcomes and dead letters, from the ledger;
 - `report.py`: the task's settings and report (its partial run stats);
 - `stops.py`: why a delivery task stopped, for the summary.
+- `timeline.py`: when each batch job of a try was submitted and finished, its retries and 429s (the run
+  report's delivery timeline).
 """
 
 from include.datafly_fullstory.delivery.client import BatchClient

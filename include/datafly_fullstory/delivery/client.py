@@ -25,4 +25,5 @@ class BatchClient(Protocol):
         """Every imported item of an ended job, all pages."""
 
     def http_stats(self) -> dict[str, Any]:
-        """{"requests", "retries", "status_counts", ...} for the stats."""
+        """{"requests", "retries", "status_counts", ...} so far, for the stats. The delivery timeline reads
+        it before and after each call to count the retries and 429 answers that call cost."""

@@ -18,6 +18,9 @@ one transaction; the run folder's outcome files and dead letters follow from the
 
 The loop is single-threaded on purpose: FullStory does the work asynchronously, so overlapping jobs (up to
 `max_in_flight`) gives the parallelism; our side sends a POST and a few cheap GETs per chunk.
+
+Each try also records its timeline (timeline.py: when each job was submitted and finished, its items and
+outcome, the retries and 429s each call cost) for the run report; recording never changes what is sent.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from include.datafly_fullstory.delivery.jobs import (
 )
 from include.datafly_fullstory.delivery.outcomes import write_chunk_outcomes, write_outcomes
 from include.datafly_fullstory.delivery.report import KINDS, DeliveryReport, DeliverySettings
+from include.datafly_fullstory.delivery.timeline import Timeline
 from include.datafly_fullstory.errors import DeliveryError, DeliveryTimeout
 from include.datafly_fullstory.state import RunStore
 
@@ -84,12 +88,15 @@ class Delivery:
         *,
         logger: logging.Logger | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ):
         self.store, self.client, self.ledger, self.destination = store, client, ledger, destination
         self.settings = settings or DeliverySettings()
         self.log = logger or log
         self.clock = clock
+        self.wall = wall  # the timeline's clock (times of day, for the run report)
         self.report = DeliveryReport()
+        self.timeline: Timeline | None = None
         self._stop = threading.Event()
         self._started = clock()
         self._last_progress = self._started
@@ -100,11 +107,21 @@ class Delivery:
 
     def run(self, chunks: list[Chunk]) -> DeliveryReport:
         self.report.chunks = len(chunks)
+        self.timeline = Timeline(
+            self.store, self.client, [c.name for c in chunks], wall=self.wall, logger=self.log
+        )
         deadline = self._started + self.settings.timeout
-        for kind in KINDS:  # users first: events may refer to them
-            phase = [c for c in chunks if c.kind == kind]
-            if phase:
-                self._run_phase(phase, deadline)
+        try:
+            for kind in KINDS:  # users first: events may refer to them
+                phase = [c for c in chunks if c.kind == kind]
+                if phase:
+                    self._run_phase(phase, deadline)
+        except BaseException as exc:
+            self.timeline.end(exc)
+            self.timeline.save()
+            raise
+        self.timeline.end()
+        self.timeline.save()
         self._progress(final=True)
         return self.report
 
@@ -128,7 +145,9 @@ class Delivery:
                     flights.append(flight)
             now = self.clock()
             for flight in [f for f in flights if f.next_poll <= now]:
-                if self._poll(flight):
+                with self.timeline.call(flight.chunk.name, flight.chunk.kind, flight.chunk.mode, "poll"):
+                    done = self._poll(flight)
+                if done:
                     flights.remove(flight)
             if flights and not (pending and len(flights) < self.settings.max_in_flight):
                 wake = min(f.next_poll for f in flights)
@@ -175,6 +194,7 @@ class Delivery:
             return self._post(chunk, row, first=False)
         if row.is_posted:
             self.report.resumed += 1
+            self.timeline.resumed(chunk.name, chunk.kind, row.job_id)
             self.log.info("chunk %s: resuming job %s (%s)", chunk.name, row.job_id, row.status)
             return _Flight(chunk, row.job_id, self.clock(), self.settings.poll_interval)
         self.report.already_complete += 1
@@ -196,8 +216,10 @@ class Delivery:
         if not first:
             self.ledger.note_post(row.id)
         fault_point("before_post")
+        mode = "replay" if replay else "deliver" if first else "repost"
         try:
-            job = self.client.create_batch(chunk.kind, body, row.idempotency_key)
+            with self.timeline.call(chunk.name, chunk.kind, mode, "post"):
+                job = self.client.create_batch(chunk.kind, body, row.idempotency_key)
         except self.client.refused_error as refusal:
             if replay:
                 raise DeliveryError(
@@ -213,6 +235,7 @@ class Delivery:
             self._refused(chunk, row, lines, refusal)
             return None
         except Exception as exc:
+            self.timeline.finished(chunk.name, chunk.kind, mode, "post_failed", items=len(lines))
             if first and getattr(exc, "status", None) in NOT_ACCEPTED:
                 # FullStory answered that it took nothing (bad key, forbidden, wrong region): the chunk is
                 # as unsent as before, so a fix of the connection sends it, even after 24 h.
@@ -220,6 +243,7 @@ class Delivery:
             raise
         fault_point("after_post")
         job_id = str(job["id"])
+        self.timeline.submitted(chunk.name, chunk.kind, mode, job_id, len(lines), len(body))
         if not replay:
             self.ledger.update_chunk(
                 row.id, job_id=job_id, job_status=job.get("status"), status=lg.C_SUBMITTED
@@ -248,6 +272,7 @@ class Delivery:
         """Poll one job; True when it ended and its results are recorded."""
         chunk = flight.chunk
         status = self.client.get_batch_status(chunk.kind, flight.job_id)
+        self.timeline.polled(chunk.name, chunk.kind, chunk.mode)
         fault_point("while_polling")
         job_status = (status.get("job") or {}).get("status")
         row = self.ledger.chunk(chunk.ledger_chunk_id)
@@ -259,6 +284,8 @@ class Delivery:
             flight.next_poll = self.clock() + flight.interval * random.uniform(0.8, 1.2)
             return False
         if chunk.mode == "replay" or row.is_terminal:  # a replay, or another run recorded it meanwhile
+            ended = "replayed" if chunk.mode == "replay" else "recorded_elsewhere"
+            self.timeline.finished(chunk.name, chunk.kind, chunk.mode, ended)
             self._account(chunk, self.ledger.chunk(row.id), new=False)
             return True
         lines = read_lines(chunk, row.sha256)
@@ -309,6 +336,16 @@ class Delivery:
         )
         self.report.unmatched_errors += reading.unmatched_errors
         self.report.items_this_try += len(lines)
+        self.timeline.finished(
+            chunk.name,
+            chunk.kind,
+            chunk.mode,
+            "refused" if status == lg.C_FAILED else str(values.get("job_status") or "completed").lower(),
+            items=len(lines),
+            delivered=counts[lg.DELIVERED],
+            rejected=counts[lg.REJECTED],
+            unknown=counts[lg.UNKNOWN],
+        )
         if reading.unmatched_errors:
             self.log.warning(
                 "chunk %s: %d error(s) of job %s name no line of the chunk; see dead_letters/%s.parquet "
@@ -393,6 +430,8 @@ class Delivery:
         if not final and now - self._last_progress < self.settings.progress_every:
             return
         self._last_progress = now
+        if not final and self.timeline is not None:
+            self.timeline.save()  # so a try killed outright leaves most of its timeline
         elapsed = max(now - self._started, 1e-9)
         self.log.info(
             "delivery progress: %d/%d chunks done (%d already complete), %d items sent this try, %.0f items/s",
