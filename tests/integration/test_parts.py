@@ -25,6 +25,7 @@ HOUR = timedelta(hours=1)
 # stats that depend on how rows were cut into parts and chunks, not on what happened to them
 _CUT_DEPENDENT = {
     "http",
+    "report",
     "duration_s",
     "artifacts",
     "dag_run_id",
