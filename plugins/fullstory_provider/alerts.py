@@ -35,6 +35,7 @@ import html
 import logging
 import os
 import re
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -490,10 +491,26 @@ def finish_within() -> timedelta:
 
 
 def finish_deadline():
-    """The DAG's DeadlineAlert: a run not finished `finish_within()` after its window ended alerts."""
+    """The DAG's `deadline`: `deadline_alert(finish_within())` when an Airflow component parses the DAG
+    (the DAG processor, whose serialized DAG the scheduler evaluates; a worker), None when it is parsed
+    in-process for `dag.test()` / `airflow dags test`.
+
+    Why: in Airflow 3.3.2, `dag.test()` of a DAG with a DeadlineAlert fails once the run has succeeded
+    (DagRun.update_state prunes deadlines by the ids of the DAG's alerts, but dag.test's in-memory DAG holds
+    their serialized form: `'dict' object has no attribute 'hex'`). A component process has its supervisor
+    channel (SUPERVISOR_COMMS) set before it imports the DAG file; an in-process parse has not. The
+    setting is checked either way, so a bad value fails every parse."""
+    interval = finish_within()
+    runner = sys.modules.get("airflow.sdk.execution_time.task_runner")
+    if getattr(runner, "SUPERVISOR_COMMS", None) is None:
+        return None
+    return deadline_alert(interval)
+
+
+def deadline_alert(interval: timedelta):
+    """A run not finished `interval` after its window ended (WindowEndDeadline) alerts: `run_overdue`."""
     from airflow.sdk import DeadlineAlert, SyncCallback
 
-    interval = finish_within()
     return DeadlineAlert(
         reference=WindowEndDeadline(),
         interval=interval,

@@ -15,6 +15,7 @@ import pytest
 from fullstory_provider.alerts import (
     RunFacts,
     WindowEndDeadline,
+    deadline_alert,
     failure_alert,
     failure_text,
     finish_deadline,
@@ -187,16 +188,30 @@ def test_finish_within_comes_from_airflow_config(monkeypatch):
             finish_within()
 
 
-def test_the_deadline_alert(monkeypatch):
+def test_the_deadline_alert():
     from airflow.sdk import DeadlineAlert, SyncCallback
 
-    monkeypatch.setenv("AIRFLOW__DATAFLY_FULLSTORY__FINISH_WITHIN_MINUTES", "90")
-    alert = finish_deadline()
+    alert = deadline_alert(timedelta(minutes=90))
     assert isinstance(alert, DeadlineAlert) and isinstance(alert.reference, WindowEndDeadline)
     assert alert.interval == timedelta(minutes=90)
     assert isinstance(alert.callback, SyncCallback)
     assert alert.callback.path == "fullstory_provider.alerts.run_overdue"
     assert alert.callback.kwargs == {"minutes": 90.0}
+
+
+def test_an_in_process_parse_gets_no_deadline(monkeypatch):
+    """dag.test() / `airflow dags test` parse the DAG in-process, where Airflow 3.3.2 cannot finish a
+    successful run of a DAG with a deadline (see finish_deadline); the DAG processor, which has its
+    supervisor channel, gets it (tests/integration/test_ui_airflow.py sees the deadline fire)."""
+    from airflow.sdk.execution_time import task_runner
+
+    monkeypatch.setattr(task_runner, "SUPERVISOR_COMMS", None, raising=False)
+    assert finish_deadline() is None
+    monkeypatch.setattr(task_runner, "SUPERVISOR_COMMS", object(), raising=False)
+    assert finish_deadline().interval == timedelta(minutes=120)
+    monkeypatch.setenv("AIRFLOW__DATAFLY_FULLSTORY__FINISH_WITHIN_MINUTES", "soon")
+    with pytest.raises(ValueError, match="finish_within_minutes"):
+        finish_deadline()  # a bad setting fails every parse
 
 
 def test_the_deadline_reference_is_the_window_end_or_the_runs_creation(airflow_db):
