@@ -4,8 +4,9 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
-# The dependency files: a change to any of them re-runs the install (dev set, exact versions).
-DEPS := requirements.txt requirements-dev.txt constraints.txt
+# The dependency files: a change to any of them re-runs the install (dev set, exact versions, then the
+# FullStory provider itself: pyproject.toml, so Airflow finds the `fullstory` connection type).
+DEPS := requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 STAMP := $(VENV)/.installed-$(shell cat $(DEPS) | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
@@ -23,6 +24,7 @@ venv: $(STAMP)
 $(STAMP): $(DEPS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt -c constraints.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 

@@ -47,6 +47,7 @@ from datetime import timedelta
 from airflow.sdk import Asset, Param, dag, task
 from airflow.timetables.interval import CronDataIntervalTimetable
 
+from fullstory_provider.alerts import RunAlert, finish_deadline, record_failure
 from fullstory_provider.operators import FullStoryDeliveryOperator
 
 FULLSTORY_SYNC = Asset(name="datafly_fullstory_sync", uri="fullstory://server-api/datafly-signal")
@@ -213,7 +214,11 @@ PARAMS = {
         "retries": 2,
         "retry_delay": timedelta(minutes=2),
         "retry_exponential_backoff": True,
+        "on_failure_callback": record_failure,  # keeps the task's error for the run's failure alert
     },
+    # Alerts (docs/operations.md#alerts): a failed run, and a run not finished in time after its window.
+    on_failure_callback=RunAlert(),
+    deadline=finish_deadline(),
     params=PARAMS,
     tags=["datafly", "fullstory", "sync"],
     doc_md=__doc__,

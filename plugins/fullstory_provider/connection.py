@@ -1,10 +1,10 @@
 """The FullStory connection: its fields, the data region they agree on, the settings the hook runs with.
 
-Connection (`fullstory_default`, conn_type `http` or `fullstory`):
-  password           Server API key, sent verbatim as `Authorization: Basic <key>`
-  extra.org_id       required, e.g. o-1A2B3C-na1
-  extra.data_region  na1 (default) | eu1
-  host               optional base URL replacing the regional one (local emulator, proxy)
+Connection (`fullstory_default`, conn_type `fullstory`, or `http` as before: both read the same fields):
+  password           Server API key, sent verbatim as `Authorization: Basic <key>` (form: "Server API key")
+  extra.org_id       required, e.g. o-1A2B3C-na1 (form: "Org ID")
+  extra.data_region  na1 (default) | eu1 (form: "Data region")
+  host               optional base URL replacing the regional one (local emulator, proxy; form: "API host")
   extra.ca_bundle    optional CA bundle path (requests' `verify`)
   extra.connect_timeout / extra.read_timeout   optional, seconds
 
@@ -183,14 +183,14 @@ class KeyAuth(AuthBase):
 
 
 def ui_field_behaviour() -> dict[str, Any]:
-    """The connection form in Airflow's UI: which fields show, under which labels."""
+    """The connection form in Airflow's UI: which standard fields show, under which labels. The same data
+    the provider metadata declares (provider_info.py), which Airflow 3.2+ reads without the hook."""
+    from fullstory_provider.provider_info import HIDDEN_FIELDS, PLACEHOLDERS, RELABELING
+
     return {
-        "hidden_fields": ["schema", "login", "port"],
-        "relabeling": {"password": "Server API key", "host": "Base URL override (optional)"},
-        "placeholders": {
-            "host": "leave empty for api.fullstory.com / api.eu1.fullstory.com",
-            "extra": '{"org_id": "o-1A2B3C-na1", "data_region": "na1"}',
-        },
+        "hidden_fields": list(HIDDEN_FIELDS),
+        "relabeling": dict(RELABELING),
+        "placeholders": dict(PLACEHOLDERS),
     }
 
 

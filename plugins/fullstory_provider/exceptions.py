@@ -11,7 +11,9 @@ from typing import Any
 import orjson
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+# FullStory's troubleshooting words (401 and 404), used by the errors below and the connection Test button.
 INVALID_KEY = "Invalid API key: regenerate the Server API key in Settings > API Keys"
+WRONG_REGION = "Wrong data region: confirm data_region (na1 vs eu1) matches your org's region"
 
 
 class FullStoryError(AirflowException):

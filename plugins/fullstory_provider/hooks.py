@@ -28,8 +28,12 @@ from fullstory_provider.connection import (
     ui_field_behaviour,
 )
 from fullstory_provider.exceptions import (
+    INVALID_KEY,
+    WRONG_REGION,
+    FullStoryAuthError,
     FullStoryConfigError,
     FullStoryError,
+    FullStoryNotFoundError,
     FullStoryRequestError,
     FullStoryRetryError,
     answer_error,
@@ -316,9 +320,19 @@ class FullStoryHook(BaseHook):
         return self._json(self._request("GET", "/me"))
 
     def test_connection(self) -> tuple[bool, str]:
-        """The UI's Test button: resolve the connection, call GET /me, compare the org ids."""
+        """The connection form's Test button: resolve the connection, call GET /me, compare the org ids.
+        A refusal is answered in FullStory's troubleshooting words: 401, the key is wrong or revoked; 404,
+        the org is not in this region. Nothing here ever shows the key."""
         try:
             me = self.whoami()
+        except FullStoryAuthError:
+            return False, f"{INVALID_KEY} (FullStory answered 401 to GET /me: the key is wrong or revoked)"
+        except FullStoryNotFoundError:
+            settings = self.settings
+            return False, (
+                f"{WRONG_REGION} (FullStory answered 404, org not found, to GET /me at {settings.base_url}; "
+                f"this connection says data_region {settings.data_region})"
+            )
         except AirflowException as exc:
             return False, str(exc)
         except Exception as exc:  # the Test button shows any failure as text, without the key

@@ -17,7 +17,7 @@ import airflow_settings  # noqa: E402
 def test_committed_file_follows_the_astro_schema():
     settings = airflow_settings.load_settings(ROOT / "airflow_settings.yaml")
     conn = settings["connections"][0]
-    assert conn["conn_id"] == "fullstory_default" and conn["conn_type"] == "http"
+    assert conn["conn_id"] == "fullstory_default" and conn["conn_type"] == "fullstory"
     assert set(conn["conn_extra"]) == {"org_id", "data_region"}
     assert [p["pool_name"] for p in settings["pools"]] == ["fullstory_api"]
     assert {v["variable_name"] for v in settings["variables"]} == {
