@@ -78,7 +78,7 @@ def main() -> int:
         if PORT != 8089:  # airflow_settings.yaml points at 8089; an env connection wins over the DB's
             env["AIRFLOW_CONN_FULLSTORY_DEFAULT"] = json.dumps(
                 {
-                    "conn_type": "http",
+                    "conn_type": "fullstory",
                     "host": emulator.base_url,
                     "password": emulator.api_key,
                     "extra": {"org_id": emulator.org_id, "data_region": "na1"},
