@@ -6,6 +6,8 @@ tests/integration/test_ui_airflow.py.
 
 from __future__ import annotations
 
+import uuid
+
 import re
 
 import pytest
@@ -109,6 +111,8 @@ def test_state_location_prefers_the_runs_own_plan(tmp_path):
 
 
 def test_reports_on_an_object_store(tmp_path, monkeypatch):
+    # moto's in-process servers share one backend: a bucket name of its own, whatever ran before
+    bucket = f"dffs-ui-{uuid.uuid4().hex[:12]}"
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     try:
@@ -120,7 +124,7 @@ def test_reports_on_an_object_store(tmp_path, monkeypatch):
             endpoint_url=endpoint,
             client_kwargs={"region_name": "eu-west-1"},
             skip_instance_cache=True,
-        ).mkdir("dffs-state")
+        ).mkdir(bucket)
         # The API server reaches the store with its standard credentials, as the workers do.
         for name, value in {
             "AWS_ACCESS_KEY_ID": "testing",
@@ -132,9 +136,9 @@ def test_reports_on_an_object_store(tmp_path, monkeypatch):
         run_id = RUN_IDS[1]
         s3fs.S3FileSystem.clear_instance_cache()
         with pytest.raises(ReportNotFound, match="has no report yet"):
-            read_report("s3://dffs-state/state", run_id)
-        RunStore("s3://dffs-state/state", run_id).write_bytes(b"<p>on s3</p>", REPORT_NAME)
-        assert read_report("s3://dffs-state/state", run_id) == b"<p>on s3</p>"
+            read_report(f"s3://{bucket}/state", run_id)
+        RunStore(f"s3://{bucket}/state", run_id).write_bytes(b"<p>on s3</p>", REPORT_NAME)
+        assert read_report(f"s3://{bucket}/state", run_id) == b"<p>on s3</p>"
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
         server.stop()
