@@ -6,9 +6,8 @@ tests/integration/test_ui_airflow.py.
 
 from __future__ import annotations
 
-import uuid
-
 import re
+import uuid
 
 import pytest
 import s3fs
