@@ -65,6 +65,7 @@ def test_parts_count_exactly_the_rows_the_reader_gives(landing, tmp_path):
     assert parts.read(many) == planned
     results = [extract.extract_part(str(landing), WINDOW, many, p) for p in planned]
     for part, result in zip(planned, results, strict=True):
+        assert result["part"] == part.number and result["rows_read"] == part.rows
         rows = (
             sorted(
                 r
