@@ -37,7 +37,9 @@ def test_extract_writes_every_output_and_accounts_for_every_row(landing, store):
     n = result["rows_read"]
     assert n > 2900 and result["rows_valid"] + result["rows_quarantined"] == n
     assert 0 < result["rows_quarantined"] < n // 20
-    assert len(result["parts"]) == -(-n // 1000) and result["parts"][0] == "validated/part-00000-00000.parquet"
+    assert (
+        len(result["parts"]) == -(-n // 1000) and result["parts"][0] == "validated/part-00000-00000.parquet"
+    )
     assert store.list("validated") == [Path(p).name for p in result["parts"]]
 
     valid = pa.concat_tables([store.read_table(p) for p in result["parts"]])
