@@ -198,6 +198,7 @@ class RunResult:
     outcome_rows: int
     mapped_hosts: dict[tuple[str, int], str]  # (task_id, map_index) -> task_instance.hostname
     task_states: dict[tuple[str, int], str]
+    task_seconds: dict[tuple[str, int], float]  # end_date - start_date of each task instance
     events_held: int
     duplicate_event_ids: dict[str, int] = field(default_factory=dict)
 
@@ -295,7 +296,8 @@ class CeleryCluster:
             "select queued_at, end_date from dag_run where dag_id = ? and run_id = ?", DAG_ID, run_id
         )
         tis = af.query(
-            "select task_id, map_index, hostname, state from task_instance where dag_id = ? and run_id = ?",
+            "select task_id, map_index, hostname, state, start_date, end_date from task_instance"
+            " where dag_id = ? and run_id = ?",
             DAG_ID,
             run_id,
         )
@@ -316,8 +318,11 @@ class CeleryCluster:
             seconds=(ended - queued).total_seconds(),
             stats=stats,
             outcome_rows=rows,
-            mapped_hosts={(t, i): h for t, i, h, _ in tis if i >= 0},
-            task_states={(t, i): s for t, i, _, s in tis},
+            mapped_hosts={(t, i): h for t, i, h, *_ in tis if i >= 0},
+            task_states={(t, i): s for t, i, _, s, *_ in tis},
+            task_seconds={
+                (t, i): (end - began).total_seconds() for t, i, *_, began, end in tis if began and end
+            },
             events_held=sum(ids.values()),
             duplicate_event_ids={k: n for k, n in ids.items() if n > 1},
         )
