@@ -151,8 +151,11 @@ def in_process(work: Path, landing: Path, postgres) -> tuple[float, int, int]:
                 destination=f"{emulator.org_id}@{emulator.region}",
             )
             plan = plan.__class__.from_xcom({**plan.to_xcom(), "ledger": {"url": ledger_url}})
+            marks = [("plan", time.perf_counter())]
             extracted = extract_stage(plan, ledger_url)
+            marks.append(("extract_and_validate", time.perf_counter()))
             mapped = map_stage(plan, extracted, ledger_url)
+            marks.append(("map_payloads", time.perf_counter()))
             delivered = []
             for kind in ("users", "events"):
                 for i, group in enumerate(group_chunks(mapped["chunks"], kind, CHUNKS_PER_DELIVERY_TASK)):
@@ -165,8 +168,15 @@ def in_process(work: Path, landing: Path, postgres) -> tuple[float, int, int]:
                         destination=plan.destination,
                     )
                     delivered.append(operator.execute({"ti": TaskInstance(i)}))
+            marks.append(("deliver", time.perf_counter()))
             stats = summarise_run(plan.to_xcom(), extracted, mapped, delivered, ledger_url)
+            marks.append(("summarise", time.perf_counter()))
             seconds = time.perf_counter() - began
+            stages = [
+                f"{name} {end - start:.0f}s"
+                for (name, end), (_, start) in zip(marks, [("", began), *marks[:-1]], strict=True)
+            ]
+            print(f"in process, per stage: {', '.join(stages)}", flush=True)
             held = emulator.state()["events"]
             if held != stats.asdict()["events"]["delivered"] or stats.problems:
                 raise SystemExit(f"baseline run is wrong: {held} events held; {stats.problems}")
