@@ -25,7 +25,15 @@ DEFAULT_PART_ROWS = 500_000  # rows per window part (parts.py): a task of ~10-20
 
 DEFAULT_LOOKBACK_HOURS = 24.0
 MAX_LOOKBACK_HOURS = 24 * 14
-DISTRIBUTED_EXECUTORS = ("CeleryExecutor", "KubernetesExecutor", "CeleryKubernetesExecutor", "EdgeExecutor")
+# Executors that run every task on the scheduler's machine. Any other one (Celery, Kubernetes,
+# CeleryKubernetes, Edge, ECS, Batch, Astro's, a custom one) may run a run's tasks on different machines.
+LOCAL_EXECUTORS = ("LocalExecutor", "SequentialExecutor", "DebugExecutor")
+SHARED_MOUNT_VARIABLE = "datafly_fullstory_shared_mount"
+SQLITE_LEDGER_PROBLEM = (
+    "the delivery ledger is the SQLite default, which serves one machine: tasks on other workers would not "
+    "see each other's claims and could send an event twice. Set the Airflow Variable "
+    "datafly_fullstory_ledger_conn_id to a Postgres connection"
+)
 
 
 @dataclass(frozen=True)
@@ -111,8 +119,11 @@ def plan_run(
     ledger_conn_id: str | None = None,
     executor: str | None = None,
     blueprint: str | None = None,
+    shared_mount: bool | str | None = None,
 ) -> RunPlan:
-    """The run's plan from its params, Variables and Airflow context; refuses what it cannot use."""
+    """The run's plan from its params, Variables and Airflow context; refuses what it cannot use.
+    `executor` is Airflow's `[core] executor`; `shared_mount` the Variable `datafly_fullstory_shared_mount`
+    (see `check_distributed_locations`)."""
     window = resolve_window(
         window_start=params.get("window_start") or None,
         window_end=params.get("window_end") or None,
@@ -136,12 +147,21 @@ def plan_run(
     part_rows = DEFAULT_PART_ROWS if part_rows is None else part_rows
     if not isinstance(part_rows, int) or isinstance(part_rows, bool) or part_rows < 1:
         raise ParamError(f"param part_rows={part_rows!r} must be a whole number of rows, at least 1")
+    landing = resolve_uri(landing_uri, airflow_home)
+    check_distributed_locations(
+        landing,
+        state,
+        executor=executor,
+        shared_mount=shared_mount,
+        ledger_conn_id=ledger_conn_id,
+        state_is_default=not (state_uri or "").strip(),
+    )
     return RunPlan(
         run_id=run_id,
         window=window,
         scan_start=window.start - timedelta(hours=lookback),
         lookback_hours=lookback,
-        landing_uri=resolve_uri(landing_uri, airflow_home),
+        landing_uri=landing,
         state_uri=state,
         destination=destination,
         ledger=ledger_location(state, airflow_home, conn_id=ledger_conn_id, executor=executor),
@@ -207,6 +227,83 @@ def resolve_uri(value: str | None, airflow_home: str, *, default: str | None = N
     return str(path)
 
 
+def distributed_executor(executor: str | None) -> str | None:
+    """The first executor of `[core] executor` that may run tasks on other machines, by class name, or None.
+    The setting lists one or more executors, comma-separated, each a name (`CeleryExecutor`), a class path
+    or `alias:class.path`; the DAG's tasks can be sent to any of them (a task's `executor` argument, a
+    cluster policy), so one distributed executor anywhere in the list counts."""
+    for entry in (executor or "").split(","):
+        name = entry.strip().rsplit(":", 1)[-1].rsplit(".", 1)[-1]
+        if name and name not in LOCAL_EXECUTORS:
+            return name
+    return None
+
+
+def is_local_path(uri: str) -> bool:
+    """A path on the worker's own file system (a plain path or `file://` / `local://`), not an object store."""
+    return "://" not in uri or uri.split("://", 1)[0].lower() in ("file", "local")
+
+
+def check_distributed_locations(
+    landing_uri: str,
+    state_uri: str,
+    *,
+    executor: str | None,
+    shared_mount: bool | str | None = None,
+    ledger_conn_id: str | None = None,
+    state_is_default: bool = False,
+) -> None:
+    """Refuse, at plan time, locations that only work on one machine when the executor may run the run's
+    tasks on several: a local state folder (each worker would write its artifacts to its own disk, and the
+    next task, on another worker, would not find them), a local landing folder (the extract task may run
+    on a worker without the files, or with other files) and the SQLite ledger (each worker would keep its
+    own claims: exactly once would hold per machine only). Every problem is named in one message.
+
+    `shared_mount` ("true", "yes", "1", "on" or True; the Variable datafly_fullstory_shared_mount) says the
+    local landing and state folders are one mount every worker sees (NFS, EFS, a ReadWriteMany volume):
+    they are then accepted. It never accepts the SQLite ledger, which is not safe on a network file system."""
+    name = distributed_executor(executor)
+    if name is None:
+        return
+    problems = []
+    mount = _truthy(shared_mount, SHARED_MOUNT_VARIABLE)
+    if is_local_path(state_uri) and not mount:
+        where = "the default state folder" if state_is_default else "the state location"
+        problems.append(
+            f"{where} {state_uri} is a folder on the worker's own disk: each worker would write the run's "
+            "artifacts to its own, and a task on another worker would not find them. Set the Airflow Variable "
+            "datafly_fullstory_state_uri to an object-store URI (s3://bucket/prefix, gs://bucket/prefix) every "
+            f"worker reaches, or, if {state_uri} is a mount every worker shares, set the Airflow Variable "
+            f"{SHARED_MOUNT_VARIABLE} to true"
+        )
+    if is_local_path(landing_uri) and not mount:
+        problems.append(
+            f"the landing {landing_uri} (datafly_landing_uri) is a folder on the worker's own disk: the "
+            "extract task may run on a worker that does not have these files, or has others. Set "
+            "datafly_landing_uri to the object-store URI the events land in (s3://..., gs://...), or, if "
+            f"{landing_uri} is a mount every worker shares, set the Airflow Variable {SHARED_MOUNT_VARIABLE} "
+            "to true"
+        )
+    if not ledger_conn_id:
+        problems.append(SQLITE_LEDGER_PROBLEM)
+    if problems:
+        raise ParamError(
+            f"the executor is {name}, which may run this run's tasks on different machines, but "
+            + "; and ".join(problems)
+        )
+
+
+def _truthy(value: bool | str | None, variable: str) -> bool:
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "1", "on"):
+        return True
+    if text in ("", "false", "no", "0", "off"):
+        return False
+    raise ParamError(f"the Airflow Variable {variable}={value!r} must be true or false")
+
+
 def ledger_location(state_uri: str, airflow_home: str, *, conn_id: str | None, executor: str | None) -> dict:
     """Where the delivery ledger lives: `{"conn_id": ...}` (a Postgres connection, for several workers) or
     `{"url": "sqlite:///..."}` (the default: beside a local state folder, or under AIRFLOW_HOME when the
@@ -214,12 +311,9 @@ def ledger_location(state_uri: str, airflow_home: str, *, conn_id: str | None, e
     keep its own, and exactly once would hold per machine only."""
     if conn_id:
         return {"conn_id": conn_id}
-    if executor and executor.rsplit(".", 1)[-1] in DISTRIBUTED_EXECUTORS:
-        raise ParamError(
-            f"the executor is {executor.rsplit('.', 1)[-1]}, but the delivery ledger is the SQLite default, which "
-            "serves one machine: tasks on other workers would not see each other's claims and could send "
-            "an event twice. Set the Airflow Variable datafly_fullstory_ledger_conn_id to a Postgres connection"
-        )
+    name = distributed_executor(executor)
+    if name:
+        raise ParamError(f"the executor is {name}, but {SQLITE_LEDGER_PROBLEM}")
     if "://" not in state_uri or state_uri.startswith("file://"):
         folder = Path(state_uri.removeprefix("file://"))
     else:

@@ -1,7 +1,13 @@
-"""A real Airflow for tests: scheduler, dag-processor and api-server (LocalExecutor, SQLite).
+"""A real Airflow for tests: scheduler, dag-processor and api-server.
 
-Each component runs in its own process group, so stopping the group also ends the scheduler's
-worker processes. Every wait is bounded; `stop()` leaves no process behind.
+By default LocalExecutor with a SQLite metadata DB. With `executor="CeleryExecutor"` it takes a Postgres
+metadata DB (`sql_alchemy_conn`) and a Redis broker (`broker_url`) and also starts one `airflow celery
+worker` per name in `workers`. Each worker's task processes report its name as their hostname (see
+`worker_hostname`), so `task_instance.hostname` tells workers on one machine apart.
+
+Each component runs in its own process group, so stopping the group also ends the scheduler's and the
+workers' child processes. Every wait is bounded; `stop()` leaves no process behind. `extra_env` overrides
+every setting made here.
 """
 
 from __future__ import annotations
@@ -14,10 +20,19 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 AIRFLOW = str(Path(sys.executable).parent / "airflow")
+WORKER_NAME_ENV = "DFFS_CELERY_WORKER_NAME"
+
+
+def worker_hostname() -> str:
+    """`[core] hostname_callable` of the test workers: the worker's name (set per worker process in
+    DFFS_CELERY_WORKER_NAME), else the machine's name as Airflow's default gives it. Workers on one
+    machine would otherwise all record the same hostname."""
+    return os.environ.get(WORKER_NAME_ENV) or socket.getfqdn()
 
 
 def free_port() -> int:
@@ -27,20 +42,57 @@ def free_port() -> int:
 
 
 class AirflowServices:
-    def __init__(self, home: Path, extra_env: dict[str, str]):
+    def __init__(
+        self,
+        home: Path,
+        extra_env: dict[str, str],
+        *,
+        executor: str = "LocalExecutor",
+        sql_alchemy_conn: str | None = None,
+        broker_url: str | None = None,
+        workers: Sequence[str] = (),
+        worker_concurrency: int = 1,
+    ):
+        """`sql_alchemy_conn`: the metadata DB (default a SQLite file in `home`); `workers`: the names of
+        the Celery workers to start (CeleryExecutor), each running `worker_concurrency` tasks at once."""
+        if executor == "CeleryExecutor" and not (broker_url and workers):
+            raise ValueError("CeleryExecutor needs a broker_url and at least one worker name")
         self.home = home
         self.port = free_port()
         self.db_path = home / "airflow.db"
+        self.sql_alchemy_conn = sql_alchemy_conn or f"sqlite:///{self.db_path}"
+        self.broker_url = broker_url
+        self.workers = list(workers)
+        self.worker_concurrency = worker_concurrency
+        self.extra_env = dict(extra_env)
+        celery = (
+            {
+                "AIRFLOW__CELERY__BROKER_URL": broker_url,
+                "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(worker_concurrency),
+                # One task reserved per free slot: queued tasks go to whichever worker is idle.
+                "AIRFLOW__CELERY__WORKER_PREFETCH_MULTIPLIER": "1",
+                "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT": "3600",
+                "AIRFLOW__CORE__HOSTNAME_CALLABLE": "tests.integration.airflow_services.worker_hostname",
+            }
+            if executor == "CeleryExecutor"
+            else {}
+        )
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW_CONN_", "AIRFLOW_VAR_"))},
             "AIRFLOW_HOME": str(home),
             "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__EXECUTOR": executor,
             "AIRFLOW__CORE__PARALLELISM": "4",
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{self.db_path}",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": self.sql_alchemy_conn,
+            # Airflow would derive an asyncpg URL for Postgres (not installed); psycopg 3 does async too.
+            **(
+                {}
+                if self.sql_alchemy_conn.startswith("sqlite")
+                else {"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC": self.sql_alchemy_conn}
+            ),
             "AIRFLOW__API__PORT": str(self.port),
             "AIRFLOW__API__HOST": "127.0.0.1",
             "AIRFLOW__API__WORKERS": "1",
@@ -51,7 +103,8 @@ class AirflowServices:
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
             "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
             "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "plugins")]),
-            **extra_env,
+            **celery,
+            **self.extra_env,
         }
         self.processes: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
@@ -86,17 +139,43 @@ class AirflowServices:
             timeout=120,
         )
         for name in ("api-server", "dag-processor", "scheduler"):
-            log = self.home / f"{name}.log"
-            self.logs[name] = log
-            self.processes[name] = subprocess.Popen(
-                [AIRFLOW, name],
-                env=self.env,
-                stdout=log.open("wb"),
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
+            self._spawn(name, [AIRFLOW, name], self.env)
+        for worker in self.workers:
+            self._spawn(
+                f"worker {worker}",
+                [
+                    *(AIRFLOW, "celery", "worker", "--celery-hostname", worker, "--queues", "default"),
+                    *("--concurrency", str(self.worker_concurrency), "--skip-serve-logs"),
+                    *("--without-mingle", "--without-gossip"),
+                ],
+                # The worker's name for worker_hostname; extra_env still overrides everything.
+                {**self.env, WORKER_NAME_ENV: worker, **self.extra_env},
             )
         self.wait_for(self._api_up, 90, "the api-server to listen")
+        if self.workers:
+            self.wait_for(self._workers_up, 120, f"the Celery workers {self.workers} to answer a ping")
         return self
+
+    def _spawn(self, name: str, command: list[str], env: dict[str, str]) -> None:
+        log = self.home / f"{name.replace(' ', '-')}.log"
+        self.logs[name] = log
+        with log.open("wb") as out:
+            self.processes[name] = subprocess.Popen(
+                command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def _workers_up(self) -> bool:
+        """Every worker answers a broadcast ping on the broker (Celery's remote control)."""
+        from celery import Celery
+
+        self._check_alive()
+        app = Celery(broker=self.broker_url)
+        try:
+            replies = app.control.ping(timeout=1.0)
+        finally:
+            app.close()
+        answered = {name.split("@", 1)[-1] for reply in replies for name in reply}
+        return set(self.workers) <= answered
 
     def _api_up(self) -> bool:
         self._check_alive()
@@ -124,6 +203,10 @@ class AirflowServices:
         raise TimeoutError(f"waited {timeout:.0f}s for {what}\n{logs}")
 
     def query(self, sql: str, *args) -> list[tuple]:
+        """Rows from the metadata DB (`?` placeholders; on Postgres no other `%` in the SQL); [] while its
+        tables are not there yet."""
+        if not self.sql_alchemy_conn.startswith("sqlite"):
+            return self._query_server(sql, args)
         if not self.db_path.exists():
             return []
         conn = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=10)
@@ -133,6 +216,18 @@ class AirflowServices:
             return []  # tables not there yet, or locked for a moment
         finally:
             conn.close()
+
+    def _query_server(self, sql: str, args: tuple) -> list[tuple]:
+        import sqlalchemy as sa
+
+        engine = sa.create_engine(self.sql_alchemy_conn, poolclass=sa.pool.NullPool)
+        try:
+            with engine.connect() as conn:
+                return [tuple(row) for row in conn.exec_driver_sql(sql.replace("?", "%s"), args)]
+        except sa.exc.ProgrammingError:
+            return []  # tables not there yet
+        finally:
+            engine.dispose()
 
     def dag_runs(self, dag_id: str) -> list[tuple[str, str, str]]:
         """(run_id, run_type, state) of every run of the DAG."""

@@ -49,7 +49,8 @@ def test_plan_ledger_location_and_misconfiguration():
     assert _plan(state_uri="s3://b/state")["ledger"] == {
         "url": "sqlite:////opt/af/datafly_fullstory/ledger.sqlite"
     }
-    assert _plan(ledger_conn_id="ledger_pg", executor="CeleryExecutor")["ledger"] == {"conn_id": "ledger_pg"}
+    # Celery with a local landing or state is refused (tests/unit/test_run_locations.py); the ledger stays.
+    assert _plan(ledger_conn_id="ledger_pg", executor="LocalExecutor")["ledger"] == {"conn_id": "ledger_pg"}
     with pytest.raises(ValueError, match="CeleryExecutor.*datafly_fullstory_ledger_conn_id"):
         _plan(state_uri="s3://b/state", executor="airflow.providers.celery.executors.CeleryExecutor")
     with pytest.raises(ValueError, match="destination"):
