@@ -292,9 +292,10 @@ class CeleryCluster:
         for path in sorted(p for p in local.rglob("*") if p.is_file()):
             fs.put_file(str(path), f"{BUCKET}/landing/{path.relative_to(local).as_posix()}")
 
-    def run(self, run_id: str, window: tuple[datetime, datetime], timeout: float) -> RunResult:
-        """Trigger one run of the window (manual params), wait (bounded) until it ends, and gather it."""
-        conf = {"window_start": window[0].isoformat(), "window_end": window[1].isoformat()}
+    def run(self, run_id: str, window: tuple[datetime, datetime], timeout: float, **params) -> RunResult:
+        """Trigger one run of the window (manual params, and `params`), wait (bounded) until it ends, and
+        gather it."""
+        conf = {"window_start": window[0].isoformat(), "window_end": window[1].isoformat(), **params}
         self.airflow.cli("dags", "trigger", DAG_ID, "--run-id", run_id, "--conf", json.dumps(conf))
         states = self.airflow.wait_for_runs(DAG_ID, {run_id}, timeout=timeout)
         return self.result(run_id, states[run_id])

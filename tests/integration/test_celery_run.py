@@ -40,7 +40,10 @@ def _logs(cluster) -> str:
 
 
 def test_one_window_on_two_celery_workers(cluster, fullstory_emulator):
-    result = cluster.run("celery_window_10h", (START, START + timedelta(hours=1)), timeout=420)
+    # four landing files of ~37,500 rows, parts of at most 40,000 rows: four extract and four map tasks
+    result = cluster.run(
+        "celery_window_10h", (START, START + timedelta(hours=1)), timeout=420, part_rows=40_000
+    )
     assert result.state == "success", (result.task_states, _logs(cluster))
     assert set(result.task_states.values()) == {"success"}, result.task_states
 
@@ -48,6 +51,11 @@ def test_one_window_on_two_celery_workers(cluster, fullstory_emulator):
     assert len(result.mapped_hosts) >= 3, result.mapped_hosts
     assert result.hosts == set(WORKERS), result.mapped_hosts
     assert sum(task == "deliver_events" for task, _ in result.mapped_hosts) >= 2
+    # The window's parts were read, validated and mapped as tasks of their own, on both workers.
+    for task in ("extract_part", "map_part"):
+        assert sum(t == task for t, _ in result.mapped_hosts) == 4, result.mapped_hosts
+    part_hosts = {host for (t, _), host in result.mapped_hosts.items() if t in ("extract_part", "map_part")}
+    assert part_hosts == set(WORKERS), result.mapped_hosts
 
     # Every row has one outcome, and the outcomes add up to the rows read.
     rows = result.stats["rows"]
