@@ -249,6 +249,7 @@ def datafly_fullstory_sync():
             ledger_conn_id=Variable.get("datafly_fullstory_ledger_conn_id", default=None),
             executor=conf.get("core", "executor", fallback=None),
             blueprint=Variable.get("datafly_fullstory_blueprint", default=None),
+            shared_mount=Variable.get("datafly_fullstory_shared_mount", default=None),
         ).to_xcom()
 
     @task

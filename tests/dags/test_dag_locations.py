@@ -73,11 +73,6 @@ def test_local_folders_and_the_sqlite_ledger_fail_a_celery_run_at_plan(
         assert said in log
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="dags/datafly_fullstory_sync.py's plan task does not pass the Variable datafly_fullstory_shared_mount "
-    "to plan_run yet (shared_mount=Variable.get(...)); remove this marker with that line",
-)
 def test_a_shared_mount_lets_a_celery_run_plan_with_local_folders(dag, on_celery, monkeypatch):
     monkeypatch.setenv("AIRFLOW_VAR_DATAFLY_FULLSTORY_SHARED_MOUNT", "true")
     monkeypatch.setenv("AIRFLOW_VAR_DATAFLY_FULLSTORY_LEDGER_CONN_ID", "dffs_ledger_not_used_here")
