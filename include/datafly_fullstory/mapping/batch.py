@@ -26,19 +26,26 @@ from include.datafly_fullstory import outcomes
 from include.datafly_fullstory.blueprint import Blueprint, normalise_event_name
 from include.datafly_fullstory.landing import EVENT_TYPES
 from include.datafly_fullstory.mapping.bodies import EventBuilder
-from include.datafly_fullstory.mapping.columns import _column, _isin, _text_lengths, _timestamps_ns
+from include.datafly_fullstory.mapping.columns import (
+    _column,
+    _isin,
+    _json_values,
+    _text_lengths,
+    _timestamps_ns,
+)
 from include.datafly_fullstory.mapping.consent import ConsentRules, Revocations
 from include.datafly_fullstory.mapping.nesting import JSON_COLUMNS, reject_deep
 from include.datafly_fullstory.mapping.properties import PropertyCleaner, Reject
 from include.datafly_fullstory.mapping.settings import MappingSettings
 from include.datafly_fullstory.mapping.suppression import Suppression, suppress, suppress_stitched
+from include.datafly_fullstory.mapping.templates import EventLines
 from include.datafly_fullstory.mapping.verdicts import (
     IDENTITY_REASONS,
     Verdict,
-    _parse_json_column,
     filter_event_types,
     gate_consent,
     identity,
+    parse_json_column,
     skip_unmapped,
 )
 
@@ -91,6 +98,7 @@ class BatchMapper:
         self.stitcher = stitcher  # identity stitching (identity.py), or None
         self.cleaner = PropertyCleaner(blueprint)
         self.events = EventBuilder(blueprint, self.cleaner, largest_line or settings.max_bytes)
+        self.lines = EventLines(self.events)  # the same bytes, built column-wise
         self._track = blueprint.track_names()
         self._by_type = blueprint.type_mappings()
         self._mapping_index = {id(m): i for i, m in enumerate(blueprint.events)}
@@ -109,7 +117,7 @@ class BatchMapper:
         skip_unmapped(self.bp, verdict, dtype, fs_names)
         filter_event_types(self.settings, verdict, dtype, fs_names, _column(df, "event"))
         reject_deep(verdict, {c: _column(df, c) for c in JSON_COLUMNS})
-        ctx = _parse_json_column(_column(df, "context"), verdict, "context", pending=verdict.open())
+        ctx = parse_json_column(_json_values(df, "context"), verdict, "context", pending=verdict.open())
         gate_consent(self.bp, self.settings, verdict, ctx, self.consent_rules)
         if self.revocations is not None:
             self.revocations.mark(verdict, df)
@@ -154,11 +162,12 @@ class BatchMapper:
         self, df, ctx, verdict, is_event, mapping_idx, fs_names, ident
     ) -> tuple[list, np.ndarray]:
         keep = np.flatnonzero(is_event & verdict.open())
-        columns = [
+        built = self.lines.build(
             mapping_idx[keep],
             fs_names[keep],
             _column(df, "properties")[keep],
-            np.array(ctx, dtype=object)[keep],
+            ctx,
+            ctx.codes[keep],
             ident["ts"][keep],
             ident["uid"][keep],
             ident["sid"][keep],
@@ -167,9 +176,7 @@ class BatchMapper:
             _column(df, "event_id")[keep],
             self._row_fills(df, mapping_idx)[keep],
             df["_row"].to_numpy(dtype=np.int64)[keep],
-        ]
-        build = self.events.build
-        built = [build(*args) for args in zip(*(c.tolist() for c in columns), strict=True)]
+        )
         is_line = np.fromiter((type(b) is bytes for b in built), dtype=bool, count=len(built))
         rejected = keep[~is_line]
         verdict.set(rejected, "rejected", [built[i].reason for i in np.flatnonzero(~is_line)])

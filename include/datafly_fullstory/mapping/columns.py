@@ -1,13 +1,17 @@
 """Column helpers of the mapping: landing columns as object arrays, text lengths, timestamps, membership,
-and getters that pluck a value out of parsed JSON objects. Vectorised (numpy, pandas, Arrow) except `_dig`
-and the getters, which run per row. Their names keep the leading underscore: they are the package's own, shared
-by its modules and used nowhere else."""
+getters that pluck a value out of parsed JSON objects, and `ParsedJson`, a JSON column parsed once per
+distinct value. Vectorised (numpy, pandas, Arrow) except `_dig` and the getters, which run per value. The
+underscored names are the package's own, shared by its modules and used nowhere else."""
 
 from __future__ import annotations
 
+import gc
+from collections.abc import Callable, Generator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
+import orjson
 import pandas as pd
 
 
@@ -75,3 +79,87 @@ _WANT = {
     "text": lambda v: v if type(v) is str else (str(v) if type(v) in (int, float) else None),
     "scalar": lambda v: None if type(v) in (dict, list) else v,
 }
+
+
+# ---- JSON columns parsed once per distinct value ------------------------------------------------------------
+
+BAD_JSON: Any = object()  # the parse of a text that is not JSON at all
+
+
+@contextmanager
+def gc_paused() -> Generator[None, None, None]:
+    """Parsing allocates hundreds of thousands of dicts with no reference cycles; the cyclic collector
+    would walk them over and over (measured: 4-5x slower parsing). Reference counting frees them."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _factorize(values) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, distinct values as an object array with None appended): a null's code points at the None."""
+    codes, distinct = pd.factorize(
+        values if isinstance(values, pd.Series) else pd.Series(values, dtype=object)
+    )
+    distinct = np.append(np.asarray(distinct, dtype=object), None)
+    codes = np.asarray(codes, dtype=np.int64)
+    return np.where(codes < 0, len(distinct) - 1, codes), distinct
+
+
+class ParsedJson:
+    """A JSON text column parsed once per distinct text: landing payloads repeat the same few contexts and
+    property sets many times, and parsing is most of the mapping's cost. `codes[i]` is row i's distinct
+    value; `values` the parses (`BAD_JSON` where the text is not JSON, None for null), `objects` the same
+    with None for anything that is not a JSON object. Parsed values are shared between rows: read them,
+    never change them."""
+
+    def __init__(self, values) -> None:
+        self.codes, self.texts = _factorize(values)
+        loads = orjson.loads
+        texts = self.texts[:-1].tolist()
+        with gc_paused():
+            try:
+                parsed = [loads(t) for t in texts]
+            except (orjson.JSONDecodeError, TypeError):  # TypeError: not text at all
+                parsed = [_loads_or_bad(t) for t in texts]
+        parsed.append(None)
+        self.values = parsed
+        self.objects = [p if type(p) is dict else None for p in parsed]
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def bad(self) -> np.ndarray:
+        """Per row: the text is not a JSON object (broken JSON, an array, a scalar); null is not bad."""
+        per_value = np.fromiter(
+            (p is not None and type(p) is not dict for p in self.values), dtype=bool, count=len(self.values)
+        )
+        return per_value[self.codes]
+
+    def each(self, fn: Callable[[Any], Any]) -> np.ndarray:
+        """`fn` of every distinct object (None for a non-object) as an object array, per distinct value."""
+        return np.fromiter((fn(o) for o in self.objects), dtype=object, count=len(self.objects))
+
+    def per_row(self, fn: Callable[[Any], Any]) -> np.ndarray:
+        """`fn` of each row's object, computed once per distinct value."""
+        return self.each(fn)[self.codes]
+
+    def rows(self) -> list:
+        """Each row's object (None for null or a non-object), as a list."""
+        objects = np.fromiter(self.objects, dtype=object, count=len(self.objects))
+        return objects[self.codes].tolist()
+
+
+def _loads_or_bad(text: Any) -> Any:
+    try:
+        return orjson.loads(text)
+    except (orjson.JSONDecodeError, TypeError):
+        return BAD_JSON
+
+
+def _json_values(df: pd.DataFrame, name: str):
+    """A JSON column as `ParsedJson` takes it (the Series itself: factorizing Arrow strings is fastest)."""
+    return df[name] if name in df.columns else np.full(len(df), None, dtype=object)

@@ -24,11 +24,15 @@ from typing import Any
 import numpy as np
 import orjson
 import pandas as pd
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from include.datafly_fullstory.blueprint import Blueprint, consent_key
-from include.datafly_fullstory.mapping.columns import _column, _iso_utc, _timestamps_ns
+from include.datafly_fullstory.mapping.columns import (
+    ParsedJson,
+    _column,
+    _iso_utc,
+    _json_values,
+    _timestamps_ns,
+)
 
 GRANTED, DENIED, UNRECOGNISED, ABSENT = 1, 0, 2, -1
 NOT_GRANTED = (DENIED, UNRECOGNISED)
@@ -62,7 +66,11 @@ class ConsentRules:
                 return self._judge_codes(codes, ".".join(("context", *self.categories_path)))
         return ABSENT, None
 
-    def states(self, ctxs: Iterable[Any]) -> tuple[np.ndarray, np.ndarray]:
+    def states(self, ctxs: Iterable[Any] | ParsedJson) -> tuple[np.ndarray, np.ndarray]:
+        """Per context: (state, reason). A `ParsedJson` column is read once per distinct context."""
+        if isinstance(ctxs, ParsedJson):
+            states, reasons = self.states(ctxs.objects)
+            return states[ctxs.codes], reasons[ctxs.codes]
         read = [self.read(c) for c in ctxs]
         states = np.fromiter((s for s, _ in read), dtype=np.int8, count=len(read))
         return states, np.array([r for _, r in read], dtype=object)
@@ -132,7 +140,7 @@ def _show(value: Any) -> str:
 # ---- the gate -----------------------------------------------------------------------------------------------
 
 
-def gate(rules: ConsentRules, require_explicit: bool, verdict, ctx: list) -> None:
+def gate(rules: ConsentRules, require_explicit: bool, verdict, ctx: list | ParsedJson) -> None:
     """Mark the rows whose consent is not granted (`filtered`, the reason naming the value); rows without
     consent information pass unless `require_explicit`."""
     states, reasons = rules.states(ctx)
@@ -165,10 +173,15 @@ def person_keys(user_id: np.ndarray, anonymous_id: np.ndarray) -> tuple[np.ndarr
 def latest_states(frame: pd.DataFrame, rules: ConsentRules) -> pd.DataFrame:
     """Each person's latest consent state among the rows of `frame` that carry consent information
     (`LATEST_COLUMNS`; a denial wins a tie). Unrecognised values count as denied (not granted)."""
-    ctxs = [_loads(t) for t in _column(frame, "context")]
-    states, _ = rules.states(ctxs)
-    ts = _timestamps_ns(frame["timestamp"])
+    states, _ = rules.states(ParsedJson(_json_values(frame, "context")))
+    return _latest(frame, states, _timestamps_ns(frame["timestamp"]))
+
+
+def _latest(frame: pd.DataFrame, states: np.ndarray, ts: np.ndarray, rows: np.ndarray | None = None):
+    """`latest_states` of the rows (all, or those of the mask `rows`) from their consent states and times."""
     has = (states != ABSENT) & (ts != _NAT)
+    if rows is not None:
+        has &= rows
     if not has.any():
         return _empty_latest()
     u, a = person_keys(_column(frame, "user_id")[has], _column(frame, "anonymous_id")[has])
@@ -194,20 +207,37 @@ def collapse(latest: pd.DataFrame) -> pd.DataFrame:
 
 def scan_window(frames: Iterable[pd.DataFrame], rules: ConsentRules) -> tuple[pd.DataFrame, int | None]:
     """Each person's latest consent state over all of the window's validated rows, and the earliest row
-    time (ns; None without rows). Only rows whose context mentions consent are parsed (an Arrow substring
-    test picks them)."""
-    parts, earliest = [], None
+    time (ns; None without rows). Only rows whose context text mentions consent count (a context can spell
+    the key with a JSON escape; such a row's own consent is still read by the gate)."""
+    scan = WindowConsent(rules)
     for frame in frames:
-        ts = _timestamps_ns(frame["timestamp"])
-        ts = ts[ts != _NAT]
-        if len(ts):
-            earliest = int(ts.min()) if earliest is None else min(earliest, int(ts.min()))
-        text = pa.array(_column(frame, "context"), type=pa.string())
-        mentions = pc.fill_null(pc.match_substring(text, "consent"), False).to_numpy(zero_copy_only=False)
+        scan.add(frame, ParsedJson(_json_values(frame, "context")))
+    return scan.result()
+
+
+class WindowConsent:
+    """`scan_window` frame by frame, for a caller that parsed the frame's contexts already."""
+
+    def __init__(self, rules: ConsentRules):
+        self.rules, self.parts, self.earliest = rules, [], None
+
+    def add(self, frame: pd.DataFrame, ctx: ParsedJson, ts: np.ndarray | None = None) -> None:
+        ts = _timestamps_ns(frame["timestamp"]) if ts is None else ts
+        valid = ts[ts != _NAT]
+        if len(valid):
+            low = int(valid.min())
+            self.earliest = low if self.earliest is None else min(self.earliest, low)
+        text = ctx.texts[:-1]
+        mention = np.fromiter((type(t) is str and "consent" in t for t in text), dtype=bool, count=len(text))
+        mentions = np.append(mention, False)[ctx.codes]
         if mentions.any():
-            parts.append(latest_states(frame[mentions].reset_index(drop=True), rules))
-    latest = collapse(pd.concat(parts, ignore_index=True)) if parts else _empty_latest()
-    return latest, earliest
+            states, _ = self.rules.states(ctx)
+            self.parts.append(_latest(frame, states, ts, mentions))
+
+    def result(self) -> tuple[pd.DataFrame, int | None]:
+        parts = [p for p in self.parts if len(p)]
+        latest = collapse(pd.concat(parts, ignore_index=True)) if parts else _empty_latest()
+        return latest, self.earliest
 
 
 ConsentHistory = Callable[[pd.DataFrame, int], pd.DataFrame]
@@ -295,15 +325,6 @@ def revocations(
     if history is not None and earliest is not None:
         latest = history(latest, earliest)
     return Revocations(latest, rules.category)
-
-
-def _loads(text: Any) -> Any:
-    if text is None:
-        return None
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return None
 
 
 def _empty_latest() -> pd.DataFrame:

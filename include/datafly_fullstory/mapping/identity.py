@@ -27,13 +27,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import orjson
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from include.datafly_fullstory.blueprint import Blueprint
-from include.datafly_fullstory.mapping.columns import _column, _text_lengths, _timestamps_ns
+from include.datafly_fullstory.mapping.columns import ParsedJson, _column, _text_lengths, _timestamps_ns
 from include.datafly_fullstory.mapping.consent import ABSENT, GRANTED, ConsentRules
 from include.datafly_fullstory.mapping.settings import MappingSettings
 from include.datafly_fullstory.state import RunStore
@@ -56,20 +55,19 @@ PAIR_COLUMNS = ["anonymous_id", "user_id", "timestamp", "event_id", "context"]
 _NAT = np.iinfo(np.int64).min
 
 
-def collect_pairs(frame: pd.DataFrame, bp: Blueprint, settings: MappingSettings) -> pd.DataFrame:
+def collect_pairs(
+    frame: pd.DataFrame, bp: Blueprint, settings: MappingSettings, ctx: ParsedJson | None = None
+) -> pd.DataFrame:
     """The rows of `frame` that identify an anonymous id: columns anonymous_id, user_id, ts (epoch s, NaN
-    when unknown), event_id. Needs the columns of PAIR_COLUMNS."""
+    when unknown), event_id. Needs the columns of PAIR_COLUMNS; `ctx`: the frame's contexts, if parsed
+    already."""
     both = (_text_lengths(frame["anonymous_id"]) > 0) & (_text_lengths(frame["user_id"]) > 0)
     at = np.flatnonzero(both)
-    parsed = []
-    for text in _column(frame, "context")[at]:
-        try:
-            value = orjson.loads(text) if text is not None else None
-        except (orjson.JSONDecodeError, TypeError):  # TypeError: nested past orjson's limit
-            value = None
-        parsed.append(value if type(value) is dict else None)
     # The consent rules of the mapping (consent.py): only a row FullStory may receive teaches a pair.
-    state, _ = ConsentRules(bp).states(parsed)
+    if ctx is None:
+        state, _ = ConsentRules(bp).states(ParsedJson(_column(frame, "context")[at]))
+    else:
+        state = ConsentRules(bp).states(ctx)[0][at]
     allowed = state == GRANTED
     if not settings.require_explicit_consent:
         allowed |= state == ABSENT

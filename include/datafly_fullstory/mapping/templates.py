@@ -1,0 +1,437 @@
+"""A batch's event lines, built column-wise (`EventLines.build`): the same bytes as `EventBuilder.build`
+row by row, at a fraction of the cost.
+
+A body's `properties` (and its `schema`) depend on few inputs that repeat across rows: the mapping, the
+properties text, the context values the mapping fills in and the landing values it fills in. Each
+distinct combination, a *template*, is parsed, cleaned, typed and serialised once. Each row's line is then
+joined by Arrow from byte fragments: the name, the timestamp, the identification, the browser context (once
+per distinct context), the template, the row's own identity properties (`anonymous_id`, `locale`,
+`datafly_event_id`) and the template's schema.
+
+What the fragments cannot express goes through `EventBuilder.build`, one row at a time: a row whose
+properties already hold an identity property (its value would replace the one in place), a mapping that
+declares a type for one, an identity value long enough to need the size check, a value that is not text.
+Type problems are recorded in row order either way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from include.datafly_fullstory.mapping.bodies import (
+    EventBuilder,
+    _apply_renames,
+    _event_context,
+)
+from include.datafly_fullstory.mapping.columns import ParsedJson, _dig, _factorize
+from include.datafly_fullstory.mapping.properties import Reject
+from include.datafly_fullstory.mapping.types import TypeChecker
+
+_NEEDS_ESCAPE = r'[\x00-\x1f"\\]'  # the only characters orjson escapes in a string
+
+
+@dataclass(frozen=True)
+class _Template:
+    """`,"properties":` and the serialised properties without their closing brace; whether there are any;
+    their count; the closing brace, the schema and the body's closing brace; and the declared-type problems
+    of the values (field, value as JSON text, type)."""
+
+    head: bytes
+    has_properties: bool
+    count: int
+    tail: bytes
+    problems: tuple[tuple[str, str, str], ...]
+
+
+_SLOW = object()  # a template whose rows EventBuilder.build builds
+
+
+class EventLines:
+    """Builds a batch's event lines with one `EventBuilder`'s rules (see the module docstring)."""
+
+    def __init__(self, builder: EventBuilder):
+        self.builder = builder
+        identity_props = (builder.anon_prop, builder.locale_prop, builder.event_id_prop)
+        self.identity_props = frozenset(identity_props)
+        distinct = len(self.identity_props) == 3
+        # a declared type on an identity property changes the row's schema: such mappings go row by row
+        self.fast = [distinct and not (self.identity_props & set(d)) for d in builder.declared]
+        self.fast_default = distinct and not (self.identity_props & set(builder.declared_default))
+        self.keys = [orjson.dumps(p) + b":" for p in identity_props]
+        self.longest_plain = builder.cleaner.max_value // 4  # longer text needs the byte-size check
+
+    def build(
+        self,
+        m: np.ndarray,
+        names: np.ndarray,
+        props_text: np.ndarray,
+        ctx: ParsedJson,
+        ctx_codes: np.ndarray,
+        ts: np.ndarray,
+        uid: np.ndarray,
+        sid: np.ndarray,
+        recent: np.ndarray,
+        anon: np.ndarray,
+        event_id: np.ndarray,
+        row_fills: np.ndarray,
+        rows: np.ndarray,
+    ) -> list[bytes | Reject]:
+        """Per row (the arguments are parallel arrays, `ctx_codes` the rows' contexts in `ctx`): its line,
+        or `Reject`. Exactly `EventBuilder.build` of each row, type problems included."""
+        k = len(m)
+        if not k:
+            return []
+        b = self.builder
+        out: list = [None] * k
+        objects = ctx.objects
+        locale = ctx.each(b.locale)
+        tcodes, templates = self._templates(m, props_text, objects, ctx_codes, row_fills)
+        # per row: which path
+        name_len = _lengths(names)
+        slow_template = np.fromiter((t is _SLOW for t in templates), dtype=bool, count=len(templates))
+        rejected_template = np.fromiter(
+            (type(t) is Reject for t in templates), dtype=bool, count=len(templates)
+        )
+        loc = locale[ctx_codes]
+        plain = _plain_text(anon, self.longest_plain) & _plain_text(event_id, self.longest_plain)
+        plain &= _plain_text(loc, self.longest_plain)
+        slow = (name_len < 0) | slow_template[tcodes] | ~plain
+        long_name = ~slow & (name_len > b.max_name)
+        bad_props = ~slow & ~long_name & rejected_template[tcodes]
+        counts = np.fromiter(
+            (t.count if type(t) is _Template else 0 for t in templates), dtype=np.int64, count=len(templates)
+        )[tcodes]
+        present = [pd_notna(anon), pd_notna(loc), pd_notna(event_id)]
+        counts = counts + present[0] + present[1] + present[2]
+        open_ = ~slow & ~long_name & ~bad_props
+        too_many = open_ & (counts > b.cleaner.max_count)
+        fast = open_ & ~too_many
+
+        for i in np.flatnonzero(long_name):
+            out[i] = Reject(f"event name is {name_len[i]} characters; FullStory allows {b.max_name}")
+        for i in np.flatnonzero(bad_props):
+            out[i] = templates[tcodes[i]]
+        for i in np.flatnonzero(too_many):
+            out[i] = Reject(
+                f"properties has {counts[i]} properties after flattening; FullStory allows "
+                f"{b.cleaner.max_count}"
+            )
+        problems: list[tuple[int, list]] = []
+        self._fast_lines(
+            np.flatnonzero(fast),
+            out,
+            problems,
+            templates,
+            tcodes,
+            names,
+            objects,
+            ctx_codes,
+            {
+                "ts": ts,
+                "uid": uid,
+                "sid": sid,
+                "recent": recent,
+                "anon": anon,
+                "event_id": event_id,
+                "rows": rows,
+            },
+            present,
+        )
+        types = b.types
+        for i in np.flatnonzero(slow):
+            before = len(types.problems)
+            out[i] = b.build(
+                int(m[i]),
+                names[i],
+                props_text[i],
+                objects[ctx_codes[i]],
+                ts[i],
+                uid[i],
+                sid[i],
+                bool(recent[i]),
+                anon[i],
+                event_id[i],
+                row_fills[i],
+                int(rows[i]),
+            )
+            if len(types.problems) > before:
+                problems.append((int(i), types.problems[before:]))
+                del types.problems[before:]
+        problems.sort(key=lambda p: p[0])
+        for _, found in problems:
+            types.problems.extend(found)
+        return out
+
+    # ---- templates ---------------------------------------------------------------------------------------
+
+    def _templates(self, m, props_text, objects, ctx_codes, row_fills) -> tuple[np.ndarray, list]:
+        """Per row its template's number, and the templates (`_Template`, `Reject` or `_SLOW`)."""
+        k = len(m)
+        pcodes, ptexts = _factorize(props_text)
+        pair, pair_first = _codes(m.astype(np.int64) * len(ptexts) + pcodes)
+        prepared = [self._prepare(int(m[i]), ptexts[pcodes[i]]) for i in pair_first]
+        # the context values each row's mapping fills in: one key per distinct (what is missing, context)
+        fill = np.zeros(k, dtype=np.int64)
+        fill_keys: dict = {(): 0}
+        missing = [
+            (int(m[i]), p[2]) if type(p) is tuple and p[2] else None
+            for i, p in zip(pair_first, prepared, strict=True)
+        ]
+        groups: dict = {}
+        for p, key in enumerate(missing):
+            if key is not None:
+                groups.setdefault(key, []).append(p)
+        for (mi, props), pairs in groups.items():
+            paths = [self.builder.mappings[mi].from_context[prop] for prop in props]
+            at = np.flatnonzero(np.isin(pair, pairs))
+            distinct, inverse = np.unique(ctx_codes[at], return_inverse=True)
+            codes = []
+            for c in distinct:
+                key = _fill_key(props, paths, objects[c], (mi, int(c)))
+                codes.append(fill_keys.setdefault(key, len(fill_keys)))
+            fill[at] = np.asarray(codes, dtype=np.int64)[inverse]
+        # the landing values the mapping fills in (from_row)
+        row_fill = np.zeros(k, dtype=np.int64)
+        has_fills = np.flatnonzero(np.fromiter((bool(f) for f in row_fills), dtype=bool, count=k))
+        if len(has_fills):
+            interned: dict = {}
+            row_fill[has_fills] = [_intern(interned, row_fills[i], i) for i in has_fills]
+        with_fill, _ = _codes(pair * len(fill_keys) + fill)
+        tcodes, first = _codes(with_fill * (int(row_fill.max()) + 1) + row_fill)
+        templates = [
+            self._template(prepared[pair[i]], int(m[i]), objects[ctx_codes[i]], row_fills[i]) for i in first
+        ]
+        return tcodes, templates
+
+    def _prepare(self, m: int, text) -> Reject | tuple:
+        """The properties of a (mapping, text) up to the fills: parsed, items taken out, renamed; and the
+        mapping's from_context properties still missing (filled from each row's context)."""
+        try:
+            props = orjson.loads(text) if text is not None else {}
+        except orjson.JSONDecodeError:
+            return Reject("properties is not valid JSON")
+        if type(props) is not dict:
+            return Reject("properties is not a JSON object")
+        mapping = self.builder.mappings[m] if m >= 0 else None
+        items = self.builder.cleaner.take_items(props)
+        missing: tuple = ()
+        if mapping is not None:
+            _apply_renames(props, mapping.renames)
+            missing = tuple(p for p in mapping.from_context if props.get(p) is None)
+        return props, items, missing
+
+    def _template(self, prepared, m: int, ctx, row_fills) -> _Template | Reject:
+        """`EventBuilder._properties` and `_declare` for one template (from one of its rows)."""
+        if type(prepared) is Reject:
+            return prepared
+        b = self.builder
+        props, items, missing = dict(prepared[0]), prepared[1], prepared[2]
+        mapping = b.mappings[m] if m >= 0 else None
+        if mapping is not None:
+            for prop in missing:
+                value = _dig(ctx, mapping.from_context[prop])
+                if value is not None:
+                    props[prop] = value
+            if row_fills:
+                for prop, value in row_fills:
+                    if props.get(prop) is None and value is not None:
+                        props[prop] = value
+        try:
+            properties, count = b.cleaner.clean(props)
+            schema: dict[str, str] = {}
+            if items is not None:
+                count += b.cleaner.add_items(
+                    properties, schema, items, lift=mapping is not None and mapping.lift_first_item
+                )
+        except Reject as reject:
+            return reject
+        if not (self.fast[m] if m >= 0 else self.fast_default) or not self.identity_props.isdisjoint(
+            properties
+        ):
+            return _SLOW
+        declared = b.declared[m] if m >= 0 else b.declared_default
+        checker = TypeChecker()
+        if declared:
+            typed, _ = checker.declare(properties, declared)
+            schema = {**schema, **typed} if schema else typed
+        try:
+            head = b',"properties":' + orjson.dumps(properties)[:-1]
+            tail = b"}" + (b',"schema":' + orjson.dumps({"properties": schema}) if schema else b"") + b"}"
+        except TypeError:  # a value orjson cannot write: the row path raises as before
+            return _SLOW
+        problems = tuple((p[4], p[5], p[6]) for p in checker.problems)
+        return _Template(head, bool(properties), count, tail, problems)
+
+    # ---- lines -------------------------------------------------------------------------------------------
+
+    def _fast_lines(
+        self,
+        at: np.ndarray,
+        out: list,
+        problems: list,
+        templates: list,
+        tcodes: np.ndarray,
+        names: np.ndarray,
+        objects: list,
+        ctx_codes: np.ndarray,
+        columns: dict[str, np.ndarray],
+        present: list[np.ndarray],
+    ) -> None:
+        """The lines of the rows `at`, joined from byte fragments; their type problems into `problems`."""
+        if not len(at):
+            return
+        b = self.builder
+        t = tcodes[at]
+        used = np.unique(t)
+        heads = np.empty(len(templates), dtype=object)
+        tails = np.empty(len(templates), dtype=object)
+        with_props = np.zeros(len(templates), dtype=bool)
+        for j in used.tolist():
+            heads[j], tails[j], with_props[j] = (
+                templates[j].head,
+                templates[j].tail,
+                templates[j].has_properties,
+            )
+        c = ctx_codes[at]
+        contexts = np.empty(len(objects), dtype=object)
+        locales = np.empty(len(objects), dtype=object)
+        for code in np.unique(c).tolist():
+            obj = objects[code]
+            context = _event_context(b.page_url(obj), b.user_agent(obj), b.ip(obj))
+            contexts[code] = b',"context":' + orjson.dumps(context) if context else b""
+            value = b.locale(obj)
+            locales[code] = orjson.dumps(value) if value is not None else b""
+        stamp = pa.array(columns["ts"][at], type=pa.string()).cast(pa.binary())
+        fragments = [
+            _per_distinct(names[at], lambda n: b'{"name":' + orjson.dumps(n)),
+            pc.fill_null(pc.binary_join_element_wise(b',"timestamp":"', stamp, b'"', b""), b""),
+            _identification(columns["sid"][at], columns["uid"][at], columns["recent"][at]),
+            _gather(contexts, c),
+            _gather(heads, t),
+        ]
+        values = [
+            _per_distinct(columns["anon"][at], orjson.dumps),
+            _gather(locales, c),
+            _quoted(columns["event_id"][at]),
+        ]
+        before = with_props[t]
+        for key, value, is_present in zip(self.keys, values, (p[at] for p in present), strict=True):
+            fragments.append(_where(before & is_present, pa.scalar(b",", pa.binary())))
+            fragments.append(_where(is_present, pc.binary_join_element_wise(key, value, b"")))
+            before = before | is_present
+        fragments.append(_gather(tails, t))
+        lines = pc.binary_join_element_wise(*fragments, b"")
+        sizes = pc.binary_length(lines).to_numpy()
+        for i, line in zip(at.tolist(), lines.to_pylist(), strict=True):
+            out[i] = line
+        for j in np.flatnonzero(sizes > b.largest_line):
+            out[at[j]] = Reject(
+                f"the event body is {sizes[j]} bytes, more than one request may carry (max_bytes)"
+            )
+        has_problems = np.fromiter((bool(templates[j].problems) for j in used), dtype=bool, count=len(used))
+        if has_problems.any():
+            event_id, rows = columns["event_id"], columns["rows"]
+            for j in np.flatnonzero(np.isin(t, used[has_problems])).tolist():
+                i = int(at[j])
+                found = [("event", int(rows[i]), event_id[i], None, *p) for p in templates[t[j]].problems]
+                problems.append((i, found))
+
+
+# ---- helpers --------------------------------------------------------------------------------------------------
+
+
+def pd_notna(values: np.ndarray) -> np.ndarray:
+    return np.fromiter((v is not None for v in values), dtype=bool, count=len(values))
+
+
+def _lengths(names: np.ndarray) -> np.ndarray:
+    """Characters per name; -1 where a name is not text (the row path decides those rows)."""
+    return np.fromiter((len(n) if type(n) is str else -1 for n in names), dtype=np.int64, count=len(names))
+
+
+def _plain_text(values: np.ndarray, longest: int) -> np.ndarray:
+    """Per value: None, or text short enough to skip the byte-size check of an identity property."""
+    return np.fromiter(
+        (v is None or (type(v) is str and len(v) <= longest) for v in values), dtype=bool, count=len(values)
+    )
+
+
+def _codes(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Dense codes of integer keys in order of first appearance, and the first row of each code."""
+    uniques, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return rank[inverse.reshape(-1)], first[order]
+
+
+def _intern(interned: dict, value, i: int) -> int:
+    try:
+        return interned.setdefault(value, len(interned) + 1)
+    except TypeError:  # an unhashable landing value: a template of its own
+        return interned.setdefault(("row", i), len(interned) + 1)
+
+
+def _fill_key(props: tuple, paths: list, ctx, own) -> object:
+    """What the context fills into a template: the (property, value) pairs, as JSON bytes."""
+    fills = [
+        (prop, value)
+        for prop, path in zip(props, paths, strict=True)
+        if (value := _dig(ctx, path)) is not None
+    ]
+    if not fills:
+        return ()
+    try:
+        return orjson.dumps(fills)
+    except TypeError:
+        return ("ctx", own)
+
+
+def _per_distinct(values: np.ndarray, fn) -> pa.Array:
+    codes, distinct = _factorize(values)
+    return pa.array([fn(v) for v in distinct.tolist()], type=pa.binary()).take(pa.array(codes))
+
+
+def _gather(per_code: np.ndarray, codes: np.ndarray) -> pa.Array:
+    """`per_code[codes]` (bytes) as an Arrow binary array, converting each distinct value once."""
+    used, inverse = np.unique(codes, return_inverse=True)
+    return pa.array(per_code[used].tolist(), type=pa.binary()).take(pa.array(inverse.reshape(-1)))
+
+
+def _where(mask: np.ndarray, values) -> pa.Array:
+    return pc.if_else(pa.array(mask), values, pa.scalar(b"", pa.binary()))
+
+
+def _quoted(values: np.ndarray) -> pa.Array:
+    """Text values as JSON strings (orjson's bytes); None as null."""
+    text = pa.array(values, type=pa.string())
+    quoted = pc.binary_join_element_wise('"', text, '"', "")
+    escape = pc.fill_null(pc.match_substring_regex(text, _NEEDS_ESCAPE), False)
+    if pc.any(escape).as_py():
+        at = np.flatnonzero(escape.to_numpy(zero_copy_only=False))
+        quoted = pc.replace_with_mask(
+            quoted, escape, pa.array([orjson.dumps(values[i]).decode() for i in at], type=pa.string())
+        )
+    return pc.fill_null(quoted.cast(pa.binary()), b"")
+
+
+def _identification(sid: np.ndarray, uid: np.ndarray, recent: np.ndarray) -> pa.Array:
+    """`,"session":{"id":..}` or `,"user":{"uid":..}` (with `use_most_recent`), once per distinct value."""
+    has_sid = pd_notna(sid)
+    scodes, sdistinct = _factorize(np.where(has_sid, sid, None))
+    ucodes, udistinct = _factorize(np.where(has_sid, None, uid))
+    key = np.where(has_sid, scodes, len(sdistinct) + ucodes * 2 + recent.astype(np.int64))
+    codes, first = _codes(key)
+    frags = []
+    for i in first.tolist():
+        if has_sid[i]:
+            frags.append(b',"session":{"id":' + orjson.dumps(sid[i]) + b"}")
+        else:
+            frag = b',"user":{"uid":' + orjson.dumps(uid[i]) + b"}"
+            frags.append(frag + b',"session":{"use_most_recent":true}' if recent[i] else frag)
+    return pa.array(frags, type=pa.binary()).take(pa.array(codes))
