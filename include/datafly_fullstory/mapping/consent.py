@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import orjson
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from include.datafly_fullstory.blueprint import Blueprint, consent_key
 from include.datafly_fullstory.mapping.columns import (
@@ -160,7 +162,11 @@ def gate(rules: ConsentRules, require_explicit: bool, verdict, ctx: list | Parse
 
 
 def person_keys(user_id: np.ndarray, anonymous_id: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per row its person keys: `user:<user_id>` and `anon:<anonymous_id>` (None where the id is empty)."""
+    """Per row its person keys: `user:<user_id>` and `anon:<anonymous_id>` (missing where the id is empty)."""
+    try:  # text ids (the landing's): joined by Arrow
+        return _key(user_id, "user:"), _key(anonymous_id, "anon:")
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        pass
     uid = pd.Series(user_id, dtype=object)
     anon = pd.Series(anonymous_id, dtype=object)
     has_uid = uid.notna() & (uid.astype(str) != "")
@@ -168,6 +174,14 @@ def person_keys(user_id: np.ndarray, anonymous_id: np.ndarray) -> tuple[np.ndarr
     u = ("user:" + uid.astype(str)).where(has_uid, None).to_numpy(dtype=object)
     a = ("anon:" + anon.astype(str)).where(has_anon, None).to_numpy(dtype=object)
     return u, a
+
+
+def _key(ids: np.ndarray, prefix: str) -> np.ndarray:
+    text = pa.array(ids, type=pa.string(), from_pandas=True)
+    keyed = pc.if_else(
+        pc.equal(text, ""), pa.scalar(None, pa.string()), pc.binary_join_element_wise(prefix, text, "")
+    )
+    return keyed.to_numpy(zero_copy_only=False)
 
 
 def latest_states(frame: pd.DataFrame, rules: ConsentRules) -> pd.DataFrame:

@@ -106,13 +106,16 @@ def fold_pairs(pairs: pd.DataFrame) -> pd.DataFrame:
     ordered = pairs.sort_values(["anonymous_id", "ts", "event_id"], kind="stable", na_position="last")
     grouped = ordered.groupby("anonymous_id", sort=True)
     head = grouped.head(1).set_index("anonymous_id")  # the earliest pair of each anonymous id
-    users = grouped["user_id"].agg(lambda u: sorted(set(u)))
-    other = [next((x for x in us if x != u), None) for us, u in zip(users, head["user_id"], strict=True)]
+    # another user: the least (in sort order) of the anonymous id's users other than the head's
+    first_user = head["user_id"].reindex(ordered["anonymous_id"]).to_numpy(dtype=object)
+    others = ordered[ordered["user_id"].to_numpy(dtype=object) != first_user]
+    least = others.groupby("anonymous_id", sort=False)["user_id"].min()
+    other = least.reindex(head.index).to_numpy(dtype=object, na_value=None)
     return pd.DataFrame(
         {
             "anonymous_id": head.index.to_numpy(dtype=object),
             "user_id": head["user_id"].to_numpy(dtype=object),
-            "other_user_id": np.array(other, dtype=object),
+            "other_user_id": other,
             "t1": grouped["ts"].min().to_numpy(),
             "t2": grouped["ts"].max().to_numpy(),
             "event_id": head["event_id"].to_numpy(dtype=object),

@@ -106,7 +106,7 @@ class EventLines:
         counts = np.fromiter(
             (t.count if type(t) is _Template else 0 for t in templates), dtype=np.int64, count=len(templates)
         )[tcodes]
-        present = [pd_notna(anon), pd_notna(loc), pd_notna(event_id)]
+        present = [_present(anon), _present(loc), _present(event_id)]
         counts = counts + present[0] + present[1] + present[2]
         open_ = ~slow & ~long_name & ~bad_props
         too_many = open_ & (counts > b.cleaner.max_count)
@@ -345,20 +345,32 @@ class EventLines:
 # ---- helpers --------------------------------------------------------------------------------------------------
 
 
-def pd_notna(values: np.ndarray) -> np.ndarray:
-    return np.fromiter((v is not None for v in values), dtype=bool, count=len(values))
+def _present(values: np.ndarray) -> np.ndarray:
+    """Per value: it is not None (EventBuilder adds an identity property unless its value is None)."""
+    return values != None  # noqa: E711  (elementwise on an object array)
 
 
 def _lengths(names: np.ndarray) -> np.ndarray:
     """Characters per name; -1 where a name is not text (the row path decides those rows)."""
-    return np.fromiter((len(n) if type(n) is str else -1 for n in names), dtype=np.int64, count=len(names))
+    codes, distinct = _factorize(names)
+    per_name = np.fromiter(
+        (len(n) if type(n) is str else -1 for n in distinct), dtype=np.int64, count=len(distinct)
+    )
+    return per_name[codes]
 
 
 def _plain_text(values: np.ndarray, longest: int) -> np.ndarray:
     """Per value: None, or text short enough to skip the byte-size check of an identity property."""
-    return np.fromiter(
-        (v is None or (type(v) is str and len(v) <= longest) for v in values), dtype=bool, count=len(values)
-    )
+    try:
+        text = pa.array(values, type=pa.string())  # None only as null: NaN and non-text raise
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return np.fromiter(
+            (v is None or (type(v) is str and len(v) <= longest) for v in values),
+            dtype=bool,
+            count=len(values),
+        )
+    short = pc.less_equal(pc.utf8_length(text), longest)
+    return pc.fill_null(short, True).to_numpy(zero_copy_only=False)
 
 
 def _codes(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -422,7 +434,7 @@ def _quoted(values: np.ndarray) -> pa.Array:
 
 def _identification(sid: np.ndarray, uid: np.ndarray, recent: np.ndarray) -> pa.Array:
     """`,"session":{"id":..}` or `,"user":{"uid":..}` (with `use_most_recent`), once per distinct value."""
-    has_sid = pd_notna(sid)
+    has_sid = _present(sid)
     scodes, sdistinct = _factorize(np.where(has_sid, sid, None))
     ucodes, udistinct = _factorize(np.where(has_sid, None, uid))
     key = np.where(has_sid, scodes, len(sdistinct) + ucodes * 2 + recent.astype(np.int64))
