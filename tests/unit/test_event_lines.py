@@ -104,13 +104,18 @@ def _rows(rng: random.Random, n: int, bp) -> dict[str, np.ndarray]:
     }
 
 
-def _both(bp, rows: dict, largest_line: int):
+def _both(bp, rows: dict, largest_line: int, again: bool = False):
+    """(column-wise lines, row-by-row lines, their type problems). `again`: the column-wise lines of a
+    second batch of the same rows, from the templates the first one left behind."""
     ctx = ParsedJson(rows["ctx"])
     fast = EventBuilder(bp, PropertyCleaner(bp), largest_line)
-    lines = EventLines(fast).build(
-        rows["m"], rows["names"], rows["props"], ctx, ctx.codes, rows["ts"], rows["uid"], rows["sid"],
-        rows["recent"], rows["anon"], rows["event_id"], rows["row_fills"], rows["rows"],
-    )  # fmt: skip
+    event_lines = EventLines(fast)
+    for _ in range(2 if again else 1):
+        fast.types.take_problems()
+        lines = event_lines.build(
+            rows["m"], rows["names"], rows["props"], ctx, ctx.codes, rows["ts"], rows["uid"], rows["sid"],
+            rows["recent"], rows["anon"], rows["event_id"], rows["row_fills"], rows["rows"],
+        )  # fmt: skip
     slow = EventBuilder(bp, PropertyCleaner(bp), largest_line)
     objects = ctx.rows()
     expected = [

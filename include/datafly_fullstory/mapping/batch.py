@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 import numpy as np
-import orjson
 import pandas as pd
 
 from include.datafly_fullstory import outcomes
@@ -24,6 +23,9 @@ from include.datafly_fullstory.blueprint import Blueprint, normalise_event_name
 from include.datafly_fullstory.landing import EVENT_TYPES
 from include.datafly_fullstory.mapping.bodies import EventBuilder
 from include.datafly_fullstory.mapping.columns import (
+    BAD_JSON,
+    Distinct,
+    ParsedJson,
     _column,
     _isin,
     _json_values,
@@ -103,8 +105,9 @@ class BatchMapper:
         mapping_idx, fs_names = self._resolve_names(dtype, _column(df, "event"))
         skip_unmapped(self.bp, verdict, dtype, fs_names)
         filter_event_types(self.settings, verdict, dtype, fs_names, _column(df, "event"))
-        reject_deep(verdict, {c: _json_values(df, c) for c in JSON_COLUMNS})
-        ctx = parse_json_column(_json_values(df, "context"), verdict, "context", pending=verdict.open())
+        texts = {c: Distinct(_json_values(df, c)) for c in JSON_COLUMNS}  # payloads repeat: work per distinct
+        reject_deep(verdict, texts)
+        ctx = parse_json_column(texts["context"], verdict, "context", pending=verdict.open())
         gate_consent(self.bp, self.settings, verdict, ctx, self.consent_rules)
         if self.revocations is not None:
             self.revocations.mark(verdict, df)
@@ -113,7 +116,9 @@ class BatchMapper:
             self.bp, self.settings, self.reference_time, df, ctx, verdict, is_event, self.stitcher
         )
         suppress_stitched(self.suppression, verdict, ident["uid"])
-        lines, line_rows = self._build_events(df, ctx, verdict, is_event, mapping_idx, fs_names, ident)
+        lines, line_rows = self._build_events(
+            df, ctx, texts["properties"], verdict, is_event, mapping_idx, fs_names, ident
+        )
         identify = self._collect_identify(df, verdict, dtype)
         rows = df["_row"].to_numpy(dtype=np.int64)
         event_ids = _column(df, "event_id")
@@ -146,13 +151,13 @@ class BatchMapper:
         return mapping_idx, fs_names
 
     def _build_events(
-        self, df, ctx, verdict, is_event, mapping_idx, fs_names, ident
+        self, df, ctx, properties, verdict, is_event, mapping_idx, fs_names, ident
     ) -> tuple[list, np.ndarray]:
         keep = np.flatnonzero(is_event & verdict.open())
         built = self.lines.build(
             mapping_idx[keep],
             fs_names[keep],
-            _column(df, "properties")[keep],
+            properties.take(keep),
             ctx,
             ctx.codes[keep],
             ident["ts"][keep],
@@ -161,7 +166,7 @@ class BatchMapper:
             ident["recent"][keep],
             _column(df, "anonymous_id")[keep],
             _column(df, "event_id")[keep],
-            self._row_fills(df, mapping_idx)[keep],
+            self._row_fills(df, mapping_idx).take(keep),
             df["_row"].to_numpy(dtype=np.int64)[keep],
         )
         is_line = np.fromiter((type(b) is bytes for b in built), dtype=bool, count=len(built))
@@ -169,17 +174,27 @@ class BatchMapper:
         verdict.set(rejected, "rejected", [built[i].reason for i in np.flatnonzero(~is_line)])
         return [b for b in built if type(b) is bytes], keep[is_line]
 
-    def _row_fills(self, df: pd.DataFrame, mapping_idx: np.ndarray) -> np.ndarray:
-        """Per row, the (property, landing column value) pairs its mapping's `from_row` asks for."""
-        fills = np.full(len(df), None, dtype=object)
+    def _row_fills(self, df: pd.DataFrame, mapping_idx: np.ndarray) -> Distinct:
+        """Per row, the (property, landing column value) pairs its mapping's `from_row` asks for, as the
+        distinct pairs (None: no fills) and each row's code into them."""
+        fills = Distinct(np.full(len(df), None, dtype=object))
         for i, mapping in enumerate(self.bp.events):
             if not mapping.from_row:
                 continue
             at = np.flatnonzero(mapping_idx == i)
-            values = [_column(df, column)[at] for column in mapping.from_row.values()]
-            fills[at] = [
-                tuple(zip(mapping.from_row, vals, strict=True)) for vals in zip(*values, strict=True)
+            if not len(at):
+                continue
+            columns = [Distinct(_column(df, column)[at]) for column in mapping.from_row.values()]
+            key = np.zeros(len(at), dtype=np.int64)
+            for column in columns:
+                key = key * len(column.values) + column.codes
+            _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+            pairs = [
+                tuple(zip(mapping.from_row, (c.values[c.codes[j]] for c in columns), strict=True))
+                for j in first.tolist()
             ]
+            fills.codes[at] = len(fills.values) + inverse.reshape(-1)
+            fills.values = np.append(fills.values, np.fromiter(pairs, dtype=object, count=len(pairs)))
         return fills
 
     def _collect_identify(self, df: pd.DataFrame, verdict: Verdict, dtype: np.ndarray) -> pd.DataFrame:
@@ -217,9 +232,11 @@ class BatchMapper:
                 np.flatnonzero(np.r_[True, uid[1:] != uid[:-1]]) if len(uid) else np.array([], dtype=np.int64)
             )
             bounds = np.r_[starts, len(uid)]
-            traits = ordered["traits"].to_numpy(dtype=object, na_value=None)
+            traits = ParsedJson(ordered["traits"])  # parsed once per distinct text
+            parsed = np.fromiter(traits.values, dtype=object, count=len(traits.values))[traits.codes]
             built = [
-                self._user_line(uid[a], traits[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+                self._user_line(uid[a], parsed[a:b])
+                for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)
             ]
         group = np.repeat(np.arange(len(starts)), np.diff(bounds))
         is_line = np.fromiter((type(b) is bytes for b in built), dtype=bool, count=len(built))
@@ -240,12 +257,12 @@ class BatchMapper:
         lines = [b for b in built if type(b) is bytes]
         return lines, (line_number[group[in_line]], rows[in_line], event_ids[in_line]), rejected
 
-    def _user_line(self, uid: str, traits_texts: np.ndarray) -> bytes | Reject:
+    def _user_line(self, uid: str, calls: np.ndarray) -> bytes | Reject:
+        """The user update of one uid from its identify calls' parsed traits, in order (shared parses:
+        merged into a new dict, never changed)."""
         merged: dict = {}
-        for text in traits_texts:
-            try:
-                traits = orjson.loads(text)
-            except orjson.JSONDecodeError:
+        for traits in calls:
+            if traits is BAD_JSON:
                 return Reject("traits is not valid JSON in one of this user's identify calls")
             if type(traits) is dict:
                 merged.update(traits)
@@ -262,12 +279,12 @@ def identification_modes(df: pd.DataFrame, ident: dict, line_rows: np.ndarray, v
     has_sid = pd.notna(ident["sid"][line_rows])
     own_uid = _text_lengths(df["user_id"])[line_rows] > 0
     recent = ident["recent"][line_rows]
-    skipped = (
-        is_event
-        & (verdict.outcome == "skipped")
-        & np.array(
-            [isinstance(r, str) and r.startswith(IDENTITY_REASONS) for r in verdict.reason], dtype=bool
-        )
+    candidates = np.flatnonzero(is_event & (verdict.outcome == "skipped"))
+    reasons = verdict.reason[candidates]
+    skipped = np.fromiter(
+        (isinstance(r, str) and r.startswith(IDENTITY_REASONS) for r in reasons),
+        dtype=bool,
+        count=len(reasons),
     )
     return {
         "session_id": int(has_sid.sum()),

@@ -127,12 +127,30 @@ def gc_paused() -> Generator[None, None, None]:
 
 def _factorize(values) -> tuple[np.ndarray, np.ndarray]:
     """(codes, distinct values as an object array with None appended): a null's code points at the None."""
+    if isinstance(values, Distinct):
+        return values.codes, values.values
     codes, distinct = pd.factorize(
         values if isinstance(values, pd.Series) else pd.Series(values, dtype=object)
     )
     distinct = np.append(np.asarray(distinct, dtype=object), None)
     codes = np.asarray(codes, dtype=np.int64)
     return np.where(codes < 0, len(distinct) - 1, codes), distinct
+
+
+class Distinct:
+    """A column as its distinct values (`values`, None last, for nulls) and each row's code into them."""
+
+    def __init__(self, values) -> None:
+        self.codes, self.values = _factorize(values)
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def take(self, rows: np.ndarray) -> Distinct:
+        """The same distinct values, for the rows at `rows` only."""
+        out = Distinct.__new__(Distinct)
+        out.codes, out.values = self.codes[rows], self.values
+        return out
 
 
 class ParsedJson:
@@ -143,7 +161,7 @@ class ParsedJson:
     never change them."""
 
     def __init__(self, values) -> None:
-        self.codes, self.texts = _factorize(values)
+        self.codes, self.texts = _factorize(values)  # values: text, or a `Distinct` of text
         loads = orjson.loads
         texts = self.texts[:-1].tolist()
         with gc_paused():

@@ -32,7 +32,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from include.datafly_fullstory.blueprint import Blueprint
-from include.datafly_fullstory.mapping.columns import ParsedJson, _column, _text_lengths, _timestamps_ns
+from include.datafly_fullstory.mapping.columns import (
+    Distinct,
+    ParsedJson,
+    _column,
+    _text_lengths,
+    _timestamps_ns,
+)
 from include.datafly_fullstory.mapping.consent import ABSENT, GRANTED, ConsentRules
 from include.datafly_fullstory.mapping.settings import MappingSettings
 from include.datafly_fullstory.state import RunStore
@@ -164,16 +170,20 @@ class Stitcher:
         pos = np.flatnonzero(candidates)
         if not len(pos):
             return uid, uid_len
-        anon = _column(df, "anonymous_id")[pos]
+        anon = Distinct(_column(df, "anonymous_id")[pos])  # looked up once per distinct anonymous id
         users, conflicts = self.map.users, self.map.conflicts
-        found = [users.get(a) if a else None for a in anon]
-        stitched = np.fromiter((f is not None for f in found), dtype=bool, count=len(pos))
-        conflicted = np.fromiter((bool(a) and a in conflicts for a in anon), dtype=bool, count=len(pos))
+        found = [users.get(a) if a else None for a in anon.values.tolist()]
+        d = len(found)
+        stitched = np.fromiter((f is not None for f in found), dtype=bool, count=d)[anon.codes]
+        conflicted = np.fromiter((bool(a) and a in conflicts for a in anon.values), dtype=bool, count=d)
+        conflicted = conflicted[anon.codes]
         uid, uid_len = uid.copy(), uid_len.copy()
-        user = np.array([f[0] if f else None for f in found], dtype=object)
-        source = np.array([f[1] if f else None for f in found], dtype=object)
+        user = np.fromiter((f[0] if f else None for f in found), dtype=object, count=d)[anon.codes]
+        source = np.fromiter((f[1] if f else None for f in found), dtype=object, count=d)[anon.codes]
+        length = np.fromiter((len(f[0]) if f else 0 for f in found), dtype=np.int64, count=d)[anon.codes]
         uid[pos[stitched]] = user[stitched]
-        uid_len[pos[stitched]] = [len(u) for u in user[stitched]]
+        uid_len[pos[stitched]] = length[stitched]
+        anon = anon.values[anon.codes]
         if conflicted.any():
             verdict.set(
                 pos[conflicted],

@@ -15,6 +15,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from include.datafly_fullstory.mapping.columns import Distinct
+
 MAX_DEPTH = 64  # FullStory properties are flat or a few objects deep; 64 leaves room for any real payload
 JSON_COLUMNS = ("context", "properties", "traits")
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
@@ -34,7 +36,10 @@ def depth(text: str) -> int:
 
 
 def too_deep(values, limit: int = MAX_DEPTH) -> np.ndarray:
-    """Per value (JSON text or None; an array or a Series): nested deeper than `limit` levels."""
+    """Per value (JSON text or None; an array, a Series or a `Distinct`): nested deeper than `limit`
+    levels. A `Distinct` column is measured once per distinct value."""
+    if isinstance(values, Distinct):
+        return too_deep(values.values, limit)[values.codes]
     out = np.zeros(len(values), dtype=bool)
     if not len(values):
         return out

@@ -28,7 +28,7 @@ from include.datafly_fullstory.mapping.bodies import (
     _apply_renames,
     _event_context,
 )
-from include.datafly_fullstory.mapping.columns import ParsedJson, _dig, _factorize
+from include.datafly_fullstory.mapping.columns import Distinct, ParsedJson, _dig, _factorize
 from include.datafly_fullstory.mapping.properties import Reject
 from include.datafly_fullstory.mapping.types import TypeChecker
 
@@ -49,6 +49,7 @@ class _Template:
 
 
 _SLOW = object()  # a template whose rows EventBuilder.build builds
+_CACHE_BYTES = 32 * 1024 * 1024
 
 
 class EventLines:
@@ -64,12 +65,14 @@ class EventLines:
         self.fast_default = distinct and not (self.identity_props & set(builder.declared_default))
         self.keys = [orjson.dumps(p) + b":" for p in identity_props]
         self.longest_plain = builder.cleaner.max_value // 4  # longer text needs the byte-size check
+        self._cache: dict = {}  # (mapping, text) -> prepared; (mapping, text, fills, row fills) -> template
+        self._cache_bytes = 0
 
     def build(
         self,
         m: np.ndarray,
         names: np.ndarray,
-        props_text: np.ndarray,
+        props_text: np.ndarray | Distinct,
         ctx: ParsedJson,
         ctx_codes: np.ndarray,
         ts: np.ndarray,
@@ -78,7 +81,7 @@ class EventLines:
         recent: np.ndarray,
         anon: np.ndarray,
         event_id: np.ndarray,
-        row_fills: np.ndarray,
+        row_fills: np.ndarray | Distinct,
         rows: np.ndarray,
     ) -> list[bytes | Reject]:
         """Per row (the arguments are parallel arrays, `ctx_codes` the rows' contexts in `ctx`): its line,
@@ -90,7 +93,9 @@ class EventLines:
         out: list = [None] * k
         objects = ctx.objects
         locale = ctx.each(b.locale)
-        tcodes, templates = self._templates(m, props_text, objects, ctx_codes, row_fills)
+        props = Distinct(props_text)  # once per distinct properties text
+        row_fills = row_fills if isinstance(row_fills, Distinct) else Distinct(row_fills)
+        tcodes, templates = self._templates(m, props, objects, ctx_codes, row_fills)
         # per row: which path
         name_len = _lengths(names)
         slow_template = np.fromiter((t is _SLOW for t in templates), dtype=bool, count=len(templates))
@@ -148,7 +153,7 @@ class EventLines:
             out[i] = b.build(
                 int(m[i]),
                 names[i],
-                props_text[i],
+                props.values[props.codes[i]],
                 objects[ctx_codes[i]],
                 ts[i],
                 uid[i],
@@ -156,7 +161,7 @@ class EventLines:
                 bool(recent[i]),
                 anon[i],
                 event_id[i],
-                row_fills[i],
+                row_fills.values[row_fills.codes[i]],
                 int(rows[i]),
             )
             if len(types.problems) > before:
@@ -169,12 +174,12 @@ class EventLines:
 
     # ---- templates ---------------------------------------------------------------------------------------
 
-    def _templates(self, m, props_text, objects, ctx_codes, row_fills) -> tuple[np.ndarray, list]:
+    def _templates(self, m, props: Distinct, objects, ctx_codes, row_fills) -> tuple[np.ndarray, list]:
         """Per row its template's number, and the templates (`_Template`, `Reject` or `_SLOW`)."""
         k = len(m)
-        pcodes, ptexts = _factorize(props_text)
+        pcodes, ptexts = props.codes, props.values
         pair, pair_first = _codes(m.astype(np.int64) * len(ptexts) + pcodes)
-        prepared = [self._prepare(int(m[i]), ptexts[pcodes[i]]) for i in pair_first]
+        prepared = [self._prepared(int(m[i]), ptexts[pcodes[i]]) for i in pair_first]
         # the context values each row's mapping fills in: one key per distinct (what is missing, context)
         fill = np.zeros(k, dtype=np.int64)
         fill_keys: dict = {(): 0}
@@ -186,27 +191,60 @@ class EventLines:
         for p, key in enumerate(missing):
             if key is not None:
                 groups.setdefault(key, []).append(p)
-        for (mi, props), pairs in groups.items():
-            paths = [self.builder.mappings[mi].from_context[prop] for prop in props]
+        for (mi, absent), pairs in groups.items():
+            paths = [self.builder.mappings[mi].from_context[prop] for prop in absent]
             at = np.flatnonzero(np.isin(pair, pairs))
             distinct, inverse = np.unique(ctx_codes[at], return_inverse=True)
-            codes = []
-            for c in distinct:
-                key = _fill_key(props, paths, objects[c], (mi, int(c)))
-                codes.append(fill_keys.setdefault(key, len(fill_keys)))
-            fill[at] = np.asarray(codes, dtype=np.int64)[inverse]
-        # the landing values the mapping fills in (from_row)
-        row_fill = np.zeros(k, dtype=np.int64)
-        has_fills = np.flatnonzero(np.fromiter((bool(f) for f in row_fills), dtype=bool, count=k))
-        if len(has_fills):
-            interned: dict = {}
-            row_fill[has_fills] = [_intern(interned, row_fills[i], i) for i in has_fills]
+            codes = [
+                fill_keys.setdefault(_fill_key(absent, paths, objects[c]), len(fill_keys))
+                for c in distinct.tolist()
+            ]
+            fill[at] = np.asarray(codes, dtype=np.int64)[inverse.reshape(-1)]
+        # and the landing values it fills in (from_row), as their distinct tuples
+        row_fill = row_fills.codes
         with_fill, _ = _codes(pair * len(fill_keys) + fill)
-        tcodes, first = _codes(with_fill * (int(row_fill.max()) + 1) + row_fill)
-        templates = [
-            self._template(prepared[pair[i]], int(m[i]), objects[ctx_codes[i]], row_fills[i]) for i in first
-        ]
+        tcodes, first = _codes(with_fill * len(row_fills.values) + row_fill)
+        fills = list(fill_keys)
+        templates = []
+        for i in first.tolist():
+            mi, text, from_row = int(m[i]), ptexts[pcodes[i]], row_fills.values[row_fill[i]]
+            key = (mi, text, fills[fill[i]], from_row)
+            template = self._cached(key)
+            if template is None:
+                template = self._template(prepared[pair[i]], mi, objects[ctx_codes[i]], from_row)
+                self._remember(key, template, len(text) if type(text) is str else 0)
+            templates.append(template)
         return tcodes, templates
+
+    def _prepared(self, m: int, text) -> Reject | tuple:
+        """`_prepare`, remembered across batches (never changed once made: templates copy it)."""
+        key = (m, text)
+        found = self._cached(key)
+        if found is None:
+            found = self._prepare(m, text)
+            self._remember(key, found, len(text) if type(text) is str else 0)
+        return found
+
+    def _cached(self, key):
+        try:
+            return self._cache.get(key)
+        except TypeError:  # an unhashable landing value in the key
+            return None
+
+    def _remember(self, key, value, size: int) -> None:
+        """Templates (and prepared properties) are pure functions of their key: they are kept across the
+        batches of a run, within a budget of about `_CACHE_BYTES` of text."""
+        if type(key[2] if len(key) > 2 else None) is _PerBatch:
+            return
+        size += len(value.head) + len(value.tail) if type(value) is _Template else 0
+        if self._cache_bytes + size > _CACHE_BYTES:
+            self._cache.clear()
+            self._cache_bytes = 0
+        try:
+            self._cache[key] = value
+        except TypeError:
+            return
+        self._cache_bytes += size + 200
 
     def _prepare(self, m: int, text) -> Reject | tuple:
         """The properties of a (mapping, text) up to the fills: parsed, items taken out, renamed; and the
@@ -382,14 +420,11 @@ def _codes(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return rank[inverse.reshape(-1)], first[order]
 
 
-def _intern(interned: dict, value, i: int) -> int:
-    try:
-        return interned.setdefault(value, len(interned) + 1)
-    except TypeError:  # an unhashable landing value: a template of its own
-        return interned.setdefault(("row", i), len(interned) + 1)
+class _PerBatch(tuple):
+    """A fill key that only holds within one batch (context values orjson cannot write as a key)."""
 
 
-def _fill_key(props: tuple, paths: list, ctx, own) -> object:
+def _fill_key(props: tuple, paths: list, ctx) -> object:
     """What the context fills into a template: the (property, value) pairs, as JSON bytes."""
     fills = [
         (prop, value)
@@ -401,7 +436,7 @@ def _fill_key(props: tuple, paths: list, ctx, own) -> object:
     try:
         return orjson.dumps(fills)
     except TypeError:
-        return ("ctx", own)
+        return _PerBatch((id(ctx),))
 
 
 def _per_distinct(values: np.ndarray, fn) -> pa.Array:
