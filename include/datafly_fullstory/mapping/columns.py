@@ -162,13 +162,8 @@ class ParsedJson:
 
     def __init__(self, values) -> None:
         self.codes, self.texts = _factorize(values)  # values: text, or a `Distinct` of text
-        loads = orjson.loads
-        texts = self.texts[:-1].tolist()
         with gc_paused():
-            try:
-                parsed = [loads(t) for t in texts]
-            except (orjson.JSONDecodeError, TypeError):  # TypeError: not text at all
-                parsed = [_loads_or_bad(t) for t in texts]
+            parsed = _PARSED.parse(self.texts[:-1].tolist())
         parsed.append(None)
         self.values = parsed
         self.objects = [p if type(p) is dict else None for p in parsed]
@@ -195,6 +190,47 @@ class ParsedJson:
         """Each row's object (None for null or a non-object), as a list."""
         objects = np.fromiter(self.objects, dtype=object, count=len(self.objects))
         return objects[self.codes].tolist()
+
+
+class _ParseMemo:
+    """The parses of the JSON texts seen lately, shared by every `ParsedJson` of the process: the consent
+    scan, the identity pairs and the mapping read the same contexts of a window, and a window's batches
+    repeat the same payloads. Bounded: forgotten all at once when the texts pass `budget` characters."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget, self.size, self.parsed = budget, 0, {}
+
+    def parse(self, texts: list) -> list:
+        known = self.parsed
+        out, new = [], []
+        for text in texts:
+            try:
+                found = known.get(text, _UNSEEN)
+            except TypeError:  # not text (unhashable): parsed, not kept
+                found = _loads_or_bad(text)
+            if found is _UNSEEN:
+                new.append(len(out))
+            out.append(found)
+        if new:
+            fresh = [texts[i] for i in new]
+            try:
+                values = [orjson.loads(t) for t in fresh]
+            except (orjson.JSONDecodeError, TypeError):  # TypeError: not text at all
+                values = [_loads_or_bad(t) for t in fresh]
+            size = sum(len(t) for t in fresh if type(t) is str)
+            if self.size + size > self.budget:
+                known.clear()
+                self.size = 0
+            for i, text, value in zip(new, fresh, values, strict=True):
+                out[i] = value
+                if type(text) is str:
+                    known[text] = value
+            self.size += size
+        return out
+
+
+_UNSEEN = object()
+_PARSED = _ParseMemo(budget=64 * 1024 * 1024)
 
 
 def _loads_or_bad(text: Any) -> Any:
