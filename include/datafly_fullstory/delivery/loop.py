@@ -68,7 +68,68 @@ class _Flight:
     chunk: Chunk
     job_id: str
     next_poll: float
-    interval: float
+    interval: float  # grows 1.5x per poll that finds the job still processing; the wait after it
+    items: int = 0
+    posted: float | None = None  # when this task POSTed it (None: a job resumed from the ledger)
+    processing_at: float | None = None  # the last time a poll found it still processing
+
+
+class PollSchedule:
+    """When to poll a job. FullStory runs a batch job asynchronously, in time that grows with its items,
+    and every status poll is a request against the org's limits, so the schedule learns how long this
+    delivery's jobs take per item and polls a job first when it should have ended:
+
+    - before any job ended: after `poll_interval`, then waits growing 1.5x up to `max_poll_interval`;
+    - then: after the expected time (its items times the learned seconds per item, at least
+      `poll_interval`); if the job is still processing, after a tenth of that, growing 1.5x as above;
+    - what a job teaches: it ended between the last poll that found it processing and the poll that found
+      it ended (the midpoint; the latter when no poll found it processing), averaged with what was learned
+      before, so the estimate follows jobs that get faster or slower.
+
+    Waits after a poll are jittered (x0.8-1.2) so that many tasks do not poll in lockstep. Only the timing
+    of status requests depends on the schedule; what a job's end means is decided by the ledger.
+    """
+
+    def __init__(self, settings: DeliverySettings):
+        self.settings = settings
+        self.seconds_per_item: float | None = None
+
+    def flight(self, chunk: Chunk, job_id: str, now: float, items: int, posted: float | None) -> _Flight:
+        """A job to poll: a resumed one (`posted` None) at once, a new one after the first wait."""
+        s = self.settings
+        if posted is None:
+            return _Flight(chunk, job_id, now, s.poll_interval, items=items)
+        if self.seconds_per_item is None or items <= 0:
+            return _Flight(chunk, job_id, now + s.poll_interval, s.poll_interval, items=items, posted=posted)
+        first = self.first_wait(items)
+        follow = max(s.poll_interval, first / 10) / 1.5  # the first still-processing wait: a tenth
+        return _Flight(chunk, job_id, now + first, follow, items=items, posted=posted)
+
+    def first_wait(self, items: int) -> float:
+        s = self.settings
+        if self.seconds_per_item is None or items <= 0:
+            return s.poll_interval
+        expected = self.seconds_per_item * items
+        return min(max(expected, s.poll_interval), _LONGEST_FIRST_WAIT * s.max_poll_interval)
+
+    def still_processing(self, flight: _Flight, now: float) -> None:
+        flight.processing_at = now
+        flight.interval = min(flight.interval * 1.5, self.settings.max_poll_interval)
+        flight.next_poll = now + flight.interval * random.uniform(0.8, 1.2)
+
+    def ended(self, flight: _Flight, now: float) -> None:
+        """Learn from a job this task posted, found ended at `now`."""
+        if flight.posted is None or flight.items <= 0:
+            return
+        took = now - flight.posted
+        if flight.processing_at is not None:
+            took = (took + flight.processing_at - flight.posted) / 2
+        observed = took / flight.items
+        known = self.seconds_per_item
+        self.seconds_per_item = observed if known is None else (known + observed) / 2
+
+
+_LONGEST_FIRST_WAIT = 10  # x max_poll_interval: a first wait never exceeds this, whatever was learned
 
 
 class Delivery:
@@ -90,6 +151,7 @@ class Delivery:
         self.log = logger or log
         self.clock = clock
         self.report = DeliveryReport()
+        self.polls = PollSchedule(self.settings)
         self._stop = threading.Event()
         self._started = clock()
         self._last_progress = self._started
@@ -176,7 +238,7 @@ class Delivery:
         if row.is_posted:
             self.report.resumed += 1
             self.log.info("chunk %s: resuming job %s (%s)", chunk.name, row.job_id, row.status)
-            return _Flight(chunk, row.job_id, self.clock(), self.settings.poll_interval)
+            return self.polls.flight(chunk, row.job_id, self.clock(), row.items, posted=None)
         self.report.already_complete += 1
         self.log.info("chunk %s: already %s (job %s), not sent again", chunk.name, row.status, row.job_id)
         self._account(chunk, row, new=False)
@@ -241,8 +303,8 @@ class Delivery:
             len(body),
             job_id,
         )
-        interval = self.settings.poll_interval
-        return _Flight(chunk, job_id, self.clock() + interval, interval)
+        now = self.clock()
+        return self.polls.flight(chunk, job_id, now, len(lines), posted=now)
 
     def _poll(self, flight: _Flight) -> bool:
         """Poll one job; True when it ended and its results are recorded."""
@@ -254,10 +316,9 @@ class Delivery:
         if job_status not in JOB_ENDED:
             if chunk.mode != "replay" and (row.status != lg.C_PROCESSING or row.job_status != job_status):
                 self.ledger.update_chunk(row.id, status=lg.C_PROCESSING, job_status=job_status)
-            flight.interval = min(flight.interval * 1.5, self.settings.max_poll_interval)
-            # Jitter keeps many mapped tasks from polling in lockstep.
-            flight.next_poll = self.clock() + flight.interval * random.uniform(0.8, 1.2)
+            self.polls.still_processing(flight, self.clock())
             return False
+        self.polls.ended(flight, self.clock())
         if chunk.mode == "replay" or row.is_terminal:  # a replay, or another run recorded it meanwhile
             self._account(chunk, self.ledger.chunk(row.id), new=False)
             return True
