@@ -154,7 +154,7 @@ class BatchMapper:
         self, df, ctx, properties, verdict, is_event, mapping_idx, fs_names, ident
     ) -> tuple[list, np.ndarray]:
         keep = np.flatnonzero(is_event & verdict.open())
-        built = self.lines.build(
+        built, is_line = self.lines.build_array(
             mapping_idx[keep],
             fs_names[keep],
             properties.take(keep),
@@ -169,10 +169,9 @@ class BatchMapper:
             self._row_fills(df, mapping_idx).take(keep),
             df["_row"].to_numpy(dtype=np.int64)[keep],
         )
-        is_line = np.fromiter((type(b) is bytes for b in built), dtype=bool, count=len(built))
         rejected = keep[~is_line]
-        verdict.set(rejected, "rejected", [built[i].reason for i in np.flatnonzero(~is_line)])
-        return [b for b in built if type(b) is bytes], keep[is_line]
+        verdict.set(rejected, "rejected", [r.reason for r in built[~is_line].tolist()])
+        return built[is_line].tolist(), keep[is_line]
 
     def _row_fills(self, df: pd.DataFrame, mapping_idx: np.ndarray) -> Distinct:
         """Per row, the (property, landing column value) pairs its mapping's `from_row` asks for, as the

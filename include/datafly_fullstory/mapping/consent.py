@@ -163,10 +163,9 @@ def gate(rules: ConsentRules, require_explicit: bool, verdict, ctx: list | Parse
 
 def person_keys(user_id: np.ndarray, anonymous_id: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per row its person keys: `user:<user_id>` and `anon:<anonymous_id>` (missing where the id is empty)."""
-    try:  # text ids (the landing's): joined by Arrow
-        return _key(user_id, "user:"), _key(anonymous_id, "anon:")
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
-        pass
+    keyed = _person_key_arrays(user_id, anonymous_id)
+    if keyed is not None:
+        return tuple(k.to_numpy(zero_copy_only=False) for k in keyed)
     uid = pd.Series(user_id, dtype=object)
     anon = pd.Series(anonymous_id, dtype=object)
     has_uid = uid.notna() & (uid.astype(str) != "")
@@ -176,12 +175,18 @@ def person_keys(user_id: np.ndarray, anonymous_id: np.ndarray) -> tuple[np.ndarr
     return u, a
 
 
-def _key(ids: np.ndarray, prefix: str) -> np.ndarray:
+def _person_key_arrays(user_id: np.ndarray, anonymous_id: np.ndarray) -> tuple[pa.Array, pa.Array] | None:
+    """`person_keys` as Arrow arrays, joined by Arrow; None when an id is not text (the landing's are)."""
+    try:
+        return _key(user_id, "user:"), _key(anonymous_id, "anon:")
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return None
+
+
+def _key(ids: np.ndarray, prefix: str) -> pa.Array:
     text = pa.array(ids, type=pa.string(), from_pandas=True)
-    keyed = pc.if_else(
-        pc.equal(text, ""), pa.scalar(None, pa.string()), pc.binary_join_element_wise(prefix, text, "")
-    )
-    return keyed.to_numpy(zero_copy_only=False)
+    keyed = pc.binary_join_element_wise(prefix, text, "")
+    return pc.if_else(pc.equal(text, ""), pa.scalar(None, pa.string()), keyed)
 
 
 def latest_states(frame: pd.DataFrame, rules: ConsentRules) -> pd.DataFrame:
@@ -297,6 +302,11 @@ class Revocations:
         self.category = category
         self.at_ns = dict(zip(denials["person"], denials["at_ns"].astype(np.int64), strict=True))
         self.event_id = dict(zip(denials["person"], denials["event_id"], strict=True))
+        self._persons = list(self.at_ns)
+        # the times as the rule compares them: through float64, as they always were (pandas' map)
+        at = np.fromiter(self.at_ns.values(), dtype=np.int64, count=len(self.at_ns))
+        self._at = at.astype(np.float64).astype(np.int64)
+        self._person_set = None
 
     def __len__(self) -> int:
         return len(self.at_ns)
@@ -306,14 +316,7 @@ class Revocations:
         if not self.at_ns or not len(df):
             return
         ts = _timestamps_ns(df["timestamp"])
-        u, a = person_keys(_column(df, "user_id"), _column(df, "anonymous_id"))
-        at = np.full(len(df), _NAT, dtype=np.int64)
-        who = np.full(len(df), None, dtype=object)
-        for keys in (u, a):
-            found = pd.Series(keys, dtype=object).map(self.at_ns)
-            hit_at = found.fillna(_NAT).to_numpy(dtype=np.float64).astype(np.int64)
-            better = hit_at > at
-            at[better], who[better] = hit_at[better], keys[better]
+        at, who = self._revoked_at(_column(df, "user_id"), _column(df, "anonymous_id"))
         revoked = (at != _NAT) & (ts != _NAT) & (ts < at) & verdict.open()
         if not revoked.any():
             return
@@ -325,9 +328,38 @@ class Revocations:
             [
                 f"{self.category} consent revoked at {w} (row {self.event_id.get(p)}): a newer row of this "
                 f"person ({p.split(':', 1)[0]}_id) denies it, so this earlier row is not sent"
-                for w, p in zip(when, who[rows], strict=True)
+                for w, p in zip(when, who(rows), strict=True)
             ],
         )
+
+    def _revoked_at(self, user_id: np.ndarray, anonymous_id: np.ndarray):
+        """Per row the latest revocation time of its person keys (`_NAT`: none), and a function giving the
+        revoking person of given rows (the user key wins a tie)."""
+        n = len(user_id)
+        at = np.full(n, _NAT, dtype=np.int64)
+        keyed = _person_key_arrays(user_id, anonymous_id)
+        if keyed is not None and self._person_set is None:
+            try:
+                self._person_set = pa.array(self._persons, type=pa.string())
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                self._person_set = False
+        if keyed is None or self._person_set is False:  # ids that are not text: looked up one by one
+            u, a = person_keys(user_id, anonymous_id)
+            who = np.full(n, None, dtype=object)
+            for keys in (u, a):
+                found = pd.Series(keys, dtype=object).map(self.at_ns)
+                hit_at = found.fillna(_NAT).to_numpy(dtype=np.float64).astype(np.int64)
+                better = hit_at > at
+                at[better], who[better] = hit_at[better], keys[better]
+            return at, lambda rows: who[rows]
+        person = np.full(n, -1, dtype=np.int64)
+        for keys in keyed:
+            found = pc.index_in(keys, value_set=self._person_set)
+            pos = pc.fill_null(found, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+            hit_at = np.where(pos >= 0, self._at[pos], _NAT)
+            better = hit_at > at
+            at[better], person[better] = hit_at[better], pos[better]
+        return at, lambda rows: [self._persons[p] for p in person[rows]]
 
 
 def revocations(

@@ -68,7 +68,12 @@ class EventLines:
         self._cache: dict = {}  # (mapping, text) -> prepared; (mapping, text, fills, row fills) -> template
         self._cache_bytes = 0
 
-    def build(
+    def build(self, *columns) -> list[bytes | Reject]:
+        """Per row (parallel arrays, see `build_array`): its line, or `Reject`. Exactly `EventBuilder.build`
+        of each row, type problems included."""
+        return self.build_array(*columns)[0].tolist()
+
+    def build_array(
         self,
         m: np.ndarray,
         names: np.ndarray,
@@ -83,14 +88,15 @@ class EventLines:
         event_id: np.ndarray,
         row_fills: np.ndarray | Distinct,
         rows: np.ndarray,
-    ) -> list[bytes | Reject]:
-        """Per row (the arguments are parallel arrays, `ctx_codes` the rows' contexts in `ctx`): its line,
-        or `Reject`. Exactly `EventBuilder.build` of each row, type problems included."""
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(each row's line or `Reject` as an object array, which rows have a line). The arguments are
+        parallel arrays, one value per row; `ctx_codes` are the rows' contexts in `ctx`."""
         k = len(m)
+        out = np.empty(k, dtype=object)
+        is_line = np.zeros(k, dtype=bool)
         if not k:
-            return []
+            return out, is_line
         b = self.builder
-        out: list = [None] * k
         objects = ctx.objects
         locale = ctx.each(b.locale)
         props = Distinct(props_text)  # once per distinct properties text
@@ -117,11 +123,11 @@ class EventLines:
         too_many = open_ & (counts > b.cleaner.max_count)
         fast = open_ & ~too_many
 
-        for i in np.flatnonzero(long_name):
+        for i in np.flatnonzero(long_name).tolist():
             out[i] = Reject(f"event name is {name_len[i]} characters; FullStory allows {b.max_name}")
-        for i in np.flatnonzero(bad_props):
+        for i in np.flatnonzero(bad_props).tolist():
             out[i] = templates[tcodes[i]]
-        for i in np.flatnonzero(too_many):
+        for i in np.flatnonzero(too_many).tolist():
             out[i] = Reject(
                 f"properties has {counts[i]} properties after flattening; FullStory allows "
                 f"{b.cleaner.max_count}"
@@ -130,6 +136,7 @@ class EventLines:
         self._fast_lines(
             np.flatnonzero(fast),
             out,
+            is_line,
             problems,
             templates,
             tcodes,
@@ -148,9 +155,9 @@ class EventLines:
             present,
         )
         types = b.types
-        for i in np.flatnonzero(slow):
+        for i in np.flatnonzero(slow).tolist():
             before = len(types.problems)
-            out[i] = b.build(
+            out[i] = built = b.build(
                 int(m[i]),
                 names[i],
                 props.values[props.codes[i]],
@@ -164,13 +171,14 @@ class EventLines:
                 row_fills.values[row_fills.codes[i]],
                 int(rows[i]),
             )
+            is_line[i] = type(built) is bytes
             if len(types.problems) > before:
-                problems.append((int(i), types.problems[before:]))
+                problems.append((i, types.problems[before:]))
                 del types.problems[before:]
         problems.sort(key=lambda p: p[0])
         for _, found in problems:
             types.problems.extend(found)
-        return out
+        return out, is_line
 
     # ---- templates ---------------------------------------------------------------------------------------
 
@@ -310,7 +318,8 @@ class EventLines:
     def _fast_lines(
         self,
         at: np.ndarray,
-        out: list,
+        out: np.ndarray,
+        is_line: np.ndarray,
         problems: list,
         templates: list,
         tcodes: np.ndarray,
@@ -348,12 +357,12 @@ class EventLines:
         fragments = [
             _per_distinct(names[at], lambda n: b'{"name":' + orjson.dumps(n)),
             pc.fill_null(pc.binary_join_element_wise(b',"timestamp":"', stamp, b'"', b""), b""),
-            _identification(columns["sid"][at], columns["uid"][at], columns["recent"][at]),
+            _identification(columns["sid"][at], columns["uid"][at], columns["recent"][at].astype(bool)),
             _gather(contexts, c),
             _gather(heads, t),
         ]
         values = [
-            _per_distinct(columns["anon"][at], orjson.dumps),
+            _quoted(columns["anon"][at]),
             _gather(locales, c),
             _quoted(columns["event_id"][at]),
         ]
@@ -365,12 +374,13 @@ class EventLines:
         fragments.append(_gather(tails, t))
         lines = pc.binary_join_element_wise(*fragments, b"")
         sizes = pc.binary_length(lines).to_numpy()
-        for i, line in zip(at.tolist(), lines.to_pylist(), strict=True):
-            out[i] = line
-        for j in np.flatnonzero(sizes > b.largest_line):
+        out[at] = np.fromiter(lines.to_pylist(), dtype=object, count=len(at))
+        is_line[at] = True
+        for j in np.flatnonzero(sizes > b.largest_line).tolist():
             out[at[j]] = Reject(
                 f"the event body is {sizes[j]} bytes, more than one request may carry (max_bytes)"
             )
+            is_line[at[j]] = False
         has_problems = np.fromiter((bool(templates[j].problems) for j in used), dtype=bool, count=len(used))
         if has_problems.any():
             event_id, rows = columns["event_id"], columns["rows"]
@@ -454,9 +464,13 @@ def _where(mask: np.ndarray, values) -> pa.Array:
     return pc.if_else(pa.array(mask), values, pa.scalar(b"", pa.binary()))
 
 
-def _quoted(values: np.ndarray) -> pa.Array:
-    """Text values as JSON strings (orjson's bytes); None as null."""
-    text = pa.array(values, type=pa.string())
+def _quoted(values: np.ndarray, null: bytes = b"") -> pa.Array:
+    """Values as JSON (orjson's bytes, escaped where needed), `null` where a value is None. Text is
+    quoted by Arrow; anything else (rare: the landing holds text) goes through orjson one by one."""
+    try:
+        text = pa.array(values, type=pa.string())
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return pa.array([null if v is None else orjson.dumps(v) for v in values], type=pa.binary())
     quoted = pc.binary_join_element_wise('"', text, '"', "")
     escape = pc.fill_null(pc.match_substring_regex(text, _NEEDS_ESCAPE), False)
     if pc.any(escape).as_py():
@@ -464,21 +478,14 @@ def _quoted(values: np.ndarray) -> pa.Array:
         quoted = pc.replace_with_mask(
             quoted, escape, pa.array([orjson.dumps(values[i]).decode() for i in at], type=pa.string())
         )
-    return pc.fill_null(quoted.cast(pa.binary()), b"")
+    return pc.fill_null(quoted.cast(pa.binary()), null)
 
 
 def _identification(sid: np.ndarray, uid: np.ndarray, recent: np.ndarray) -> pa.Array:
-    """`,"session":{"id":..}` or `,"user":{"uid":..}` (with `use_most_recent`), once per distinct value."""
+    """Per row `,"session":{"id":..}`, or `,"user":{"uid":..}` (then `use_most_recent` when `recent`)."""
     has_sid = _present(sid)
-    scodes, sdistinct = _factorize(np.where(has_sid, sid, None))
-    ucodes, udistinct = _factorize(np.where(has_sid, None, uid))
-    key = np.where(has_sid, scodes, len(sdistinct) + ucodes * 2 + recent.astype(np.int64))
-    codes, first = _codes(key)
-    frags = []
-    for i in first.tolist():
-        if has_sid[i]:
-            frags.append(b',"session":{"id":' + orjson.dumps(sid[i]) + b"}")
-        else:
-            frag = b',"user":{"uid":' + orjson.dumps(uid[i]) + b"}"
-            frags.append(frag + b',"session":{"use_most_recent":true}' if recent[i] else frag)
-    return pa.array(frags, type=pa.binary()).take(pa.array(codes))
+    session = pc.binary_join_element_wise(b',"session":{"id":', _quoted(sid), b"}", b"")
+    recent_part = _where(recent, pa.scalar(b',"session":{"use_most_recent":true}', pa.binary()))
+    uid_json = _quoted(np.where(has_sid, None, uid), null=b"null")
+    user = pc.binary_join_element_wise(b',"user":{"uid":', uid_json, b"}", recent_part, b"")
+    return pc.if_else(pa.array(has_sid), session, user)
