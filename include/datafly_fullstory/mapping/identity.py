@@ -198,19 +198,21 @@ class Stitcher:
         status = np.where(stitched, "stitched", np.where(conflicted, "conflict", "unidentified"))
         rows = df["_row"].to_numpy(dtype=np.int64)[pos]
         ts = _timestamps_ns(df["timestamp"])[pos]
-        self._records.append(
-            pd.DataFrame(
-                {
-                    "row": rows,
-                    "event_id": _column(df, "event_id")[pos],
-                    "anonymous_id": anon,
-                    "status": status,
-                    "user_id": user,
-                    "source_event_id": source,
-                    "file": _column(df, "_file")[pos],
-                    "ts": np.where(ts == _NAT, np.nan, ts / 1e9),
-                    "late": rows >= self.late_from if self.late_from is not None else False,
-                }
+        late = rows >= self.late_from if self.late_from is not None else np.zeros(len(pos), dtype=bool)
+        columns = {
+            "row": rows,
+            "event_id": _column(df, "event_id")[pos],
+            "anonymous_id": anon,
+            "status": status,
+            "user_id": user,
+            "source_event_id": source,
+            "file": _column(df, "_file")[pos],
+            "ts": np.where(ts == _NAT, np.nan, ts / 1e9),
+            "late": late,
+        }
+        self._records.append(  # straight to Arrow (this module's file format): no pandas inference
+            pa.table(
+                [pa.array(columns[f.name], type=f.type, from_pandas=True) for f in SCHEMA], schema=SCHEMA
             )
         )
         return uid, uid_len
@@ -218,13 +220,7 @@ class Stitcher:
     def finish(self, store: RunStore, mapping_outcomes: pa.Table) -> dict[str, int]:
         """Write `identity.parquet` and return the figures. A stitched row the mapping did not send after
         all (rejected: a user id over the uid limit, a limit of its body) is recorded as not stitched."""
-        table = (
-            pa.Table.from_pandas(
-                pd.concat(self._records, ignore_index=True), schema=SCHEMA, preserve_index=False
-            )
-            if self._records
-            else SCHEMA.empty_table()
-        )
+        table = pa.concat_tables(self._records) if self._records else SCHEMA.empty_table()
         decided = pc.is_in(table.column("row"), value_set=mapping_outcomes.column("row"))
         unsent = pc.and_(pc.equal(table.column("status"), "stitched"), decided)
         table = table.set_column(
