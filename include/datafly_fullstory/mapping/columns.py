@@ -28,6 +28,14 @@ def _column(df: pd.DataFrame, name: str) -> np.ndarray:
     return found
 
 
+def _rows_of(df: pd.DataFrame, name: str, at: np.ndarray):
+    """The values of a column at positions `at`, for a new frame: Arrow text stays Arrow text (no Python
+    strings made), anything else as an object array (which a new frame infers as text, as before)."""
+    if name in df.columns and str(df[name].dtype) == "str":
+        return df[name].iloc[at].reset_index(drop=True)
+    return _column(df, name)[at]
+
+
 def _object_column(df: pd.DataFrame, name: str) -> np.ndarray:
     if name not in df.columns:
         return np.full(len(df), None, dtype=object)

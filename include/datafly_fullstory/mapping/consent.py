@@ -33,6 +33,7 @@ from include.datafly_fullstory.mapping.columns import (
     _column,
     _iso_utc,
     _json_values,
+    _rows_of,
     _timestamps_ns,
 )
 
@@ -203,9 +204,14 @@ def _latest(frame: pd.DataFrame, states: np.ndarray, ts: np.ndarray, rows: np.nd
         has &= rows
     if not has.any():
         return _empty_latest()
-    u, a = person_keys(_column(frame, "user_id")[has], _column(frame, "anonymous_id")[has])
+    at = np.flatnonzero(has)
+    keyed = _person_key_arrays(_rows_of(frame, "user_id", at), _rows_of(frame, "anonymous_id", at))
+    if keyed is not None:  # text ids: the keys stay Arrow text
+        u, a = (k.to_pandas() for k in keyed)
+    else:
+        u, a = person_keys(_column(frame, "user_id")[at], _column(frame, "anonymous_id")[at])
     state = np.where(states[has] == GRANTED, "granted", "denied")
-    event_id = _column(frame, "event_id")[has]
+    event_id = _rows_of(frame, "event_id", at)
     parts = [
         pd.DataFrame({"person": keys, "at_ns": ts[has], "state": state, "event_id": event_id})
         for keys in (u, a)

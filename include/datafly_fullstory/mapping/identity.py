@@ -36,6 +36,7 @@ from include.datafly_fullstory.mapping.columns import (
     Distinct,
     ParsedJson,
     _column,
+    _rows_of,
     _text_lengths,
     _timestamps_ns,
 )
@@ -71,7 +72,7 @@ def collect_pairs(
     at = np.flatnonzero(both)
     # The consent rules of the mapping (consent.py): only a row FullStory may receive teaches a pair.
     if ctx is None:
-        state, _ = ConsentRules(bp).states(ParsedJson(_column(frame, "context")[at]))
+        state, _ = ConsentRules(bp).states(ParsedJson(_rows_of(frame, "context", at)))
     else:
         state = ConsentRules(bp).states(ctx)[0][at]
     allowed = state == GRANTED
@@ -81,10 +82,10 @@ def collect_pairs(
     ts = _timestamps_ns(frame["timestamp"])[at]
     return pd.DataFrame(
         {
-            "anonymous_id": _column(frame, "anonymous_id")[at],
-            "user_id": _column(frame, "user_id")[at],
+            "anonymous_id": _rows_of(frame, "anonymous_id", at),
+            "user_id": _rows_of(frame, "user_id", at),
             "ts": np.where(ts == _NAT, np.nan, ts / 1e9),
-            "event_id": _column(frame, "event_id")[at],
+            "event_id": _rows_of(frame, "event_id", at),
         }
     )
 
@@ -142,10 +143,7 @@ class IdentityMap:
         folded = fold_pairs(pairs)
         out = cls()
         for anon, user, other, event_id in zip(
-            folded["anonymous_id"],
-            folded["user_id"],
-            folded["other_user_id"],
-            folded["event_id"],
+            *(folded[c].tolist() for c in ("anonymous_id", "user_id", "other_user_id", "event_id")),
             strict=True,
         ):
             if not isinstance(other, str):  # None (pandas may hold it as NaN)
@@ -162,7 +160,8 @@ class Stitcher:
     def __init__(self, identities: IdentityMap | None, late_from: int | None = None):
         self.map = identities or IdentityMap()
         self.late_from = late_from
-        self._records: list[pd.DataFrame] = []
+        self._records: list[pa.Table] = []
+        self._index = None  # the map's anonymous ids, indexed at the first lookup
 
     def apply(self, df: pd.DataFrame, verdict, candidates: np.ndarray, uid: np.ndarray, uid_len: np.ndarray):
         """For the candidate rows (events still open with no session id and no user_id): a known anonymous
@@ -171,18 +170,16 @@ class Stitcher:
         if not len(pos):
             return uid, uid_len
         anon = Distinct(_column(df, "anonymous_id")[pos])  # looked up once per distinct anonymous id
-        users, conflicts = self.map.users, self.map.conflicts
-        found = [users.get(a) if a else None for a in anon.values.tolist()]
-        d = len(found)
-        stitched = np.fromiter((f is not None for f in found), dtype=bool, count=d)[anon.codes]
-        conflicted = np.fromiter((bool(a) and a in conflicts for a in anon.values), dtype=bool, count=d)
+        conflicts = self.map.conflicts
+        found, conflicted = self._lookup(anon.values)
+        stitched = (found >= 0)[anon.codes]
         conflicted = conflicted[anon.codes]
+        at = found[anon.codes]
         uid, uid_len = uid.copy(), uid_len.copy()
-        user = np.fromiter((f[0] if f else None for f in found), dtype=object, count=d)[anon.codes]
-        source = np.fromiter((f[1] if f else None for f in found), dtype=object, count=d)[anon.codes]
-        length = np.fromiter((len(f[0]) if f else 0 for f in found), dtype=np.int64, count=d)[anon.codes]
+        user = np.where(stitched, self._users[at], None)
+        source = np.where(stitched, self._sources[at], None)
         uid[pos[stitched]] = user[stitched]
-        uid_len[pos[stitched]] = length[stitched]
+        uid_len[pos[stitched]] = self._lengths[at[stitched]]
         anon = anon.values[anon.codes]
         if conflicted.any():
             verdict.set(
@@ -216,6 +213,25 @@ class Stitcher:
             )
         )
         return uid, uid_len
+
+    def _lookup(self, anon: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per anonymous id: its position in the map's users (-1: none), and whether it is conflicted.
+        The map is indexed once (hash tables in C); empty ids are never looked up."""
+        if self._index is None:
+            users = self.map.users
+            self._index = pd.Index(list(users), dtype=object)
+            self._conflicted = pd.Index(list(self.map.conflicts), dtype=object)
+            self._users = np.array([u for u, _ in users.values()] + [None], dtype=object)
+            self._sources = np.array([e for _, e in users.values()] + [None], dtype=object)
+            self._lengths = np.array([len(u) for u, _ in users.values()] + [0], dtype=np.int64)
+        given = np.fromiter((bool(a) for a in anon), dtype=bool, count=len(anon))
+        found = np.full(len(anon), -1, dtype=np.int64)
+        if len(self._index):
+            found = np.where(given, self._index.get_indexer(anon), -1)
+        conflicted = np.zeros(len(anon), dtype=bool)
+        if len(self._conflicted):
+            conflicted = given & (self._conflicted.get_indexer(anon) >= 0)
+        return found, conflicted
 
     def finish(self, store: RunStore, mapping_outcomes: pa.Table) -> dict[str, int]:
         """Write `identity.parquet` and return the figures. A stitched row the mapping did not send after
