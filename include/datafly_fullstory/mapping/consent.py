@@ -197,7 +197,9 @@ def latest_states(frame: pd.DataFrame, rules: ConsentRules) -> pd.DataFrame:
     return _latest(frame, states, _timestamps_ns(frame["timestamp"]))
 
 
-def _latest(frame: pd.DataFrame, states: np.ndarray, ts: np.ndarray, rows: np.ndarray | None = None):
+def _latest(
+    frame: pd.DataFrame, states: np.ndarray, ts: np.ndarray, rows: np.ndarray | None = None, ordered=True
+):
     """`latest_states` of the rows (all, or those of the mask `rows`) from their consent states and times."""
     has = (states != ABSENT) & (ts != _NAT)
     if rows is not None:
@@ -216,12 +218,12 @@ def _latest(frame: pd.DataFrame, states: np.ndarray, ts: np.ndarray, rows: np.nd
         pd.DataFrame({"person": keys, "at_ns": ts[has], "state": state, "event_id": event_id})
         for keys in (u, a)
     ]
-    return collapse(pd.concat(parts, ignore_index=True))
+    return collapse(pd.concat(parts, ignore_index=True), ordered=ordered)
 
 
-def collapse(latest: pd.DataFrame) -> pd.DataFrame:
+def collapse(latest: pd.DataFrame, *, ordered: bool = True) -> pd.DataFrame:
     """One row per person: the latest state (at equal times a denial wins; at equal times and states, the
-    later row), sorted by person."""
+    later row), sorted by person (`ordered`; a frame's part of the window's scan need not be)."""
     latest = latest[latest["person"].notna()]
     if not len(latest):
         return _empty_latest()
@@ -232,7 +234,9 @@ def collapse(latest: pd.DataFrame) -> pd.DataFrame:
     order = np.lexsort((denied, latest["at_ns"].to_numpy(dtype=np.int64), codes))
     last = np.flatnonzero(np.r_[codes[order][1:] != codes[order][:-1], True])
     kept = latest.iloc[order[last]]
-    return kept.sort_values("person", kind="stable")[list(LATEST_COLUMNS)].reset_index(drop=True)
+    if ordered:
+        kept = kept.sort_values("person", kind="stable")
+    return kept[list(LATEST_COLUMNS)].reset_index(drop=True)
 
 
 def scan_window(frames: Iterable[pd.DataFrame], rules: ConsentRules) -> tuple[pd.DataFrame, int | None]:
@@ -262,7 +266,7 @@ class WindowConsent:
         mentions = np.append(mention, False)[ctx.codes]
         if mentions.any():
             states, _ = self.rules.states(ctx)
-            self.parts.append(_latest(frame, states, ts, mentions))
+            self.parts.append(_latest(frame, states, ts, mentions, ordered=False))
 
     def result(self) -> tuple[pd.DataFrame, int | None]:
         parts = [p for p in self.parts if len(p)]

@@ -36,6 +36,7 @@ from include.datafly_fullstory.mapping.columns import (
     Distinct,
     ParsedJson,
     _column,
+    _json_values,
     _rows_of,
     _text_lengths,
     _timestamps_ns,
@@ -71,10 +72,9 @@ def collect_pairs(
     both = (_text_lengths(frame["anonymous_id"]) > 0) & (_text_lengths(frame["user_id"]) > 0)
     at = np.flatnonzero(both)
     # The consent rules of the mapping (consent.py): only a row FullStory may receive teaches a pair.
-    if ctx is None:
-        state, _ = ConsentRules(bp).states(ParsedJson(_rows_of(frame, "context", at)))
-    else:
-        state = ConsentRules(bp).states(ctx)[0][at]
+    if ctx is None:  # parsed once per distinct context of the frame (rows without both ids cost nothing)
+        ctx = ParsedJson(_json_values(frame, "context"))
+    state = ConsentRules(bp).states(ctx)[0][at]
     allowed = state == GRANTED
     if not settings.require_explicit_consent:
         allowed |= state == ABSENT
@@ -105,27 +105,49 @@ def window_pairs(store: RunStore, bp: Blueprint, settings: MappingSettings, part
 
 
 def fold_pairs(pairs: pd.DataFrame) -> pd.DataFrame:
-    """One row per anonymous id: the user of its earliest pair (by time, then event id), another user it
-    was seen with (missing if none: None or NaN), the first and last time seen, the teaching event.
-    Deterministic: the same pairs in any order fold the same."""
+    """One row per anonymous id, in anonymous id order: the user of its earliest pair (by time, then event
+    id, timeless and id-less pairs last), another user it was seen with (the least other; missing if none:
+    None or NaN), the first and last time seen, the teaching event. Deterministic: the same pairs in any
+    order fold the same."""
     if not len(pairs):
         return pd.DataFrame(columns=["anonymous_id", "user_id", "other_user_id", "t1", "t2", "event_id"])
-    ordered = pairs.sort_values(["anonymous_id", "ts", "event_id"], kind="stable", na_position="last")
-    grouped = ordered.groupby("anonymous_id", sort=True)
-    head = grouped.head(1).set_index("anonymous_id")  # the earliest pair of each anonymous id
+    # Sorted codes instead of sorting the texts of every pair: only the distinct ids are sorted.
+    anon_code, anon = pd.factorize(pairs["anonymous_id"], sort=True)
+    user_code, users = pd.factorize(pairs["user_id"], sort=True)
+    ts = pairs["ts"].to_numpy(dtype=np.float64)
+    ts_key = np.where(np.isnan(ts), np.inf, ts)
+    order = np.lexsort((ts_key, anon_code))  # stable: equal keys keep the input order
+    starts = np.flatnonzero(np.r_[True, anon_code[order][1:] != anon_code[order][:-1]])
+    head = order[starts]  # each anonymous id's earliest pair, before the event id decides ties
+    sorted_ts = ts_key[order]
+    ties = np.flatnonzero(
+        (starts + 1 < len(order)) & (sorted_ts[np.minimum(starts + 1, len(order) - 1)] == sorted_ts[starts])
+    )
+    event = pairs["event_id"].to_numpy(dtype=object, na_value=None)
+    for g in ties.tolist():
+        first = starts[g]
+        run = first + 1
+        while (
+            run < len(order)
+            and anon_code[order[run]] == anon_code[order[first]]
+            and sorted_ts[run] == sorted_ts[first]
+        ):
+            run += 1
+        candidates = order[first:run].tolist()  # in input order; the least event id wins, missing last
+        head[g] = min(candidates, key=lambda i: (event[i] is None, event[i] or ""))
+    head_user = user_code[head]
     # another user: the least (in sort order) of the anonymous id's users other than the head's
-    first_user = head["user_id"].reindex(ordered["anonymous_id"]).to_numpy(dtype=object)
-    others = ordered[ordered["user_id"].to_numpy(dtype=object) != first_user]
-    least = others.groupby("anonymous_id", sort=False)["user_id"].min()
-    other = least.reindex(head.index).to_numpy(dtype=object, na_value=None)
+    other_code = np.where(user_code != head_user[anon_code], user_code, len(users))[order]
+    least = np.minimum.reduceat(other_code, starts)
+    user_values = np.append(np.asarray(users, dtype=object), None)
     return pd.DataFrame(
         {
-            "anonymous_id": head.index.to_numpy(dtype=object),
-            "user_id": head["user_id"].to_numpy(dtype=object),
-            "other_user_id": other,
-            "t1": grouped["ts"].min().to_numpy(),
-            "t2": grouped["ts"].max().to_numpy(),
-            "event_id": head["event_id"].to_numpy(dtype=object),
+            "anonymous_id": np.asarray(anon, dtype=object),
+            "user_id": user_values[head_user],
+            "other_user_id": user_values[least],
+            "t1": np.fmin.reduceat(ts[order], starts),
+            "t2": np.fmax.reduceat(ts[order], starts),
+            "event_id": event[head],
         }
     )
 
