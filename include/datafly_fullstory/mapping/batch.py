@@ -29,6 +29,7 @@ from include.datafly_fullstory.mapping.columns import (
     _column,
     _isin,
     _json_values,
+    _rows_of,
     _text_lengths,
     _timestamps_ns,
     columns_cached,
@@ -183,7 +184,7 @@ class BatchMapper:
             at = np.flatnonzero(mapping_idx == i)
             if not len(at):
                 continue
-            columns = [Distinct(_column(df, column)[at]) for column in mapping.from_row.values()]
+            columns = [Distinct(_rows_of(df, column, at)) for column in mapping.from_row.values()]
             key = np.zeros(len(at), dtype=np.int64)
             for column in columns:
                 key = key * len(column.values) + column.codes
@@ -206,8 +207,10 @@ class BatchMapper:
             "identify without a user_id: FullStory users are keyed on "
             "uid and this pipeline never creates an anonymous user per call",
         )
-        traits = _column(df, "traits")
-        verdict.mark(is_identify & pd.isna(traits), "skipped", "identify without traits: nothing to update")
+        no_traits = (
+            df["traits"].isna().to_numpy(dtype=bool) if "traits" in df.columns else np.ones(len(df), bool)
+        )
+        verdict.mark(is_identify & no_traits, "skipped", "identify without traits: nothing to update")
         take = np.flatnonzero(is_identify & verdict.open())
         return pd.DataFrame(
             {
@@ -215,7 +218,7 @@ class BatchMapper:
                 "event_id": _column(df, "event_id")[take],
                 "user_id": uid[take],
                 "ts": _timestamps_ns(df["timestamp"])[take],
-                "traits": traits[take],
+                "traits": _rows_of(df, "traits", take),
             }
         )
 

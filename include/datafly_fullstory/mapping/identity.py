@@ -225,7 +225,7 @@ class Stitcher:
             "status": status,
             "user_id": user,
             "source_event_id": source,
-            "file": _column(df, "_file")[pos],
+            "file": _rows_of(df, "_file", pos),
             "ts": np.where(ts == _NAT, np.nan, ts / 1e9),
             "late": late,
         }

@@ -455,9 +455,9 @@ def _per_distinct(values: np.ndarray, fn) -> pa.Array:
 
 
 def _gather(per_code: np.ndarray, codes: np.ndarray) -> pa.Array:
-    """`per_code[codes]` (bytes) as an Arrow binary array, converting each distinct value once."""
-    used, inverse = np.unique(codes, return_inverse=True)
-    return pa.array(per_code[used].tolist(), type=pa.binary()).take(pa.array(inverse.reshape(-1)))
+    """`per_code[codes]` (bytes; None where no row points) as an Arrow binary array, each value converted
+    once."""
+    return pa.array(per_code.tolist(), type=pa.binary()).take(pa.array(codes))
 
 
 def _where(mask: np.ndarray, values) -> pa.Array:

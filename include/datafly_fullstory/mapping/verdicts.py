@@ -43,18 +43,21 @@ class Verdict:
     def __init__(self, n: int):
         self.outcome = np.full(n, None, dtype=object)
         self.reason = np.full(n, None, dtype=object)
+        self._open = np.ones(n, dtype=bool)  # kept with `outcome` by mark and set, its only writers
 
     def open(self) -> np.ndarray:
-        return pd.isna(self.outcome)
+        return self._open.copy()
 
     def mark(self, mask: np.ndarray, outcome: str, reason: str) -> None:
-        hit = np.asarray(mask, dtype=bool) & self.open()
+        hit = np.asarray(mask, dtype=bool) & self._open
         self.outcome[hit] = outcome
         self.reason[hit] = reason
+        self._open[hit] = False
 
     def set(self, positions: np.ndarray, outcome: str, reasons: list[str]) -> None:
         self.outcome[positions] = outcome
         self.reason[positions] = np.array(reasons, dtype=object) if len(reasons) else reasons
+        self._open[positions] = False
 
     def frame(self, rows: np.ndarray, event_ids: np.ndarray, kind: np.ndarray) -> pd.DataFrame:
         decided = ~self.open()
