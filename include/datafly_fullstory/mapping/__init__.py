@@ -12,9 +12,9 @@ Modules, each importing only those listed before it:
 - `identity.py`: identity stitching: an event with no user_id and no session id gets the user its
   anonymous id was identified as (`IdentityMap`, `Stitcher`), and the file `identity.parquet`;
 - `prepare.py`: `prepare_window`, the revocations and the identity pairs from one read of the parts;
+- `bodies.py`: one serialised body per surviving row (`EventBuilder`) and per folded user;
 - `templates.py`: `EventLines`, a batch's event lines built column-wise from per-template byte fragments
   (the same bytes as `bodies.EventBuilder`, which builds the rows the fragments cannot express);
-- `bodies.py`: one serialised body per surviving row (`EventBuilder`) and per folded user;
 - `batch.py`: `BatchMapper`, one landing frame -> event lines, identify rows and outcomes; `identify`
   rows are folded per uid once the whole window is read (`fold_users`);
 - `trait_diff.py`: trait diffing, user updates equal to the last one delivered are not sent;
