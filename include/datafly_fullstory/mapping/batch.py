@@ -176,8 +176,9 @@ class BatchMapper:
 
     def _row_fills(self, df: pd.DataFrame, mapping_idx: np.ndarray) -> Distinct:
         """Per row, the (property, landing column value) pairs its mapping's `from_row` asks for, as the
-        distinct pairs (None: no fills) and each row's code into them."""
-        fills = Distinct(np.full(len(df), None, dtype=object))
+        distinct pairs (None, last: no fills) and each row's code into them."""
+        pairs: list[tuple] = []
+        codes = np.full(len(df), -1, dtype=np.int64)
         for i, mapping in enumerate(self.bp.events):
             if not mapping.from_row:
                 continue
@@ -189,12 +190,14 @@ class BatchMapper:
             for column in columns:
                 key = key * len(column.values) + column.codes
             _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
-            pairs = [
+            codes[at] = len(pairs) + inverse.reshape(-1)
+            pairs += [
                 tuple(zip(mapping.from_row, (c.values[c.codes[j]] for c in columns), strict=True))
                 for j in first.tolist()
             ]
-            fills.codes[at] = len(fills.values) + inverse.reshape(-1)
-            fills.values = np.append(fills.values, np.fromiter(pairs, dtype=object, count=len(pairs)))
+        fills = Distinct.__new__(Distinct)
+        fills.values = np.fromiter([*pairs, None], dtype=object, count=len(pairs) + 1)
+        fills.codes = np.where(codes < 0, len(pairs), codes)
         return fills
 
     def _collect_identify(self, df: pd.DataFrame, verdict: Verdict, dtype: np.ndarray) -> pd.DataFrame:

@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 
 from include.datafly_fullstory.blueprint import Blueprint, consent_key
 from include.datafly_fullstory.mapping.columns import (
+    Distinct,
     ParsedJson,
     _column,
     _iso_utc,
@@ -245,7 +246,7 @@ def scan_window(frames: Iterable[pd.DataFrame], rules: ConsentRules) -> tuple[pd
     the key with a JSON escape; such a row's own consent is still read by the gate)."""
     scan = WindowConsent(rules)
     for frame in frames:
-        scan.add(frame, ParsedJson(_json_values(frame, "context")))
+        scan.add(frame)
     return scan.result()
 
 
@@ -255,18 +256,27 @@ class WindowConsent:
     def __init__(self, rules: ConsentRules):
         self.rules, self.parts, self.earliest = rules, [], None
 
-    def add(self, frame: pd.DataFrame, ctx: ParsedJson, ts: np.ndarray | None = None) -> None:
+    def add(self, frame: pd.DataFrame, ctx: ParsedJson | None = None, ts: np.ndarray | None = None) -> None:
+        """One frame; `ctx`: its contexts parsed already (else only those that mention consent are)."""
         ts = _timestamps_ns(frame["timestamp"]) if ts is None else ts
         valid = ts[ts != _NAT]
         if len(valid):
             low = int(valid.min())
             self.earliest = low if self.earliest is None else min(self.earliest, low)
-        text = ctx.texts[:-1]
+        texts = ctx.texts if ctx is not None else Distinct(_json_values(frame, "context"))
+        codes = ctx.codes if ctx is not None else texts.codes
+        text = (texts if ctx is not None else texts.values)[:-1]
         mention = np.fromiter((type(t) is str and "consent" in t for t in text), dtype=bool, count=len(text))
-        mentions = np.append(mention, False)[ctx.codes]
-        if mentions.any():
+        mentions = np.append(mention, False)[codes]
+        if not mentions.any():
+            return
+        if ctx is not None:
             states, _ = self.rules.states(ctx)
-            self.parts.append(_latest(frame, states, ts, mentions, ordered=False))
+        else:
+            at = np.flatnonzero(mentions)
+            states = np.full(len(frame), ABSENT, dtype=np.int8)
+            states[at] = self.rules.states(ParsedJson(texts.take(at)))[0]
+        self.parts.append(_latest(frame, states, ts, mentions, ordered=False))
 
     def result(self) -> tuple[pd.DataFrame, int | None]:
         parts = [p for p in self.parts if len(p)]

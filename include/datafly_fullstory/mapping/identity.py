@@ -72,9 +72,10 @@ def collect_pairs(
     both = (_text_lengths(frame["anonymous_id"]) > 0) & (_text_lengths(frame["user_id"]) > 0)
     at = np.flatnonzero(both)
     # The consent rules of the mapping (consent.py): only a row FullStory may receive teaches a pair.
-    if ctx is None:  # parsed once per distinct context of the frame (rows without both ids cost nothing)
-        ctx = ParsedJson(_json_values(frame, "context"))
-    state = ConsentRules(bp).states(ctx)[0][at]
+    if ctx is None:  # the contexts of these rows, parsed once per distinct text
+        state, _ = ConsentRules(bp).states(ParsedJson(Distinct(_json_values(frame, "context")).take(at)))
+    else:
+        state = ConsentRules(bp).states(ctx)[0][at]
     allowed = state == GRANTED
     if not settings.require_explicit_consent:
         allowed |= state == ABSENT
