@@ -151,10 +151,10 @@ class Delivery:
         self.log = logger or log
         self.clock = clock
         self.report = DeliveryReport()
-        self.polls = PollSchedule(self.settings)
         self._stop = threading.Event()
         self._started = clock()
         self._last_progress = self._started
+        self.polls = PollSchedule(self.settings)  # when to poll the jobs
 
     def stop(self) -> None:
         """Ask the loop to stop at its next step (from on_kill / a signal handler)."""

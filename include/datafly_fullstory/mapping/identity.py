@@ -186,6 +186,25 @@ class Stitcher:
         self._records: list[pa.Table] = []
         self._index = None  # the map's anonymous ids, indexed at the first lookup
 
+    def _lookup(self, anon: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per anonymous id: its position in the map's users (-1: none), and whether it is conflicted.
+        The map is indexed once (hash tables in C); empty ids are never looked up."""
+        if self._index is None:
+            users = self.map.users
+            self._index = pd.Index(list(users), dtype=object)
+            self._conflicted = pd.Index(list(self.map.conflicts), dtype=object)
+            self._users = np.array([u for u, _ in users.values()] + [None], dtype=object)
+            self._sources = np.array([e for _, e in users.values()] + [None], dtype=object)
+            self._lengths = np.array([len(u) for u, _ in users.values()] + [0], dtype=np.int64)
+        given = np.fromiter((bool(a) for a in anon), dtype=bool, count=len(anon))
+        found = np.full(len(anon), -1, dtype=np.int64)
+        if len(self._index):
+            found = np.where(given, self._index.get_indexer(anon), -1)
+        conflicted = np.zeros(len(anon), dtype=bool)
+        if len(self._conflicted):
+            conflicted = given & (self._conflicted.get_indexer(anon) >= 0)
+        return found, conflicted
+
     def apply(self, df: pd.DataFrame, verdict, candidates: np.ndarray, uid: np.ndarray, uid_len: np.ndarray):
         """For the candidate rows (events still open with no session id and no user_id): a known anonymous
         id gives the row its user; a conflicted one skips it, naming both users. Returns (uid, uid_len)."""
@@ -237,29 +256,21 @@ class Stitcher:
         )
         return uid, uid_len
 
-    def _lookup(self, anon: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Per anonymous id: its position in the map's users (-1: none), and whether it is conflicted.
-        The map is indexed once (hash tables in C); empty ids are never looked up."""
-        if self._index is None:
-            users = self.map.users
-            self._index = pd.Index(list(users), dtype=object)
-            self._conflicted = pd.Index(list(self.map.conflicts), dtype=object)
-            self._users = np.array([u for u, _ in users.values()] + [None], dtype=object)
-            self._sources = np.array([e for _, e in users.values()] + [None], dtype=object)
-            self._lengths = np.array([len(u) for u, _ in users.values()] + [0], dtype=np.int64)
-        given = np.fromiter((bool(a) for a in anon), dtype=bool, count=len(anon))
-        found = np.full(len(anon), -1, dtype=np.int64)
-        if len(self._index):
-            found = np.where(given, self._index.get_indexer(anon), -1)
-        conflicted = np.zeros(len(anon), dtype=bool)
-        if len(self._conflicted):
-            conflicted = given & (self._conflicted.get_indexer(anon) >= 0)
-        return found, conflicted
+    def records(self) -> pa.Table:
+        """The stitching records so far (one part's, for mapping/context.py)."""
+        if not self._records:
+            return SCHEMA.empty_table()
+        return pa.concat_tables(self._records)
+
+    def add_records(self, table: pa.Table) -> None:
+        """Records of another part (the finish step gathers every part's)."""
+        if table.num_rows:
+            self._records.append(table.select(SCHEMA.names).cast(SCHEMA))
 
     def finish(self, store: RunStore, mapping_outcomes: pa.Table) -> dict[str, int]:
         """Write `identity.parquet` and return the figures. A stitched row the mapping did not send after
         all (rejected: a user id over the uid limit, a limit of its body) is recorded as not stitched."""
-        table = pa.concat_tables(self._records) if self._records else SCHEMA.empty_table()
+        table = self.records()
         decided = pc.is_in(table.column("row"), value_set=mapping_outcomes.column("row"))
         unsent = pc.and_(pc.equal(table.column("status"), "stitched"), decided)
         table = table.set_column(
