@@ -28,6 +28,7 @@ FULL = {
     "bench_pipeline.py": ["--rows", "1000000"],
     "bench_ledger.py": ["--rows", "1000000"],
     "bench_lookback.py": ["--rows-per-hour", "40000"],
+    "bench_report.py": ["--rows", "10000000"],
     "bench_celery.py": ["--rows", "2000000"],
 }
 QUICK = {
@@ -38,6 +39,7 @@ QUICK = {
     "bench_pipeline.py": ["--rows", "100000"],
     "bench_ledger.py": ["--rows", "100000"],
     "bench_lookback.py": ["--rows-per-hour", "4000"],
+    "bench_report.py": ["--rows", "200000"],
     "bench_celery.py": ["--rows", "200000"],
 }
 # the scripts whose figures the summary reads: script -> its JSON file (written by the script)
