@@ -2,15 +2,17 @@
 events, each with a same-run baseline.
 
     .venv/bin/python bench/bench_delivery.py [--events 200000] [--chunk 10000] [--latency-ms 50]
-        [--job-seconds 1] [--slow-job-seconds 20] [--json bench/out/delivery.json]
+        [--job-seconds 1] [--slow-job-seconds 20] [--chunks-per-task 0] [--json bench/out/delivery.json]
 
 Measures, on one emulator started here:
   1. FullStoryDeliveryOperator: batch import jobs, `--in-flight` jobs at once (the production path), in
      chunks of `--chunk` events, polling fast (0.25 s) to measure throughput;
   2. the same with one job in flight (what the concurrency buys);
   3. requests per 1M events: mapped events (sample rows through the mapping) in chunks as the mapping cuts
-     them (at most 50,000 items / 8 MiB), the operator's default poll schedule, jobs that FullStory keeps
-     PROCESSING `--job-seconds` and, second, `--slow-job-seconds`; every request the client makes counts
+     them (at most 50,000 items / 8 MiB), delivered as the DAG delivers them (the DAG's chunks per task,
+     each task a fresh operator execution), with the operator's default poll schedule, jobs that FullStory
+     keeps PROCESSING `--job-seconds` and, second, `--slow-job-seconds`; then the slow jobs again with every
+     chunk in one task (what the schedule learns within a task). Every request the client makes counts
      (job creates, status polls, error and import pages, retries), checked against the emulator's own count;
   4. baseline: the same events sent one per `POST /v2/events` (as a naive sync would), measured on a
      sample of `--sample` events and extrapolated to the full count.
@@ -162,16 +164,60 @@ def run_operator(
     }
 
 
+def dag_chunks_per_task() -> int:
+    """How many chunks one mapped delivery task of the DAG delivers (its CHUNKS_PER_DELIVERY_TASK), read
+    from the DAG file without importing it."""
+    import ast
+
+    tree = ast.parse((ROOT / "dags" / "datafly_fullstory_sync.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "CHUNKS_PER_DELIVERY_TASK" for t in node.targets
+        ):
+            return int(ast.literal_eval(node.value))
+    raise SystemExit("dags/datafly_fullstory_sync.py has no CHUNKS_PER_DELIVERY_TASK")
+
+
 def requests_per_million(
-    emu, state: Path, parts: dict, total: int, in_flight: int, job_seconds: float
+    emu, state: Path, parts: dict, total: int, in_flight: int, job_seconds: float, per_task: int
 ) -> dict:
-    """Deliver mapping-sized chunks with the operator's default poll schedule; requests per 1M events."""
+    """Deliver mapping-sized chunks as the DAG does, `per_task` chunks per operator execution (each a task
+    of its own: its poll schedule starts from nothing), with the operator's default poll schedule. Returns
+    the requests the client made, per 1M events too."""
+    from fullstory_provider.operators import FullStoryDeliveryOperator
+
+    emu.reset(keep_faults=True)
     emu.set_faults(job_seconds=job_seconds)
-    run_id = f"bench_requests_{job_seconds:g}s"
-    result = run_operator(emu, state, run_id, total, 0, in_flight, parts, poll_interval=None)
-    result["job_seconds"] = job_seconds
-    result["per_million"] = result["requests"] * 1_000_000 / total
-    return result
+    run_id = f"bench_requests_{job_seconds:g}s_{per_task}"
+    chunks, ledger = write_parts(state, run_id, parts)
+    tasks = [chunks[i : i + per_task] for i in range(0, len(chunks), per_task)]
+    requests, started = 0, time.perf_counter()
+    for names in tasks:
+        op = FullStoryDeliveryOperator(
+            task_id="bench",
+            state_uri=str(state),
+            run_id=run_id,
+            chunks=names,
+            ledger=ledger,
+            destination=DESTINATION,
+            max_in_flight=in_flight,
+            timeout=1800,
+        )
+        requests += op.execute({"ti": _TI()})["http"]["requests"]
+    seconds = time.perf_counter() - started
+    delivered = emu.state()["events"]
+    assert delivered == total, (delivered, total)
+    return {
+        "seconds": seconds,
+        "events": total,
+        "chunks": len(chunks),
+        "tasks": len(tasks),
+        "chunks_per_task": per_task,
+        "job_seconds": job_seconds,
+        "requests": requests,
+        "emulator_requests": emu.requests()["total"],
+        "per_million": requests * 1_000_000 / total,
+    }
 
 
 def run_single_events(emu, sample: int) -> dict:
@@ -204,6 +250,9 @@ def main() -> None:
     parser.add_argument(
         "--sample", type=int, default=300, help="events sent one per request for the baseline"
     )
+    parser.add_argument(
+        "--chunks-per-task", type=int, default=0, help="chunks per delivery task (0: the DAG's number)"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here (run_all.py's summary)")
     args = parser.parse_args()
 
@@ -224,10 +273,15 @@ def main() -> None:
         state = Path(tmp)
         batch = run_operator(emu, state, "bench_in_flight", args.events, args.chunk, args.in_flight)
         serial = run_operator(emu, state, "bench_serial", args.events, args.chunk, 1)
+        per_task = args.chunks_per_task or dag_chunks_per_task()
         per_million = [
-            requests_per_million(emu, state, parts, args.events, args.in_flight, seconds)
+            requests_per_million(emu, state, parts, args.events, args.in_flight, seconds, per_task)
             for seconds in (args.job_seconds, args.slow_job_seconds)
         ]
+        # the same slow jobs, all chunks in one task: what the schedule learns from the jobs that ended
+        one_task = requests_per_million(
+            emu, state, parts, args.events, args.in_flight, args.slow_job_seconds, len(parts)
+        )
         emu.set_faults(job_seconds=args.job_seconds)
         single = run_single_events(emu, args.sample)
 
@@ -259,17 +313,25 @@ def main() -> None:
         f"{per_10k(single) / per_10k(batch):,.0f}x fewer; in-flight vs serial jobs: {rate(batch) / rate(serial):.1f}x"
     )
     print(
-        f"requests per 1M events delivered (mapped events in {per_million[0]['chunks']} chunks of at most "
-        "50,000 items / 8 MiB, the operator's default poll schedule; baseline: one request per event, "
-        "1,000,000):"
+        f"requests per 1M events delivered: mapped events in {per_million[0]['chunks']} chunks of at most "
+        f"50,000 items / 8 MiB, {per_task} chunks per delivery task as the DAG delivers them, "
+        f"{args.in_flight} jobs in flight, the operator's default poll schedule; every request the client "
+        "made (baseline: one request per event, 1,000,000):"
     )
-    for r in per_million:
+    for r in [*per_million, one_task]:
         print(
-            f"  jobs PROCESSING {r['job_seconds']:>4.0f} s: {r['per_million']:>6.0f} requests per 1M events "
-            f"({r['requests']} requests for {r['events']:,} events, emulator counted {r['emulator_requests']}; "
+            f"  jobs PROCESSING {r['job_seconds']:>4.0f} s, {r['chunks_per_task']:>2} chunks per task: "
+            f"{r['per_million']:>6.0f} requests per 1M events ({r['requests']} requests for "
+            f"{r['events']:,} events in {r['tasks']} task(s), emulator counted {r['emulator_requests']}; "
             f"{rate(r):,.0f} events/s)"
         )
-    figures = {"batch": batch, "serial": serial, "requests": per_million, "single_sample": single}
+    figures = {
+        "batch": batch,
+        "serial": serial,
+        "requests": per_million,
+        "requests_one_task": one_task,
+        "single_sample": single,
+    }
     print(json.dumps(figures))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

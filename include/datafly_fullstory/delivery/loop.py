@@ -79,9 +79,13 @@ class PollSchedule:
     and every status poll is a request against the org's limits, so the schedule learns how long this
     delivery's jobs take per item and polls a job first when it should have ended:
 
-    - before any job ended: after `poll_interval`, then waits growing 1.5x up to `max_poll_interval`;
-    - then: after the expected time (its items times the learned seconds per item, at least
-      `poll_interval`); if the job is still processing, after a tenth of that, growing 1.5x as above;
+    - before any job ended, one job (the first posted) is the probe: polled after `poll_interval`, then
+      after waits growing 1.5x up to `max_poll_interval`; the jobs posted meanwhile wait for what it
+      teaches, polled every `max_poll_interval` until then (a delivery task posts all of its few chunks
+      at once, so this is most of what a task polls);
+    - once a job ended: a job is polled first after its expected time (its items times the learned seconds
+      per item, at least `poll_interval`), the waiting jobs too (at once if that time has passed); if still
+      processing, after a tenth of that, growing 1.5x as above;
     - what a job teaches: it ended between the last poll that found it processing and the poll that found
       it ended (the midpoint; the latter when no poll found it processing), averaged with what was learned
       before, so the estimate follows jobs that get faster or slower.
@@ -93,14 +97,25 @@ class PollSchedule:
     def __init__(self, settings: DeliverySettings):
         self.settings = settings
         self.seconds_per_item: float | None = None
+        self.probe: _Flight | None = None  # polled on the backoff while nothing is learned
+        self.waiting: list[_Flight] = []  # posted while nothing is learned, waiting for the probe
 
     def flight(self, chunk: Chunk, job_id: str, now: float, items: int, posted: float | None) -> _Flight:
         """A job to poll: a resumed one (`posted` None) at once, a new one after the first wait."""
         s = self.settings
         if posted is None:
             return _Flight(chunk, job_id, now, s.poll_interval, items=items)
-        if self.seconds_per_item is None or items <= 0:
-            return _Flight(chunk, job_id, now + s.poll_interval, s.poll_interval, items=items, posted=posted)
+        if self.seconds_per_item is None:
+            flight = _Flight(
+                chunk, job_id, now + s.poll_interval, s.poll_interval, items=items, posted=posted
+            )
+            if self.probe is None and items > 0:
+                self.probe = flight
+            elif items > 0:
+                flight.next_poll = now + s.max_poll_interval
+                flight.interval = s.max_poll_interval / 1.5  # then every max_poll_interval
+                self.waiting.append(flight)
+            return flight
         first = self.first_wait(items)
         follow = max(s.poll_interval, first / 10) / 1.5  # the first still-processing wait: a tenth
         return _Flight(chunk, job_id, now + first, follow, items=items, posted=posted)
@@ -118,15 +133,27 @@ class PollSchedule:
         flight.next_poll = now + flight.interval * random.uniform(0.8, 1.2)
 
     def ended(self, flight: _Flight, now: float) -> None:
-        """Learn from a job this task posted, found ended at `now`."""
-        if flight.posted is None or flight.items <= 0:
-            return
-        took = now - flight.posted
-        if flight.processing_at is not None:
-            took = (took + flight.processing_at - flight.posted) / 2
-        observed = took / flight.items
-        known = self.seconds_per_item
-        self.seconds_per_item = observed if known is None else (known + observed) / 2
+        """Learn from a job this task posted, found ended at `now`; then schedule the waiting jobs."""
+        self.waiting = [w for w in self.waiting if w is not flight]
+        if flight is self.probe:
+            self.probe = None
+        if flight.posted is not None and flight.items > 0:
+            took = now - flight.posted
+            if flight.processing_at is not None:
+                took = (took + flight.processing_at - flight.posted) / 2
+            observed = took / flight.items
+            known = self.seconds_per_item
+            self.seconds_per_item = observed if known is None else (known + observed) / 2
+        if self.seconds_per_item is not None:
+            for waiting in self.waiting:
+                expected = self.first_wait(waiting.items)
+                waiting.next_poll = max(now, waiting.posted + expected)
+                waiting.interval = max(self.settings.poll_interval, expected / 10) / 1.5
+            self.waiting = []
+        elif self.probe is None and self.waiting:  # the probe taught nothing: the next job probes
+            self.probe = self.waiting.pop(0)
+            self.probe.next_poll = min(self.probe.next_poll, now + self.settings.poll_interval)
+            self.probe.interval = self.settings.poll_interval
 
 
 _LONGEST_FIRST_WAIT = 10  # x max_poll_interval: a first wait never exceeds this, whatever was learned
