@@ -156,10 +156,18 @@ def _rss(figures: dict):
 
 
 def _requests(figures: dict):
-    runs = figures["requests"]
-    worst = max(runs, key=lambda r: r["per_million"])
-    shown = ", ".join(f"{r['per_million']:.0f} ({r['job_seconds']:g} s jobs)" for r in runs)
-    return (shown, "1,000,000 (one request per event)", "<= 200", worst["per_million"] <= 200)
+    standard, *slower = figures["requests"]  # the DAG's way; the first at the bench's standard job time
+    shown = [f"{standard['per_million']:.0f} ({standard['job_seconds']:g} s jobs)"]
+    shown += [f"{r['per_million']:.0f} ({r['job_seconds']:g} s jobs)" for r in slower]
+    one = figures.get("requests_one_task")
+    if one:
+        shown.append(f"{one['per_million']:.0f} ({one['job_seconds']:g} s jobs, one task)")
+    return (
+        "; ".join(shown),
+        "1,000,000 (one request per event)",
+        f"<= 200 ({standard['job_seconds']:g} s jobs)",
+        standard["per_million"] <= 200,
+    )
 
 
 def _celery(c: dict):
