@@ -1,13 +1,22 @@
-"""Delivery throughput against the FullStory emulator with injected latency, with a same-run baseline.
+"""Delivery against the FullStory emulator with injected latency: throughput, and HTTP requests per 1M
+events, each with a same-run baseline.
 
     .venv/bin/python bench/bench_delivery.py [--events 200000] [--chunk 10000] [--latency-ms 50]
+        [--job-seconds 1] [--slow-job-seconds 20] [--chunks-per-task 0] [--json bench/out/delivery.json]
 
 Measures, on one emulator started here:
-  1. FullStoryDeliveryOperator: batch import jobs, `--in-flight` jobs at once (the production path);
+  1. FullStoryDeliveryOperator: batch import jobs, `--in-flight` jobs at once (the production path), in
+     chunks of `--chunk` events, polling fast (0.25 s) to measure throughput;
   2. the same with one job in flight (what the concurrency buys);
-  3. baseline: the same events sent one per `POST /v2/events` (as a naive sync would), measured on a
+  3. requests per 1M events: mapped events (sample rows through the mapping) in chunks as the mapping cuts
+     them (at most 50,000 items / 8 MiB), delivered as the DAG delivers them (the DAG's chunks per task,
+     each task a fresh operator execution), with the operator's default poll schedule, jobs that FullStory
+     keeps PROCESSING `--job-seconds` and, second, `--slow-job-seconds`; then the slow jobs again with every
+     chunk in one task (what the schedule learns within a task). Every request the client makes counts
+     (job creates, status polls, error and import pages, retries), checked against the emulator's own count;
+  4. baseline: the same events sent one per `POST /v2/events` (as a naive sync would), measured on a
      sample of `--sample` events and extrapolated to the full count.
-Prints events/s, requests per 10,000 events and the ratios. Runs in about a minute.
+Prints events/s, requests per 10,000 events and per 1M events, and the ratios. About 2-3 minutes.
 """
 
 from __future__ import annotations
@@ -49,14 +58,64 @@ def event(i: int) -> dict:
 def write_run(state: Path, run_id: str, total: int, chunk: int) -> tuple[list[str], dict]:
     """Payload chunks and their ledger records as the mapping stage leaves them, written through the
     format owners (tests/run_helpers.py). Returns the chunk names and the ledger location."""
-    store = RunStore(str(state), run_id)
-    location = {"url": f"sqlite:///{state / (run_id + '-ledger.sqlite')}"}
     parts = {
         f"events-{c:05d}": [event(i) for i in range(start, min(total, start + chunk))]
         for c, start in enumerate(range(0, total, chunk))
     }
+    return write_parts(state, run_id, parts)
+
+
+def write_parts(state: Path, run_id: str, parts: dict[str, list[dict]]) -> tuple[list[str], dict]:
+    store = RunStore(str(state), run_id)
+    location = {"url": f"sqlite:///{state / (run_id + '-ledger.sqlite')}"}
     entries = write_run_folder(store, Ledger(location["url"]), parts)
     return [e["name"] for e in entries], location
+
+
+def mapped_events(total: int) -> list[dict]:
+    """`total` event bodies as the mapping writes them, from sample rows (about 450 bytes each)."""
+    from datetime import UTC, datetime, timedelta
+
+    import numpy as np
+    import orjson
+
+    from include.datafly_fullstory import sample
+    from include.datafly_fullstory.blueprint import load_blueprint
+    from include.datafly_fullstory.mapping import BatchMapper, MappingSettings
+
+    now = datetime(2026, 11, 26, 10, tzinfo=UTC)
+    rows = int(total / 0.45) + 2000  # about half the sample rows become events (no stitching here)
+    spec = sample.LandingSpec(rows=rows, start=now - timedelta(hours=1), end=now, bad_fraction=0.0)
+    table = sample.generate_table(spec)
+    df = table.to_pandas()
+    df["_row"], df["_file"] = np.arange(rows, dtype=np.int64), "landing/part-0.parquet"
+    lines = BatchMapper(load_blueprint(), MappingSettings(), now).map_batch(df).lines
+    if len(lines) < total:
+        raise SystemExit(f"the sample gave {len(lines)} events, fewer than --events {total}")
+    return [orjson.loads(line) for line in lines[:total]]
+
+
+def mapping_chunks(items: list[dict]) -> dict[str, list[dict]]:
+    """Items cut into chunks as the mapping's ChunkWriter cuts them: at most `max_items` lines and
+    `max_bytes` of request body (mapping/settings.py defaults)."""
+    import orjson
+
+    from include.datafly_fullstory.chunks import ENVELOPE_BYTES
+    from include.datafly_fullstory.mapping import MappingSettings
+
+    settings = MappingSettings()
+    parts: dict[str, list[dict]] = {}
+    current: list[dict] = []
+    body = ENVELOPE_BYTES
+    for item in items:
+        size = len(orjson.dumps(item)) + 1
+        if current and (len(current) == settings.max_items or body + size > settings.max_bytes):
+            parts[f"events-{len(parts):05d}"], current, body = current, [], ENVELOPE_BYTES
+        current.append(item)
+        body += size
+    if current:
+        parts[f"events-{len(parts):05d}"] = current
+    return parts
 
 
 class _TI:
@@ -64,11 +123,21 @@ class _TI:
         pass
 
 
-def run_operator(emu, state: Path, run_id: str, total: int, chunk: int, in_flight: int) -> dict:
+def run_operator(
+    emu,
+    state: Path,
+    run_id: str,
+    total: int,
+    chunk: int,
+    in_flight: int,
+    parts: dict | None = None,
+    poll_interval: float | None = 0.25,
+) -> dict:
+    """Deliver through the operator; `poll_interval` None: the operator's default schedule."""
     from fullstory_provider.operators import FullStoryDeliveryOperator
 
     emu.reset(keep_faults=True)
-    chunks, ledger = write_run(state, run_id, total, chunk)
+    chunks, ledger = write_parts(state, run_id, parts) if parts else write_run(state, run_id, total, chunk)
     op = FullStoryDeliveryOperator(
         task_id="bench",
         state_uri=str(state),
@@ -77,8 +146,8 @@ def run_operator(emu, state: Path, run_id: str, total: int, chunk: int, in_fligh
         ledger=ledger,
         destination=DESTINATION,
         max_in_flight=in_flight,
-        poll_interval=0.25,
-        timeout=600,
+        timeout=1800,
+        **({} if poll_interval is None else {"poll_interval": poll_interval}),
     )
     started = time.perf_counter()
     stats = op.execute({"ti": _TI()})
@@ -88,8 +157,66 @@ def run_operator(emu, state: Path, run_id: str, total: int, chunk: int, in_fligh
     return {
         "seconds": seconds,
         "events": total,
+        "chunks": len(chunks),
         "requests": stats["http"]["requests"],
+        "emulator_requests": emu.requests()["total"],
         "bytes": stats["bytes_sent"],
+    }
+
+
+def dag_chunks_per_task() -> int:
+    """How many chunks one mapped delivery task of the DAG delivers (its CHUNKS_PER_DELIVERY_TASK), read
+    from the DAG file without importing it."""
+    import ast
+
+    tree = ast.parse((ROOT / "dags" / "datafly_fullstory_sync.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "CHUNKS_PER_DELIVERY_TASK" for t in node.targets
+        ):
+            return int(ast.literal_eval(node.value))
+    raise SystemExit("dags/datafly_fullstory_sync.py has no CHUNKS_PER_DELIVERY_TASK")
+
+
+def requests_per_million(
+    emu, state: Path, parts: dict, total: int, in_flight: int, job_seconds: float, per_task: int
+) -> dict:
+    """Deliver mapping-sized chunks as the DAG does, `per_task` chunks per operator execution (each a task
+    of its own: its poll schedule starts from nothing), with the operator's default poll schedule. Returns
+    the requests the client made, per 1M events too."""
+    from fullstory_provider.operators import FullStoryDeliveryOperator
+
+    emu.reset(keep_faults=True)
+    emu.set_faults(job_seconds=job_seconds)
+    run_id = f"bench_requests_{job_seconds:g}s_{per_task}"
+    chunks, ledger = write_parts(state, run_id, parts)
+    tasks = [chunks[i : i + per_task] for i in range(0, len(chunks), per_task)]
+    requests, started = 0, time.perf_counter()
+    for names in tasks:
+        op = FullStoryDeliveryOperator(
+            task_id="bench",
+            state_uri=str(state),
+            run_id=run_id,
+            chunks=names,
+            ledger=ledger,
+            destination=DESTINATION,
+            max_in_flight=in_flight,
+            timeout=1800,
+        )
+        requests += op.execute({"ti": _TI()})["http"]["requests"]
+    seconds = time.perf_counter() - started
+    delivered = emu.state()["events"]
+    assert delivered == total, (delivered, total)
+    return {
+        "seconds": seconds,
+        "events": total,
+        "chunks": len(chunks),
+        "tasks": len(tasks),
+        "chunks_per_task": per_task,
+        "job_seconds": job_seconds,
+        "requests": requests,
+        "emulator_requests": emu.requests()["total"],
+        "per_million": requests * 1_000_000 / total,
     }
 
 
@@ -118,10 +245,19 @@ def main() -> None:
         "--job-seconds", type=float, default=1.0, help="how long the emulator keeps a job PROCESSING"
     )
     parser.add_argument(
+        "--slow-job-seconds", type=float, default=20.0, help="the second job time of the requests figure"
+    )
+    parser.add_argument(
         "--sample", type=int, default=300, help="events sent one per request for the baseline"
     )
+    parser.add_argument(
+        "--chunks-per-task", type=int, default=0, help="chunks per delivery task (0: the DAG's number)"
+    )
+    parser.add_argument("--json", type=Path, help="also write the figures here (run_all.py's summary)")
     args = parser.parse_args()
 
+    mapped = mapped_events(args.events)
+    parts = mapping_chunks(mapped)
     with (
         EmulatorProcess(latency_ms=args.latency_ms, job_seconds=args.job_seconds) as emu,
         tempfile.TemporaryDirectory() as tmp,
@@ -137,6 +273,16 @@ def main() -> None:
         state = Path(tmp)
         batch = run_operator(emu, state, "bench_in_flight", args.events, args.chunk, args.in_flight)
         serial = run_operator(emu, state, "bench_serial", args.events, args.chunk, 1)
+        per_task = args.chunks_per_task or dag_chunks_per_task()
+        per_million = [
+            requests_per_million(emu, state, parts, args.events, args.in_flight, seconds, per_task)
+            for seconds in (args.job_seconds, args.slow_job_seconds)
+        ]
+        # the same slow jobs, all chunks in one task: what the schedule learns from the jobs that ended
+        one_task = requests_per_million(
+            emu, state, parts, args.events, args.in_flight, args.slow_job_seconds, len(parts)
+        )
+        emu.set_faults(job_seconds=args.job_seconds)
         single = run_single_events(emu, args.sample)
 
     def rate(r):
@@ -166,7 +312,30 @@ def main() -> None:
         f"speed-up vs baseline: {rate(batch) / rate(single):,.0f}x; requests: "
         f"{per_10k(single) / per_10k(batch):,.0f}x fewer; in-flight vs serial jobs: {rate(batch) / rate(serial):.1f}x"
     )
-    print(json.dumps({"batch": batch, "serial": serial, "single_sample": single}))
+    print(
+        f"requests per 1M events delivered: mapped events in {per_million[0]['chunks']} chunks of at most "
+        f"50,000 items / 8 MiB, {per_task} chunks per delivery task as the DAG delivers them, "
+        f"{args.in_flight} jobs in flight, the operator's default poll schedule; every request the client "
+        "made (baseline: one request per event, 1,000,000):"
+    )
+    for r in [*per_million, one_task]:
+        print(
+            f"  jobs PROCESSING {r['job_seconds']:>4.0f} s, {r['chunks_per_task']:>2} chunks per task: "
+            f"{r['per_million']:>6.0f} requests per 1M events ({r['requests']} requests for "
+            f"{r['events']:,} events in {r['tasks']} task(s), emulator counted {r['emulator_requests']}; "
+            f"{rate(r):,.0f} events/s)"
+        )
+    figures = {
+        "batch": batch,
+        "serial": serial,
+        "requests": per_million,
+        "requests_one_task": one_task,
+        "single_sample": single,
+    }
+    print(json.dumps(figures))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(figures, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Landing read and validation: rows/s, peak memory, and GX time against the same run's read time.
 
     .venv/bin/python bench/bench_landing.py [--rows 1000000] [--big-rows 10000000] [--batch-size 100000]
+        [--json bench/out/landing.json]
 
 Landings are generated with sample/ (one hive hour per million rows) and cached under bench/out/.
 Each measurement runs in a fresh child process, which reports its own peak RSS (getrusage) and its RSS
@@ -165,6 +166,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--big-rows", type=int, default=10_000_000, help="0 skips the big read")
     parser.add_argument("--batch-size", type=int, default=100_000)
+    parser.add_argument("--json", type=Path, help="also write the figures here (run_all.py's summary)")
     parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     parser.add_argument("--landing", help=argparse.SUPPRESS)
     parser.add_argument("--hours", type=int, help=argparse.SUPPRESS)
@@ -176,14 +178,15 @@ def main() -> None:
 
     small, small_hours = landing_for(args.rows)
     print(f"batch size {args.batch_size:,} rows; each figure from a fresh process")
-    read = measure("read", small, small_hours, args.batch_size)
+    figures: dict = {"rows": args.rows, "big_rows": args.big_rows, "batch_size": args.batch_size}
+    read = figures["read"] = measure("read", small, small_hours, args.batch_size)
     print(
         f"read      {read['rows']:>11,} rows  {read['rows'] / read['seconds']:>10,.0f} rows/s  "
         f"peak RSS {read['peak_rss_mb']:,.0f} MB (after imports {read['rss_after_imports_mb']:,.0f} MB)"
     )
     if args.big_rows:
         big, big_hours = landing_for(args.big_rows)
-        big_read = measure("read", big, big_hours, args.batch_size)
+        big_read = figures["big_read"] = measure("read", big, big_hours, args.batch_size)
         print(
             f"read      {big_read['rows']:>11,} rows  {big_read['rows'] / big_read['seconds']:>10,.0f} rows/s  "
             f"peak RSS {big_read['peak_rss_mb']:,.0f} MB"
@@ -192,9 +195,9 @@ def main() -> None:
             f"  window x{big_read['rows'] / read['rows']:.0f} -> peak RSS x"
             f"{big_read['peak_rss_mb'] / read['peak_rss_mb']:.2f} (bounded by the batch size, not the window)"
         )
-        half = measure("read", big, big_hours, args.batch_size // 2)
+        half = figures["big_read_half_batch"] = measure("read", big, big_hours, args.batch_size // 2)
         print(f"  same window, batch size {args.batch_size // 2:,}: peak RSS {half['peak_rss_mb']:,.0f} MB")
-    val = measure("validate", small, small_hours, args.batch_size)
+    val = figures["validate"] = measure("validate", small, small_hours, args.batch_size)
     print(
         f"read+validate {val['rows']:>7,} rows  {val['rows'] / val['seconds']:>10,.0f} rows/s  "
         f"({val['seconds']:.2f} s; {val['quarantined']:,} quarantined; peak RSS {val['peak_rss_mb']:,.0f} MB)"
@@ -208,12 +211,15 @@ def main() -> None:
         f"{val['gx_s'] / read['seconds']:.2f},  validate / read = {val['validate_s'] / read['seconds']:.2f}  "
         f"(one-off GX import + context per worker process: {val['gx_setup_s']:.1f} s)"
     )
-    ext = measure("extract", small, small_hours, args.batch_size)
+    ext = figures["extract"] = measure("extract", small, small_hours, args.batch_size)
     print(
         f"extract   {ext['rows']:>11,} rows  {ext['rows'] / ext['seconds']:>10,.0f} rows/s  "
         f"({ext['seconds']:.1f} s, GX {ext['gx_s'] / ext['seconds']:.0%} of the stage, {ext['parts']} parts, "
         f"peak RSS {ext['peak_rss_mb']:,.0f} MB)"
     )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(figures, indent=1))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@ pandas query per metric at several times the cost) are computed vectorised first
 columns (`check_<rule>`) that a GX expectation then checks, so every failure is still a GX result.
 
 GX sees a narrow frame (the checked columns and the helpers, with a positional index), not the whole
-landing frame: GX fingerprints the batch by hashing every column, and the JSON columns would dominate.
+landing frame: GX fingerprints the batch by hashing every column, and the JSON columns would dominate. A
+column checked only for nulls (`event_id`, `anonymous_id`) is given to GX as a nullable boolean that is
+null exactly where the value is, and `type` as a categorical: the same rows fail, and hashing them costs a
+fraction of hashing the text (measured: GX 30% faster per batch).
 """
 
 from __future__ import annotations
@@ -52,7 +55,6 @@ _HELPER_RULES = (
     "traits_is_json_object",
     "identify_has_traits",
 )
-_CHECKED_COLUMNS = ("event_id", "type", "anonymous_id", "timestamp")
 
 _RESULT_FORMAT = {
     "result_format": "COMPLETE",  # unexpected_index_list: the failing rows' index labels
@@ -136,10 +138,23 @@ def json_objects(column: pd.Series) -> np.ndarray:
     return np.append(ok, True)[codes]  # code -1 (null) picks the trailing True
 
 
+def _nulls_of(column: pd.Series) -> pd.arrays.BooleanArray:
+    """A column's nulls as a nullable boolean: null where the value is null, True elsewhere."""
+    missing = column.isna().to_numpy(dtype=bool)
+    return pd.arrays.BooleanArray(np.ones(len(missing), dtype=bool), mask=missing)
+
+
 def _check_frame(df: pd.DataFrame, seen_ids: SeenEventIds) -> pd.DataFrame:
     """The narrow frame GX validates: checked columns plus the helper booleans, positional index."""
-    checks = df[list(_CHECKED_COLUMNS)].reset_index(drop=True)
-    checks["check_event_id_unique_in_window"] = seen_ids.first_copies(checks["event_id"])
+    checks = pd.DataFrame(
+        {
+            "event_id": _nulls_of(df["event_id"]),  # checked for nulls only
+            "type": pd.Categorical(df["type"]),  # not null, in the known set
+            "anonymous_id": _nulls_of(df["anonymous_id"]),  # checked for nulls only
+            "timestamp": df["timestamp"].reset_index(drop=True),  # not null, in the window (UTC)
+        }
+    )
+    checks["check_event_id_unique_in_window"] = seen_ids.first_copies(df["event_id"].reset_index(drop=True))
     # conditional not-null as helpers: GX row_condition runs a pandas query per metric, ~10x the cost
     for rule, kind, column in (
         ("track_has_event_name", "track", "event"),
@@ -224,6 +239,20 @@ def _validation_definition(window: Window):
     )
 
 
+def _run(definition, checks: pd.DataFrame):
+    """`ValidationDefinition.run` without its last step: the validator it builds, on this batch. `run` then
+    serialises the COMPLETE result into the context's in-memory results store, which nothing here reads:
+    about 10% of GX's time per batch, and memory that would grow with every batch a worker validates."""
+    from great_expectations.validator.v1_validator import Validator
+
+    validator = Validator(
+        batch_definition=definition.batch_definition,
+        batch_parameters={"dataframe": checks},
+        result_format=_RESULT_FORMAT,
+    )
+    return validator.validate_expectation_suite(definition.suite)
+
+
 def _failures(result, n_rows: int) -> tuple[list[str], np.ndarray, dict]:
     """(rule names, rows x rules failure matrix, per-rule summary) from a GX validation result."""
     names, matrix, per_rule = [], np.zeros((n_rows, len(result.results)), dtype=bool), {}
@@ -270,7 +299,7 @@ def validate_batch(df: pd.DataFrame, window: Window, seen_ids: SeenEventIds | No
     with _lock:
         definition = _validation_definition(window)
         started = time.perf_counter()
-        result = definition.run(batch_parameters={"dataframe": checks}, result_format=_RESULT_FORMAT)
+        result = _run(definition, checks)
         timer.gx = time.perf_counter() - started
     names, matrix, per_rule = _failures(result, len(df))
     failed = matrix.any(axis=1)

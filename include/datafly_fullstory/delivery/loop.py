@@ -72,7 +72,95 @@ class _Flight:
     chunk: Chunk
     job_id: str
     next_poll: float
-    interval: float
+    interval: float  # grows 1.5x per poll that finds the job still processing; the wait after it
+    items: int = 0
+    posted: float | None = None  # when this task POSTed it (None: a job resumed from the ledger)
+    processing_at: float | None = None  # the last time a poll found it still processing
+
+
+class PollSchedule:
+    """When to poll a job. FullStory runs a batch job asynchronously, in time that grows with its items,
+    and every status poll is a request against the org's limits, so the schedule learns how long this
+    delivery's jobs take per item and polls a job first when it should have ended:
+
+    - before any job ended, one job (the first posted) is the probe: polled after `poll_interval`, then
+      after waits growing 1.5x up to `max_poll_interval`; the jobs posted meanwhile wait for what it
+      teaches, polled every `max_poll_interval` until then (a delivery task posts all of its few chunks
+      at once, so this is most of what a task polls);
+    - once a job ended: a job is polled first after its expected time (its items times the learned seconds
+      per item, at least `poll_interval`), the waiting jobs too (at once if that time has passed); if still
+      processing, after a tenth of that, growing 1.5x as above;
+    - what a job teaches: it ended between the last poll that found it processing and the poll that found
+      it ended (the midpoint; the latter when no poll found it processing), averaged with what was learned
+      before, so the estimate follows jobs that get faster or slower.
+
+    Waits after a poll are jittered (x0.8-1.2) so that many tasks do not poll in lockstep. Only the timing
+    of status requests depends on the schedule; what a job's end means is decided by the ledger.
+    """
+
+    def __init__(self, settings: DeliverySettings):
+        self.settings = settings
+        self.seconds_per_item: float | None = None
+        self.probe: _Flight | None = None  # polled on the backoff while nothing is learned
+        self.waiting: list[_Flight] = []  # posted while nothing is learned, waiting for the probe
+
+    def flight(self, chunk: Chunk, job_id: str, now: float, items: int, posted: float | None) -> _Flight:
+        """A job to poll: a resumed one (`posted` None) at once, a new one after the first wait."""
+        s = self.settings
+        if posted is None:
+            return _Flight(chunk, job_id, now, s.poll_interval, items=items)
+        if self.seconds_per_item is None:
+            flight = _Flight(
+                chunk, job_id, now + s.poll_interval, s.poll_interval, items=items, posted=posted
+            )
+            if self.probe is None and items > 0:
+                self.probe = flight
+            elif items > 0:
+                flight.next_poll = now + s.max_poll_interval
+                flight.interval = s.max_poll_interval / 1.5  # then every max_poll_interval
+                self.waiting.append(flight)
+            return flight
+        first = self.first_wait(items)
+        follow = max(s.poll_interval, first / 10) / 1.5  # the first still-processing wait: a tenth
+        return _Flight(chunk, job_id, now + first, follow, items=items, posted=posted)
+
+    def first_wait(self, items: int) -> float:
+        s = self.settings
+        if self.seconds_per_item is None or items <= 0:
+            return s.poll_interval
+        expected = self.seconds_per_item * items
+        return min(max(expected, s.poll_interval), _LONGEST_FIRST_WAIT * s.max_poll_interval)
+
+    def still_processing(self, flight: _Flight, now: float) -> None:
+        flight.processing_at = now
+        flight.interval = min(flight.interval * 1.5, self.settings.max_poll_interval)
+        flight.next_poll = now + flight.interval * random.uniform(0.8, 1.2)
+
+    def ended(self, flight: _Flight, now: float) -> None:
+        """Learn from a job this task posted, found ended at `now`; then schedule the waiting jobs."""
+        self.waiting = [w for w in self.waiting if w is not flight]
+        if flight is self.probe:
+            self.probe = None
+        if flight.posted is not None and flight.items > 0:
+            took = now - flight.posted
+            if flight.processing_at is not None:
+                took = (took + flight.processing_at - flight.posted) / 2
+            observed = took / flight.items
+            known = self.seconds_per_item
+            self.seconds_per_item = observed if known is None else (known + observed) / 2
+        if self.seconds_per_item is not None:
+            for waiting in self.waiting:
+                expected = self.first_wait(waiting.items)
+                waiting.next_poll = max(now, waiting.posted + expected)
+                waiting.interval = max(self.settings.poll_interval, expected / 10) / 1.5
+            self.waiting = []
+        elif self.probe is None and self.waiting:  # the probe taught nothing: the next job probes
+            self.probe = self.waiting.pop(0)
+            self.probe.next_poll = min(self.probe.next_poll, now + self.settings.poll_interval)
+            self.probe.interval = self.settings.poll_interval
+
+
+_LONGEST_FIRST_WAIT = 10  # x max_poll_interval: a first wait never exceeds this, whatever was learned
 
 
 class Delivery:
@@ -100,6 +188,7 @@ class Delivery:
         self._stop = threading.Event()
         self._started = clock()
         self._last_progress = self._started
+        self.polls = PollSchedule(self.settings)  # when to poll the jobs
 
     def stop(self) -> None:
         """Ask the loop to stop at its next step (from on_kill / a signal handler)."""
@@ -196,7 +285,7 @@ class Delivery:
             self.report.resumed += 1
             self.timeline.resumed(chunk.name, chunk.kind, row.job_id)
             self.log.info("chunk %s: resuming job %s (%s)", chunk.name, row.job_id, row.status)
-            return _Flight(chunk, row.job_id, self.clock(), self.settings.poll_interval)
+            return self.polls.flight(chunk, row.job_id, self.clock(), row.items, posted=None)
         self.report.already_complete += 1
         self.log.info("chunk %s: already %s (job %s), not sent again", chunk.name, row.status, row.job_id)
         self._account(chunk, row, new=False)
@@ -265,8 +354,8 @@ class Delivery:
             len(body),
             job_id,
         )
-        interval = self.settings.poll_interval
-        return _Flight(chunk, job_id, self.clock() + interval, interval)
+        now = self.clock()
+        return self.polls.flight(chunk, job_id, now, len(lines), posted=now)
 
     def _poll(self, flight: _Flight) -> bool:
         """Poll one job; True when it ended and its results are recorded."""
@@ -279,10 +368,9 @@ class Delivery:
         if job_status not in JOB_ENDED:
             if chunk.mode != "replay" and (row.status != lg.C_PROCESSING or row.job_status != job_status):
                 self.ledger.update_chunk(row.id, status=lg.C_PROCESSING, job_status=job_status)
-            flight.interval = min(flight.interval * 1.5, self.settings.max_poll_interval)
-            # Jitter keeps many mapped tasks from polling in lockstep.
-            flight.next_poll = self.clock() + flight.interval * random.uniform(0.8, 1.2)
+            self.polls.still_processing(flight, self.clock())
             return False
+        self.polls.ended(flight, self.clock())
         if chunk.mode == "replay" or row.is_terminal:  # a replay, or another run recorded it meanwhile
             ended = "replayed" if chunk.mode == "replay" else "recorded_elsewhere"
             self.timeline.finished(chunk.name, chunk.kind, chunk.mode, ended)

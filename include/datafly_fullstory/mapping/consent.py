@@ -28,7 +28,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from include.datafly_fullstory.blueprint import Blueprint, consent_key
-from include.datafly_fullstory.mapping.columns import _column, _iso_utc, _timestamps_ns
+from include.datafly_fullstory.mapping.columns import (
+    Distinct,
+    ParsedJson,
+    _column,
+    _iso_utc,
+    _json_values,
+    _rows_of,
+    _timestamps_ns,
+)
 
 GRANTED, DENIED, UNRECOGNISED, ABSENT = 1, 0, 2, -1
 NOT_GRANTED = (DENIED, UNRECOGNISED)
@@ -62,7 +70,11 @@ class ConsentRules:
                 return self._judge_codes(codes, ".".join(("context", *self.categories_path)))
         return ABSENT, None
 
-    def states(self, ctxs: Iterable[Any]) -> tuple[np.ndarray, np.ndarray]:
+    def states(self, ctxs: Iterable[Any] | ParsedJson) -> tuple[np.ndarray, np.ndarray]:
+        """Per context: (state, reason). A `ParsedJson` column is read once per distinct context."""
+        if isinstance(ctxs, ParsedJson):
+            states, reasons = self.states(ctxs.objects)
+            return states[ctxs.codes], reasons[ctxs.codes]
         read = [self.read(c) for c in ctxs]
         states = np.fromiter((s for s, _ in read), dtype=np.int8, count=len(read))
         return states, np.array([r for _, r in read], dtype=object)
@@ -132,7 +144,7 @@ def _show(value: Any) -> str:
 # ---- the gate -----------------------------------------------------------------------------------------------
 
 
-def gate(rules: ConsentRules, require_explicit: bool, verdict, ctx: list) -> None:
+def gate(rules: ConsentRules, require_explicit: bool, verdict, ctx: list | ParsedJson) -> None:
     """Mark the rows whose consent is not granted (`filtered`, the reason naming the value); rows without
     consent information pass unless `require_explicit`."""
     states, reasons = rules.states(ctx)
@@ -152,7 +164,10 @@ def gate(rules: ConsentRules, require_explicit: bool, verdict, ctx: list) -> Non
 
 
 def person_keys(user_id: np.ndarray, anonymous_id: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per row its person keys: `user:<user_id>` and `anon:<anonymous_id>` (None where the id is empty)."""
+    """Per row its person keys: `user:<user_id>` and `anon:<anonymous_id>` (missing where the id is empty)."""
+    keyed = _person_key_arrays(user_id, anonymous_id)
+    if keyed is not None:
+        return tuple(k.to_numpy(zero_copy_only=False) for k in keyed)
     uid = pd.Series(user_id, dtype=object)
     anon = pd.Series(anonymous_id, dtype=object)
     has_uid = uid.notna() & (uid.astype(str) != "")
@@ -162,52 +177,111 @@ def person_keys(user_id: np.ndarray, anonymous_id: np.ndarray) -> tuple[np.ndarr
     return u, a
 
 
+def _person_key_arrays(user_id: np.ndarray, anonymous_id: np.ndarray) -> tuple[pa.Array, pa.Array] | None:
+    """`person_keys` as Arrow arrays, joined by Arrow; None when an id is not text (the landing's are)."""
+    try:
+        return _key(user_id, "user:"), _key(anonymous_id, "anon:")
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return None
+
+
+def _key(ids: np.ndarray, prefix: str) -> pa.Array:
+    text = pa.array(ids, type=pa.string(), from_pandas=True)
+    keyed = pc.binary_join_element_wise(prefix, text, "")
+    return pc.if_else(pc.equal(text, ""), pa.scalar(None, pa.string()), keyed)
+
+
 def latest_states(frame: pd.DataFrame, rules: ConsentRules) -> pd.DataFrame:
     """Each person's latest consent state among the rows of `frame` that carry consent information
     (`LATEST_COLUMNS`; a denial wins a tie). Unrecognised values count as denied (not granted)."""
-    ctxs = [_loads(t) for t in _column(frame, "context")]
-    states, _ = rules.states(ctxs)
-    ts = _timestamps_ns(frame["timestamp"])
+    states, _ = rules.states(ParsedJson(_json_values(frame, "context")))
+    return _latest(frame, states, _timestamps_ns(frame["timestamp"]))
+
+
+def _latest(
+    frame: pd.DataFrame, states: np.ndarray, ts: np.ndarray, rows: np.ndarray | None = None, ordered=True
+):
+    """`latest_states` of the rows (all, or those of the mask `rows`) from their consent states and times."""
     has = (states != ABSENT) & (ts != _NAT)
+    if rows is not None:
+        has &= rows
     if not has.any():
         return _empty_latest()
-    u, a = person_keys(_column(frame, "user_id")[has], _column(frame, "anonymous_id")[has])
+    at = np.flatnonzero(has)
+    keyed = _person_key_arrays(_rows_of(frame, "user_id", at), _rows_of(frame, "anonymous_id", at))
+    if keyed is not None:  # text ids: the keys stay Arrow text
+        u, a = (k.to_pandas() for k in keyed)
+    else:
+        u, a = person_keys(_column(frame, "user_id")[at], _column(frame, "anonymous_id")[at])
     state = np.where(states[has] == GRANTED, "granted", "denied")
-    event_id = _column(frame, "event_id")[has]
+    event_id = _rows_of(frame, "event_id", at)
     parts = [
         pd.DataFrame({"person": keys, "at_ns": ts[has], "state": state, "event_id": event_id})
         for keys in (u, a)
     ]
-    return collapse(pd.concat(parts, ignore_index=True))
+    return collapse(pd.concat(parts, ignore_index=True), ordered=ordered)
 
 
-def collapse(latest: pd.DataFrame) -> pd.DataFrame:
-    """One row per person: the latest state (at equal times a denial wins)."""
+def collapse(latest: pd.DataFrame, *, ordered: bool = True) -> pd.DataFrame:
+    """One row per person: the latest state (at equal times a denial wins; at equal times and states, the
+    later row), sorted by person (`ordered`; a frame's part of the window's scan need not be)."""
     latest = latest[latest["person"].notna()]
     if not len(latest):
         return _empty_latest()
-    order = latest.assign(_denied=latest["state"] == "denied").sort_values(
-        ["person", "at_ns", "_denied"], kind="stable"
-    )
-    return order.drop_duplicates("person", keep="last")[list(LATEST_COLUMNS)].reset_index(drop=True)
+    # a stable sort by (person, time, denied) keeping each person's last row, done on the persons' codes:
+    # sorting the person texts themselves is the slow part, and only the kept rows need it
+    codes, _ = pd.factorize(latest["person"])
+    denied = (latest["state"] == "denied").to_numpy(dtype=bool)
+    order = np.lexsort((denied, latest["at_ns"].to_numpy(dtype=np.int64), codes))
+    last = np.flatnonzero(np.r_[codes[order][1:] != codes[order][:-1], True])
+    kept = latest.iloc[order[last]]
+    if ordered:
+        kept = kept.sort_values("person", kind="stable")
+    return kept[list(LATEST_COLUMNS)].reset_index(drop=True)
 
 
 def scan_window(frames: Iterable[pd.DataFrame], rules: ConsentRules) -> tuple[pd.DataFrame, int | None]:
     """Each person's latest consent state over all of the window's validated rows, and the earliest row
-    time (ns; None without rows). Only rows whose context mentions consent are parsed (an Arrow substring
-    test picks them)."""
-    parts, earliest = [], None
+    time (ns; None without rows). Only rows whose context text mentions consent count (a context can spell
+    the key with a JSON escape; such a row's own consent is still read by the gate)."""
+    scan = WindowConsent(rules)
     for frame in frames:
-        ts = _timestamps_ns(frame["timestamp"])
-        ts = ts[ts != _NAT]
-        if len(ts):
-            earliest = int(ts.min()) if earliest is None else min(earliest, int(ts.min()))
-        text = pa.array(_column(frame, "context"), type=pa.string())
-        mentions = pc.fill_null(pc.match_substring(text, "consent"), False).to_numpy(zero_copy_only=False)
-        if mentions.any():
-            parts.append(latest_states(frame[mentions].reset_index(drop=True), rules))
-    latest = collapse(pd.concat(parts, ignore_index=True)) if parts else _empty_latest()
-    return latest, earliest
+        scan.add(frame)
+    return scan.result()
+
+
+class WindowConsent:
+    """`scan_window` frame by frame, for a caller that parsed the frame's contexts already."""
+
+    def __init__(self, rules: ConsentRules):
+        self.rules, self.parts, self.earliest = rules, [], None
+
+    def add(self, frame: pd.DataFrame, ctx: ParsedJson | None = None, ts: np.ndarray | None = None) -> None:
+        """One frame; `ctx`: its contexts parsed already (else only those that mention consent are)."""
+        ts = _timestamps_ns(frame["timestamp"]) if ts is None else ts
+        valid = ts[ts != _NAT]
+        if len(valid):
+            low = int(valid.min())
+            self.earliest = low if self.earliest is None else min(self.earliest, low)
+        texts = ctx.texts if ctx is not None else Distinct(_json_values(frame, "context"))
+        codes = ctx.codes if ctx is not None else texts.codes
+        text = (texts if ctx is not None else texts.values)[:-1]
+        mention = np.fromiter((type(t) is str and "consent" in t for t in text), dtype=bool, count=len(text))
+        mentions = np.append(mention, False)[codes]
+        if not mentions.any():
+            return
+        if ctx is not None:
+            states, _ = self.rules.states(ctx)
+        else:
+            at = np.flatnonzero(mentions)
+            states = np.full(len(frame), ABSENT, dtype=np.int8)
+            states[at] = self.rules.states(ParsedJson(texts.take(at)))[0]
+        self.parts.append(_latest(frame, states, ts, mentions, ordered=False))
+
+    def result(self) -> tuple[pd.DataFrame, int | None]:
+        parts = [p for p in self.parts if len(p)]
+        latest = collapse(pd.concat(parts, ignore_index=True)) if parts else _empty_latest()
+        return latest, self.earliest
 
 
 ConsentHistory = Callable[[pd.DataFrame, int], pd.DataFrame]
@@ -253,6 +327,11 @@ class Revocations:
         self.category = category
         self.at_ns = dict(zip(denials["person"], denials["at_ns"].astype(np.int64), strict=True))
         self.event_id = dict(zip(denials["person"], denials["event_id"], strict=True))
+        self._persons = list(self.at_ns)
+        # the times as the rule compares them: through float64, as they always were (pandas' map)
+        at = np.fromiter(self.at_ns.values(), dtype=np.int64, count=len(self.at_ns))
+        self._at = at.astype(np.float64).astype(np.int64)
+        self._person_set = None
 
     def __len__(self) -> int:
         return len(self.at_ns)
@@ -262,14 +341,7 @@ class Revocations:
         if not self.at_ns or not len(df):
             return
         ts = _timestamps_ns(df["timestamp"])
-        u, a = person_keys(_column(df, "user_id"), _column(df, "anonymous_id"))
-        at = np.full(len(df), _NAT, dtype=np.int64)
-        who = np.full(len(df), None, dtype=object)
-        for keys in (u, a):
-            found = pd.Series(keys, dtype=object).map(self.at_ns)
-            hit_at = found.fillna(_NAT).to_numpy(dtype=np.float64).astype(np.int64)
-            better = hit_at > at
-            at[better], who[better] = hit_at[better], keys[better]
+        at, who = self._revoked_at(_column(df, "user_id"), _column(df, "anonymous_id"))
         revoked = (at != _NAT) & (ts != _NAT) & (ts < at) & verdict.open()
         if not revoked.any():
             return
@@ -281,9 +353,38 @@ class Revocations:
             [
                 f"{self.category} consent revoked at {w} (row {self.event_id.get(p)}): a newer row of this "
                 f"person ({p.split(':', 1)[0]}_id) denies it, so this earlier row is not sent"
-                for w, p in zip(when, who[rows], strict=True)
+                for w, p in zip(when, who(rows), strict=True)
             ],
         )
+
+    def _revoked_at(self, user_id: np.ndarray, anonymous_id: np.ndarray):
+        """Per row the latest revocation time of its person keys (`_NAT`: none), and a function giving the
+        revoking person of given rows (the user key wins a tie)."""
+        n = len(user_id)
+        at = np.full(n, _NAT, dtype=np.int64)
+        keyed = _person_key_arrays(user_id, anonymous_id)
+        if keyed is not None and self._person_set is None:
+            try:
+                self._person_set = pa.array(self._persons, type=pa.string())
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                self._person_set = False
+        if keyed is None or self._person_set is False:  # ids that are not text: looked up one by one
+            u, a = person_keys(user_id, anonymous_id)
+            who = np.full(n, None, dtype=object)
+            for keys in (u, a):
+                found = pd.Series(keys, dtype=object).map(self.at_ns)
+                hit_at = found.fillna(_NAT).to_numpy(dtype=np.float64).astype(np.int64)
+                better = hit_at > at
+                at[better], who[better] = hit_at[better], keys[better]
+            return at, lambda rows: who[rows]
+        person = np.full(n, -1, dtype=np.int64)
+        for keys in keyed:
+            found = pc.index_in(keys, value_set=self._person_set)
+            pos = pc.fill_null(found, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+            hit_at = np.where(pos >= 0, self._at[pos], _NAT)
+            better = hit_at > at
+            at[better], person[better] = hit_at[better], pos[better]
+        return at, lambda rows: [self._persons[p] for p in person[rows]]
 
 
 def revocations(
@@ -295,15 +396,6 @@ def revocations(
     if history is not None and earliest is not None:
         latest = history(latest, earliest)
     return Revocations(latest, rules.category)
-
-
-def _loads(text: Any) -> Any:
-    if text is None:
-        return None
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return None
 
 
 def _empty_latest() -> pd.DataFrame:

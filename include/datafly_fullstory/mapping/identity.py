@@ -27,13 +27,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import orjson
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from include.datafly_fullstory.blueprint import Blueprint
-from include.datafly_fullstory.mapping.columns import _column, _text_lengths, _timestamps_ns
+from include.datafly_fullstory.mapping.columns import (
+    Distinct,
+    ParsedJson,
+    _column,
+    _json_values,
+    _rows_of,
+    _text_lengths,
+    _timestamps_ns,
+)
 from include.datafly_fullstory.mapping.consent import ABSENT, GRANTED, ConsentRules
 from include.datafly_fullstory.mapping.settings import MappingSettings
 from include.datafly_fullstory.state import RunStore
@@ -56,20 +63,19 @@ PAIR_COLUMNS = ["anonymous_id", "user_id", "timestamp", "event_id", "context"]
 _NAT = np.iinfo(np.int64).min
 
 
-def collect_pairs(frame: pd.DataFrame, bp: Blueprint, settings: MappingSettings) -> pd.DataFrame:
+def collect_pairs(
+    frame: pd.DataFrame, bp: Blueprint, settings: MappingSettings, ctx: ParsedJson | None = None
+) -> pd.DataFrame:
     """The rows of `frame` that identify an anonymous id: columns anonymous_id, user_id, ts (epoch s, NaN
-    when unknown), event_id. Needs the columns of PAIR_COLUMNS."""
+    when unknown), event_id. Needs the columns of PAIR_COLUMNS; `ctx`: the frame's contexts, if parsed
+    already."""
     both = (_text_lengths(frame["anonymous_id"]) > 0) & (_text_lengths(frame["user_id"]) > 0)
     at = np.flatnonzero(both)
-    parsed = []
-    for text in _column(frame, "context")[at]:
-        try:
-            value = orjson.loads(text) if text is not None else None
-        except (orjson.JSONDecodeError, TypeError):  # TypeError: nested past orjson's limit
-            value = None
-        parsed.append(value if type(value) is dict else None)
     # The consent rules of the mapping (consent.py): only a row FullStory may receive teaches a pair.
-    state, _ = ConsentRules(bp).states(parsed)
+    if ctx is None:  # the contexts of these rows, parsed once per distinct text
+        state, _ = ConsentRules(bp).states(ParsedJson(Distinct(_json_values(frame, "context")).take(at)))
+    else:
+        state = ConsentRules(bp).states(ctx)[0][at]
     allowed = state == GRANTED
     if not settings.require_explicit_consent:
         allowed |= state == ABSENT
@@ -77,10 +83,10 @@ def collect_pairs(frame: pd.DataFrame, bp: Blueprint, settings: MappingSettings)
     ts = _timestamps_ns(frame["timestamp"])[at]
     return pd.DataFrame(
         {
-            "anonymous_id": _column(frame, "anonymous_id")[at],
-            "user_id": _column(frame, "user_id")[at],
+            "anonymous_id": _rows_of(frame, "anonymous_id", at),
+            "user_id": _rows_of(frame, "user_id", at),
             "ts": np.where(ts == _NAT, np.nan, ts / 1e9),
-            "event_id": _column(frame, "event_id")[at],
+            "event_id": _rows_of(frame, "event_id", at),
         }
     )
 
@@ -100,24 +106,49 @@ def window_pairs(store: RunStore, bp: Blueprint, settings: MappingSettings, part
 
 
 def fold_pairs(pairs: pd.DataFrame) -> pd.DataFrame:
-    """One row per anonymous id: the user of its earliest pair (by time, then event id), another user it
-    was seen with (missing if none: None or NaN), the first and last time seen, the teaching event.
-    Deterministic: the same pairs in any order fold the same."""
+    """One row per anonymous id, in anonymous id order: the user of its earliest pair (by time, then event
+    id, timeless and id-less pairs last), another user it was seen with (the least other; missing if none:
+    None or NaN), the first and last time seen, the teaching event. Deterministic: the same pairs in any
+    order fold the same."""
     if not len(pairs):
         return pd.DataFrame(columns=["anonymous_id", "user_id", "other_user_id", "t1", "t2", "event_id"])
-    ordered = pairs.sort_values(["anonymous_id", "ts", "event_id"], kind="stable", na_position="last")
-    grouped = ordered.groupby("anonymous_id", sort=True)
-    head = grouped.head(1).set_index("anonymous_id")  # the earliest pair of each anonymous id
-    users = grouped["user_id"].agg(lambda u: sorted(set(u)))
-    other = [next((x for x in us if x != u), None) for us, u in zip(users, head["user_id"], strict=True)]
+    # Sorted codes instead of sorting the texts of every pair: only the distinct ids are sorted.
+    anon_code, anon = pd.factorize(pairs["anonymous_id"], sort=True)
+    user_code, users = pd.factorize(pairs["user_id"], sort=True)
+    ts = pairs["ts"].to_numpy(dtype=np.float64)
+    ts_key = np.where(np.isnan(ts), np.inf, ts)
+    order = np.lexsort((ts_key, anon_code))  # stable: equal keys keep the input order
+    starts = np.flatnonzero(np.r_[True, anon_code[order][1:] != anon_code[order][:-1]])
+    head = order[starts]  # each anonymous id's earliest pair, before the event id decides ties
+    sorted_ts = ts_key[order]
+    ties = np.flatnonzero(
+        (starts + 1 < len(order)) & (sorted_ts[np.minimum(starts + 1, len(order) - 1)] == sorted_ts[starts])
+    )
+    event = pairs["event_id"].to_numpy(dtype=object, na_value=None)
+    for g in ties.tolist():
+        first = starts[g]
+        run = first + 1
+        while (
+            run < len(order)
+            and anon_code[order[run]] == anon_code[order[first]]
+            and sorted_ts[run] == sorted_ts[first]
+        ):
+            run += 1
+        candidates = order[first:run].tolist()  # in input order; the least event id wins, missing last
+        head[g] = min(candidates, key=lambda i: (event[i] is None, event[i] or ""))
+    head_user = user_code[head]
+    # another user: the least (in sort order) of the anonymous id's users other than the head's
+    other_code = np.where(user_code != head_user[anon_code], user_code, len(users))[order]
+    least = np.minimum.reduceat(other_code, starts)
+    user_values = np.append(np.asarray(users, dtype=object), None)
     return pd.DataFrame(
         {
-            "anonymous_id": head.index.to_numpy(dtype=object),
-            "user_id": head["user_id"].to_numpy(dtype=object),
-            "other_user_id": np.array(other, dtype=object),
-            "t1": grouped["ts"].min().to_numpy(),
-            "t2": grouped["ts"].max().to_numpy(),
-            "event_id": head["event_id"].to_numpy(dtype=object),
+            "anonymous_id": np.asarray(anon, dtype=object),
+            "user_id": user_values[head_user],
+            "other_user_id": user_values[least],
+            "t1": np.fmin.reduceat(ts[order], starts),
+            "t2": np.fmax.reduceat(ts[order], starts),
+            "event_id": event[head],
         }
     )
 
@@ -135,10 +166,7 @@ class IdentityMap:
         folded = fold_pairs(pairs)
         out = cls()
         for anon, user, other, event_id in zip(
-            folded["anonymous_id"],
-            folded["user_id"],
-            folded["other_user_id"],
-            folded["event_id"],
+            *(folded[c].tolist() for c in ("anonymous_id", "user_id", "other_user_id", "event_id")),
             strict=True,
         ):
             if not isinstance(other, str):  # None (pandas may hold it as NaN)
@@ -155,7 +183,27 @@ class Stitcher:
     def __init__(self, identities: IdentityMap | None, late_from: int | None = None):
         self.map = identities or IdentityMap()
         self.late_from = late_from
-        self._records: list[pd.DataFrame] = []
+        self._records: list[pa.Table] = []
+        self._index = None  # the map's anonymous ids, indexed at the first lookup
+
+    def _lookup(self, anon: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per anonymous id: its position in the map's users (-1: none), and whether it is conflicted.
+        The map is indexed once (hash tables in C); empty ids are never looked up."""
+        if self._index is None:
+            users = self.map.users
+            self._index = pd.Index(list(users), dtype=object)
+            self._conflicted = pd.Index(list(self.map.conflicts), dtype=object)
+            self._users = np.array([u for u, _ in users.values()] + [None], dtype=object)
+            self._sources = np.array([e for _, e in users.values()] + [None], dtype=object)
+            self._lengths = np.array([len(u) for u, _ in users.values()] + [0], dtype=np.int64)
+        given = np.fromiter((bool(a) for a in anon), dtype=bool, count=len(anon))
+        found = np.full(len(anon), -1, dtype=np.int64)
+        if len(self._index):
+            found = np.where(given, self._index.get_indexer(anon), -1)
+        conflicted = np.zeros(len(anon), dtype=bool)
+        if len(self._conflicted):
+            conflicted = given & (self._conflicted.get_indexer(anon) >= 0)
+        return found, conflicted
 
     def apply(self, df: pd.DataFrame, verdict, candidates: np.ndarray, uid: np.ndarray, uid_len: np.ndarray):
         """For the candidate rows (events still open with no session id and no user_id): a known anonymous
@@ -163,16 +211,18 @@ class Stitcher:
         pos = np.flatnonzero(candidates)
         if not len(pos):
             return uid, uid_len
-        anon = _column(df, "anonymous_id")[pos]
-        users, conflicts = self.map.users, self.map.conflicts
-        found = [users.get(a) if a else None for a in anon]
-        stitched = np.fromiter((f is not None for f in found), dtype=bool, count=len(pos))
-        conflicted = np.fromiter((bool(a) and a in conflicts for a in anon), dtype=bool, count=len(pos))
+        anon = Distinct(_column(df, "anonymous_id")[pos])  # looked up once per distinct anonymous id
+        conflicts = self.map.conflicts
+        found, conflicted = self._lookup(anon.values)
+        stitched = (found >= 0)[anon.codes]
+        conflicted = conflicted[anon.codes]
+        at = found[anon.codes]
         uid, uid_len = uid.copy(), uid_len.copy()
-        user = np.array([f[0] if f else None for f in found], dtype=object)
-        source = np.array([f[1] if f else None for f in found], dtype=object)
+        user = np.where(stitched, self._users[at], None)
+        source = np.where(stitched, self._sources[at], None)
         uid[pos[stitched]] = user[stitched]
-        uid_len[pos[stitched]] = [len(u) for u in user[stitched]]
+        uid_len[pos[stitched]] = self._lengths[at[stitched]]
+        anon = anon.values[anon.codes]
         if conflicted.any():
             verdict.set(
                 pos[conflicted],
@@ -187,19 +237,21 @@ class Stitcher:
         status = np.where(stitched, "stitched", np.where(conflicted, "conflict", "unidentified"))
         rows = df["_row"].to_numpy(dtype=np.int64)[pos]
         ts = _timestamps_ns(df["timestamp"])[pos]
-        self._records.append(
-            pd.DataFrame(
-                {
-                    "row": rows,
-                    "event_id": _column(df, "event_id")[pos],
-                    "anonymous_id": anon,
-                    "status": status,
-                    "user_id": user,
-                    "source_event_id": source,
-                    "file": _column(df, "_file")[pos],
-                    "ts": np.where(ts == _NAT, np.nan, ts / 1e9),
-                    "late": rows >= self.late_from if self.late_from is not None else False,
-                }
+        late = rows >= self.late_from if self.late_from is not None else np.zeros(len(pos), dtype=bool)
+        columns = {
+            "row": rows,
+            "event_id": _column(df, "event_id")[pos],
+            "anonymous_id": anon,
+            "status": status,
+            "user_id": user,
+            "source_event_id": source,
+            "file": _rows_of(df, "_file", pos),
+            "ts": np.where(ts == _NAT, np.nan, ts / 1e9),
+            "late": late,
+        }
+        self._records.append(  # straight to Arrow (this module's file format): no pandas inference
+            pa.table(
+                [pa.array(columns[f.name], type=f.type, from_pandas=True) for f in SCHEMA], schema=SCHEMA
             )
         )
         return uid, uid_len
@@ -208,14 +260,12 @@ class Stitcher:
         """The stitching records so far (one part's, for mapping/context.py)."""
         if not self._records:
             return SCHEMA.empty_table()
-        return pa.Table.from_pandas(
-            pd.concat(self._records, ignore_index=True), schema=SCHEMA, preserve_index=False
-        )
+        return pa.concat_tables(self._records)
 
     def add_records(self, table: pa.Table) -> None:
         """Records of another part (the finish step gathers every part's)."""
         if table.num_rows:
-            self._records.append(table.to_pandas())
+            self._records.append(table.select(SCHEMA.names).cast(SCHEMA))
 
     def finish(self, store: RunStore, mapping_outcomes: pa.Table) -> dict[str, int]:
         """Write `identity.parquet` and return the figures. A stitched row the mapping did not send after

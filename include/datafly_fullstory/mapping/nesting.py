@@ -11,8 +11,11 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from include.datafly_fullstory.mapping.columns import Distinct
 
 MAX_DEPTH = 64  # FullStory properties are flat or a few objects deep; 64 leaves room for any real payload
 JSON_COLUMNS = ("context", "properties", "traits")
@@ -32,17 +35,32 @@ def depth(text: str) -> int:
     return deepest
 
 
-def too_deep(values: np.ndarray, limit: int = MAX_DEPTH) -> np.ndarray:
-    """Per value (JSON text or None): nested deeper than `limit` levels."""
+def too_deep(values, limit: int = MAX_DEPTH) -> np.ndarray:
+    """Per value (JSON text or None; an array, a Series or a `Distinct`): nested deeper than `limit`
+    levels. A `Distinct` column is measured once per distinct value."""
+    if isinstance(values, Distinct):
+        return too_deep(values.values, limit)[values.codes]
     out = np.zeros(len(values), dtype=bool)
     if not len(values):
         return out
-    text = pa.array(values, type=pa.large_string(), from_pandas=True)
+    text = _text(values)
     brackets = pc.add(pc.count_substring(text, "["), pc.count_substring(text, "{"))
     suspects = np.flatnonzero(pc.fill_null(pc.greater(brackets, limit), False).to_numpy(zero_copy_only=False))
     for i in suspects:
-        out[i] = depth(values[i]) > limit
+        out[i] = depth(text[int(i)].as_py()) > limit
     return out
+
+
+def _text(values) -> pa.Array:
+    """The values as an Arrow string array: a Series of Arrow strings as it is, anything else converted."""
+    if isinstance(values, pd.Series):
+        try:
+            return (
+                pa.array(values.array) if str(values.dtype) == "str" else _text(values.to_numpy(dtype=object))
+            )
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            return _text(values.to_numpy(dtype=object))
+    return pa.array(values, type=pa.large_string(), from_pandas=True)
 
 
 def reject_deep(verdict, columns: dict[str, np.ndarray], limit: int = MAX_DEPTH) -> None:

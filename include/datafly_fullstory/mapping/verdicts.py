@@ -16,6 +16,7 @@ from include.datafly_fullstory import outcomes
 from include.datafly_fullstory.blueprint import Blueprint
 from include.datafly_fullstory.landing import EVENT_TYPES
 from include.datafly_fullstory.mapping.columns import (
+    ParsedJson,
     _column,
     _getter,
     _isin,
@@ -42,18 +43,21 @@ class Verdict:
     def __init__(self, n: int):
         self.outcome = np.full(n, None, dtype=object)
         self.reason = np.full(n, None, dtype=object)
+        self._open = np.ones(n, dtype=bool)  # kept with `outcome` by mark and set, its only writers
 
     def open(self) -> np.ndarray:
-        return pd.isna(self.outcome)
+        return self._open.copy()
 
     def mark(self, mask: np.ndarray, outcome: str, reason: str) -> None:
-        hit = np.asarray(mask, dtype=bool) & self.open()
+        hit = np.asarray(mask, dtype=bool) & self._open
         self.outcome[hit] = outcome
         self.reason[hit] = reason
+        self._open[hit] = False
 
     def set(self, positions: np.ndarray, outcome: str, reasons: list[str]) -> None:
         self.outcome[positions] = outcome
         self.reason[positions] = np.array(reasons, dtype=object) if len(reasons) else reasons
+        self._open[positions] = False
 
     def frame(self, rows: np.ndarray, event_ids: np.ndarray, kind: np.ndarray) -> pd.DataFrame:
         decided = ~self.open()
@@ -121,9 +125,21 @@ def identity(
     uid_len = _text_lengths(df["user_id"])
     has_uid = uid_len > 0
     session_id = _getter(paths["fullstory_session_id"], "text")
-    sid = pd.Series([session_id(c) for c in ctx], dtype="str")
-    has_sid = sid.str.fullmatch(SESSION_ID.pattern).fillna(False).to_numpy(dtype=bool)
-    bad_sid = sid.notna().to_numpy() & ~has_sid
+    if isinstance(ctx, ParsedJson):  # once per distinct context
+        texts = ctx.each(session_id)
+        valid = np.fromiter(
+            (t is not None and SESSION_ID.fullmatch(t) is not None for t in texts),
+            dtype=bool,
+            count=len(texts),
+        )
+        sid_text = texts[ctx.codes]
+        has_sid, bad_sid = valid[ctx.codes], pd.notna(sid_text) & ~valid[ctx.codes]
+        sid_values = np.where(has_sid, sid_text, None)
+    else:
+        sid = pd.Series([session_id(c) for c in ctx], dtype="str")
+        has_sid = sid.str.fullmatch(SESSION_ID.pattern).fillna(False).to_numpy(dtype=bool)
+        bad_sid = sid.notna().to_numpy() & ~has_sid
+        sid_values = np.where(has_sid, sid.to_numpy(dtype=object, na_value=None), None)
     if stitcher is not None:
         uid, uid_len = stitcher.apply(
             df, verdict, is_event & ~has_sid & ~has_uid & verdict.open(), uid, uid_len
@@ -149,10 +165,20 @@ def identity(
     recent = (ts != np.iinfo(np.int64).min) & (np.abs(ref_ns - ts) <= window)
     return {
         "uid": np.where(use_uid, uid, None),
-        "sid": np.where(has_sid, sid.to_numpy(dtype=object, na_value=None), None),
+        "sid": sid_values,
         "recent": use_uid & recent,
         "ts": _iso_utc(ts),
     }
+
+
+def parse_json_column(values, verdict: Verdict, column: str, pending: np.ndarray) -> ParsedJson:
+    """The column parsed once per distinct text (`ParsedJson`). Bad JSON or a non-object only rejects rows
+    still pending."""
+    parsed = ParsedJson(values)
+    bad = parsed.bad()
+    if bad.any():
+        verdict.mark(bad & pending, "rejected", f"{column} is not a JSON object")
+    return parsed
 
 
 def _parse_json_column(values: np.ndarray, verdict: Verdict, column: str, pending: np.ndarray) -> list:
