@@ -116,7 +116,9 @@ def _held(emulator) -> Counter:
     return Counter(e["properties"]["datafly_event_id"] for e in emulator.events())
 
 
-def test_many_parts_end_as_one_part(tmp_path, fullstory_emulator_factory):
+def test_many_parts_end_as_one_part(tmp_path, fullstory_emulator_factory, monkeypatch):
+    # the drivers point the connection at their emulators through the environment: restored afterwards
+    monkeypatch.setenv("AIRFLOW_CONN_FULLSTORY_DEFAULT", "")
     table = _landing_table()
     late = generate_table(LandingSpec(rows=60, start=H10, end=H10 + HOUR, seed=12, bad_fraction=0.05))
     one_emulator, many_emulator = fullstory_emulator_factory(), fullstory_emulator_factory()
