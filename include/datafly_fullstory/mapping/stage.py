@@ -26,10 +26,11 @@ from include.datafly_fullstory.blueprint import Blueprint, load_blueprint
 from include.datafly_fullstory.chunks import ChunkWriter, clear_payloads, idempotency_key, write_manifest
 from include.datafly_fullstory.mapping import trait_diff, type_report
 from include.datafly_fullstory.mapping.batch import IDENTIFICATION_MODES, IDENTIFY_COLUMNS, BatchMapper
-from include.datafly_fullstory.mapping.consent import SCAN_COLUMNS, ConsentHistory, revocations
+from include.datafly_fullstory.mapping.consent import ConsentHistory
 from include.datafly_fullstory.mapping.context import MappingContext, PartResult
 from include.datafly_fullstory.mapping.context import clear as clear_context
-from include.datafly_fullstory.mapping.identity import IdentityMap, Stitcher, window_pairs
+from include.datafly_fullstory.mapping.identity import IdentityMap, Stitcher
+from include.datafly_fullstory.mapping.prepare import prepare_window
 from include.datafly_fullstory.mapping.settings import MappingSettings
 from include.datafly_fullstory.mapping.suppression import Suppression
 from include.datafly_fullstory.state import RunStore
@@ -120,17 +121,16 @@ def prepare_mapping(
     identities: IdentityMap | None = None,
 ) -> MappingContext:
     """Step 1 (see the module docstring): clears `payloads/` (but `keep`) and the mapping's working files,
-    reads the window's revocations and, without `identities`, the identity map its own pairs give."""
+        reads the window's revocations and, without `identities`, the identity map its own pairs give (one read
+    of the validated parts for both: mapping/prepare.py)."""
     bp = _blueprint(blueprint)
     settings = MappingSettings.from_dict(settings)
     clear_payloads(store, set(keep))
     clear_context(store)
-    revoked = revocations(
-        validated.iter_frames(store, settings.batch_rows, columns=SCAN_COLUMNS), bp, consent_history
-    )
+    facts = prepare_window(store, bp, settings, consent_history, with_pairs=identities is None)
     if identities is None:
-        identities = IdentityMap.of_pairs(window_pairs(store, bp, settings))
-    context = MappingContext(revoked, identities, suppression or Suppression())
+        identities = IdentityMap.of_pairs(facts.pairs)
+    context = MappingContext(facts.revocations, identities, suppression or Suppression())
     context.save(store)
     return context
 
