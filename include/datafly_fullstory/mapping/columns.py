@@ -245,7 +245,7 @@ class _ParseMemo:
 
 
 _UNSEEN = object()
-_PARSED = _ParseMemo(budget=64 * 1024 * 1024)
+_PARSED = _ParseMemo(budget=16 * 1024 * 1024)  # of text; the parses take a few times that
 
 
 def forget_parses() -> None:

@@ -164,15 +164,14 @@ class IdentityMap:
     def of_pairs(cls, pairs: pd.DataFrame) -> IdentityMap:
         """The map a window's own pairs give (no ledger: a dry run)."""
         folded = fold_pairs(pairs)
+        anon, user, other, event_id = (
+            folded[c].tolist() for c in ("anonymous_id", "user_id", "other_user_id", "event_id")
+        )
+        conflicted = [isinstance(o, str) for o in other]  # else None (pandas may hold it as NaN)
+        events = [e if isinstance(e, str) else None for e in event_id]
         out = cls()
-        for anon, user, other, event_id in zip(
-            *(folded[c].tolist() for c in ("anonymous_id", "user_id", "other_user_id", "event_id")),
-            strict=True,
-        ):
-            if not isinstance(other, str):  # None (pandas may hold it as NaN)
-                out.users[anon] = (user, event_id if isinstance(event_id, str) else None)
-            else:
-                out.conflicts[anon] = (user, other)
+        out.users = {a: (u, e) for a, u, e, c in zip(anon, user, events, conflicted, strict=True) if not c}
+        out.conflicts = {a: (u, o) for a, u, o, c in zip(anon, user, other, conflicted, strict=True) if c}
         return out
 
 
@@ -279,13 +278,18 @@ class Stitcher:
             pc.if_else(unsent, "unsent", table.column("status")),
         )
         store.write_table(table, FILE)
-        status, late = table.column("status").to_pylist(), table.column("late").to_pylist()
+        status, late = table.column("status"), pc.fill_null(table.column("late"), False)
+        stitched, conflict = pc.equal(status, "stitched"), pc.equal(status, "conflict")
+
+        def count(mask) -> int:
+            return int(pc.sum(mask).as_py() or 0)
+
         return {
-            "stitched": sum(1 for s, x in zip(status, late, strict=True) if s == "stitched" and not x),
-            "stitched_late": sum(1 for s, x in zip(status, late, strict=True) if s == "stitched" and x),
+            "stitched": count(pc.and_(stitched, pc.invert(late))),
+            "stitched_late": count(pc.and_(stitched, late)),
             "conflicts": len(self.map.conflicts),
-            "conflicted_rows": status.count("conflict"),
-            "anonymous_unidentified": status.count("unidentified") + status.count("conflict"),
+            "conflicted_rows": count(conflict),
+            "anonymous_unidentified": count(pc.equal(status, "unidentified")) + count(conflict),
         }
 
 
