@@ -94,7 +94,13 @@ class WorkerMemory:
 
 
 def distributed(
-    work: Path, landing: Path, postgres, workers: tuple[str, ...], concurrency: int, timeout: float
+    work: Path,
+    landing: Path,
+    postgres,
+    workers: tuple[str, ...],
+    concurrency: int,
+    timeout: float,
+    part_rows: int,
 ):
     """One run on a new cluster: (the run, the workers' peak memory)."""
     with EmulatorProcess(**EMULATOR_FLAGS) as emulator:
@@ -104,7 +110,9 @@ def distributed(
             cluster.upload_landing(landing)
             pids = [cluster.airflow.processes[f"worker {w}"].pid for w in workers]
             with WorkerMemory(pids) as memory:
-                result = cluster.run(f"bench_{len(workers)}_workers", WINDOW, timeout=timeout)
+                result = cluster.run(
+                    f"bench_{len(workers)}_workers", WINDOW, timeout=timeout, part_rows=part_rows
+                )
             return result, memory
 
 
@@ -212,6 +220,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=1, help="tasks each worker runs at once")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds one DAG run may take")
     parser.add_argument("--no-baseline", action="store_true", help="skip the in-process run")
+    parser.add_argument(
+        "--part-rows", type=int, default=None, help="rows per window part (default: a quarter of --rows)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "celery.json")
     args = parser.parse_args()
     logging.getLogger("include.datafly_fullstory").setLevel(logging.WARNING)
@@ -239,7 +250,13 @@ def main() -> None:
                 workers = tuple(f"worker-{i + 1}" for i in range(n))
                 began = time.perf_counter()
                 result, memory = distributed(
-                    work / f"cluster-{n}", landing, postgres, workers, args.concurrency, args.timeout
+                    work / f"cluster-{n}",
+                    landing,
+                    postgres,
+                    workers,
+                    args.concurrency,
+                    args.timeout,
+                    args.part_rows or max(1000, args.rows // 4),
                 )
                 check(result, args.rows)
                 results[n] = result
