@@ -11,8 +11,8 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from include.datafly_fullstory.landing.columns import _convert, _FilePlan, _read_error
-from include.datafly_fullstory.landing.reader import _in_window, _orphans_here, _pushdown_filter
+from include.datafly_fullstory.landing.columns import _convert, _FilePlan
+from include.datafly_fullstory.landing.reader import _in_window, _orphans_here, _pushdown_filter, corrupt_file
 from include.datafly_fullstory.window import Window
 
 _TIME_COLUMNS = ("timestamp", "received_at")
@@ -41,10 +41,5 @@ def count_window_rows(plan: _FilePlan, window: Window, batch_size: int = 1_000_0
                 mask = pc.or_(mask, timeless)
             total += int(pc.sum(pc.cast(mask, pa.int64())).as_py() or 0)
     except (pa.ArrowException, OSError) as exc:
-        raise _read_error(
-            f"cannot read {plan.file.uri} ({exc}): the file is corrupt or truncated. "
-            "Re-export it, or move it out of the landing; nothing was sent.",
-            exc,
-            plan.file.uri,
-        ) from exc
+        raise corrupt_file(plan, exc) from exc
     return total

@@ -122,12 +122,17 @@ def _scan(plan: _FilePlan, window: Window, batch_size: int) -> Iterator[pa.Recor
     try:
         yield from scanner.to_batches()
     except (pa.ArrowException, OSError) as exc:
-        raise _read_error(
-            f"cannot read {plan.file.uri} ({exc}): the file is corrupt or truncated. "
-            "Re-export it, or move it out of the landing; nothing was sent.",
-            exc,
-            plan.file.uri,
-        ) from exc
+        raise corrupt_file(plan, exc) from exc
+
+
+def corrupt_file(plan: _FilePlan, exc: BaseException) -> Exception:
+    """The error for a file whose pages cannot be read (landing/count.py reads its time columns too)."""
+    return _read_error(
+        f"cannot read {plan.file.uri} ({exc}): the file is corrupt or truncated. "
+        "Re-export it, or move it out of the landing; nothing was sent.",
+        exc,
+        plan.file.uri,
+    )
 
 
 def _orphans_here(file: LandingFile, window: Window) -> bool:
