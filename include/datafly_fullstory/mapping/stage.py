@@ -121,7 +121,7 @@ def prepare_mapping(
     identities: IdentityMap | None = None,
 ) -> MappingContext:
     """Step 1 (see the module docstring): clears `payloads/` (but `keep`) and the mapping's working files,
-        reads the window's revocations and, without `identities`, the identity map its own pairs give (one read
+    reads the window's revocations and, without `identities`, the identity map its own pairs give (one read
     of the validated parts for both: mapping/prepare.py)."""
     bp = _blueprint(blueprint)
     settings = MappingSettings.from_dict(settings)
