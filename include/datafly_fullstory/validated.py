@@ -84,14 +84,6 @@ def replace_part(store: RunStore, name: str, table: pa.Table) -> None:
     store.write_table(table, FOLDER, CLAIMED, name)
 
 
-def replace_extracted(store: RunStore, name: str, table: pa.Table) -> None:
-    """Rewrite a part as extract's own output (rows found to be duplicates of an earlier part's)."""
-    if table.num_rows:
-        store.write_table(table, FOLDER, name)
-    else:
-        store.remove(FOLDER, name)
-
-
 def reset_claims(store: RunStore) -> None:
     store.remove(FOLDER, CLAIMED)
 

@@ -13,20 +13,12 @@ from collections.abc import Mapping, Sequence
 from html import escape
 from typing import Any
 
+from include.datafly_fullstory.outcomes import OUTCOMES
 from include.datafly_fullstory.report import svg
 from include.datafly_fullstory.report.svg import COLORS, MUTED, NEUTRAL, Bar, number, percent
 from include.datafly_fullstory.stats import json_safe
 
-OUTCOME_ORDER = (
-    "delivered",
-    "rejected",
-    "quarantined",
-    "filtered",
-    "skipped",
-    "dry_run",
-    "pending",
-    "unknown",
-)
+OUTCOME_ORDER = OUTCOMES  # the outcomes, in the order the page shows them
 OUTCOME_WORDS = {
     "delivered": "FullStory imported the row",
     "rejected": "FullStory refused it, or it would break a FullStory limit",
